@@ -1,0 +1,296 @@
+"""GPT-2: the forward over blocks, the two heads, and the backward that walks the blocks in
+reverse only as deep as the trainable set needs.
+
+    ids [B,T] -> embedding -> block 0 .. block L-1 -> ln_f -> LM head (x @ wte^T)  -> [B,T,V]
+                                                          -> classifier (x @ cls/w + cls/b) at one
+                                                             position per sequence -> [B,K]
+
+Each block (pre-LN):  x = x + c_proj(attn(c_attn(ln_1(x))));  x = x + mlp_c_proj(gelu(c_fc(ln_2(x))))
+
+The trainable set (`trainable` argument):
+    "head"  the classifier only (cls/w, cls/b)
+    K (int) the classifier, ln_f and the last K blocks (K = 1 is the reference's setting)
+    "all"   every array, embeddings included
+
+Speed without changing a number (see `forward_prefix` and `dense`):
+- The blocks below the first trainable one are a fixed function of the tokens, so their output can
+  be computed once per example and passed back in as `x_start`.
+- The classifier reads one position per sequence, so in the last block only the keys and values
+  need every position: queries, attention output, MLP, ln_f and head run at that position alone
+  (`dense=False`, the default). `dense=True` runs every position, as a textbook forward does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .config import GPT2Config
+from .errors import NpgptError
+from .params import BLOCK_PARAMS, param_shapes
+
+PAD_ID = 50256
+POOLINGS = ("last_token", "last_position")
+
+
+# ----------------------------------------------------------------------------- trainable sets
+
+def first_trainable_block(config: GPT2Config, trainable) -> int:
+    """Index of the first block whose parameters train (n_layer if none do)."""
+    if trainable == "head":
+        return config.n_layer
+    if trainable == "all":
+        return 0
+    if isinstance(trainable, (int, np.integer)) and not isinstance(trainable, bool) \
+            and 0 <= trainable <= config.n_layer:
+        return config.n_layer - int(trainable)
+    raise NpgptError(f"trainable must be 'head', 'all' or a number of blocks 0..{config.n_layer}, "
+                     f"got {trainable!r}")
+
+
+def trainable_names(config: GPT2Config, trainable, num_classes: int = 2) -> list:
+    """The parameter names that get gradients for this trainable set."""
+    first = first_trainable_block(config, trainable)
+    names = []
+    if trainable == "all":
+        names += ["wte", "wpe"]
+    for i in range(first, config.n_layer):
+        names += [f"h{i}/{n}" for n in BLOCK_PARAMS]
+    if trainable != "head":
+        names += ["ln_f/g", "ln_f/b"]
+    names += ["cls/w", "cls/b"]
+    assert set(names) <= set(param_shapes(config, num_classes))
+    return names
+
+
+# ----------------------------------------------------------------------------- positions read by the head
+
+def pooled_positions(ids, lengths=None, pooling="last_token"):
+    """The position whose logits the classifier reads, per sequence.
+
+    last_token: the last real token, lengths-1 (lengths derived from trailing pad ids when None);
+    last_position: T-1 whatever the padding (the reference's choice).
+    ids [B,T] (or only its shape) -> pos [B] int64"""
+    B, T = ids.shape
+    if pooling == "last_position":
+        return np.full(B, T - 1, dtype=np.int64)
+    if pooling != "last_token":
+        raise NpgptError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if lengths is None:
+        if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+            raise NpgptError("lengths are needed to pool at the last token when no ids are given")
+        real = ids != PAD_ID                                  # [B,T]
+        # length = 1 + index of the last non-pad token (at least 1)
+        lengths = np.where(real.any(axis=1), T - np.argmax(real[:, ::-1], axis=1), 1)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.shape != (B,) or (lengths < 1).any() or (lengths > T).any():
+        raise NpgptError(f"lengths must be {B} values in 1..{T}")
+    return lengths - 1
+
+
+# ----------------------------------------------------------------------------- one block
+
+def _p(params, i, name):
+    return params[f"h{i}/{name}"]
+
+
+def block_forward(params, i, x, n_head, save=True):
+    """Block i over every position. x [B,T,C] -> x [B,T,C] (and what backward needs, if save)."""
+    h1, ln1 = ops.layernorm_forward(x, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))    # [B,T,C]
+    qkv, fc_attn = ops.linear_forward(h1, _p(params, i, "attn/c_attn/w"), _p(params, i, "attn/c_attn/b"))  # [B,T,3C]
+    a, attn = ops.attention_forward(qkv, n_head)                                            # [B,T,C]
+    o, fc_aproj = ops.linear_forward(a, _p(params, i, "attn/c_proj/w"), _p(params, i, "attn/c_proj/b"))  # [B,T,C]
+    x1 = x + o                                                                              # [B,T,C]
+    h2, ln2 = ops.layernorm_forward(x1, _p(params, i, "ln_2/g"), _p(params, i, "ln_2/b"))   # [B,T,C]
+    f, fc_fc = ops.linear_forward(h2, _p(params, i, "mlp/c_fc/w"), _p(params, i, "mlp/c_fc/b"))  # [B,T,4C]
+    gl, gelu = ops.gelu_forward(f)                                                          # [B,T,4C]
+    m, fc_mproj = ops.linear_forward(gl, _p(params, i, "mlp/c_proj/w"), _p(params, i, "mlp/c_proj/b"))  # [B,T,C]
+    x2 = x1 + m                                                                             # [B,T,C]
+    saved = (ln1, fc_attn, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) if save else None
+    return x2, saved
+
+
+def block_backward(dx2, saved, i, grads, need_dx=True):
+    """Backward of block i: fills grads[h{i}/...] and returns dx [B,T,C] (None if not need_dx).
+
+    The residual x2 = x1 + m sends dx2 to both branches; x1 = x + o likewise."""
+    ln1, fc_attn, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj = saved
+    dgl, grads[f"h{i}/mlp/c_proj/w"], grads[f"h{i}/mlp/c_proj/b"] = ops.linear_backward(dx2, fc_mproj)  # [B,T,4C]
+    df = ops.gelu_backward(dgl, gelu)                                                       # [B,T,4C]
+    dh2, grads[f"h{i}/mlp/c_fc/w"], grads[f"h{i}/mlp/c_fc/b"] = ops.linear_backward(df, fc_fc)  # [B,T,C]
+    dx1_ln, grads[f"h{i}/ln_2/g"], grads[f"h{i}/ln_2/b"] = ops.layernorm_backward(dh2, ln2)  # [B,T,C]
+    dx1 = dx2 + dx1_ln                                                                      # [B,T,C]
+    da, grads[f"h{i}/attn/c_proj/w"], grads[f"h{i}/attn/c_proj/b"] = ops.linear_backward(dx1, fc_aproj)  # [B,T,C]
+    dqkv = ops.attention_backward(da, attn)                                                 # [B,T,3C]
+    dh1, grads[f"h{i}/attn/c_attn/w"], grads[f"h{i}/attn/c_attn/b"] = ops.linear_backward(dqkv, fc_attn)  # [B,T,C]
+    if not need_dx:
+        _, grads[f"h{i}/ln_1/g"], grads[f"h{i}/ln_1/b"] = ops.layernorm_backward(dh1, ln1)
+        return None
+    dx_ln, grads[f"h{i}/ln_1/g"], grads[f"h{i}/ln_1/b"] = ops.layernorm_backward(dh1, ln1)  # [B,T,C]
+    return dx1 + dx_ln                                                                      # [B,T,C]
+
+
+def block_forward_pooled(params, i, x, pos, n_head, save=True):
+    """Block i computed only where the classifier reads: keys and values at every position, the
+    rest (query, attention output, MLP) at position pos[b] of each sequence.
+
+    x [B,T,C], pos [B] -> y [B,C] (equal to block_forward(x)[b, pos[b]])"""
+    B, T, C = x.shape
+    rows = np.arange(B)
+    w, b = _p(params, i, "attn/c_attn/w"), _p(params, i, "attn/c_attn/b")                  # [C,3C], [3C]
+    h1, ln1 = ops.layernorm_forward(x, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))    # [B,T,C]
+    kv, fc_kv = ops.linear_forward(h1, w[:, C:], b[C:])                                     # [B,T,2C]
+    q, fc_q = ops.linear_forward(h1[rows, pos], w[:, :C], b[:C])                            # [B,C]
+    a, attn = ops.attention_query_forward(q, kv, pos, n_head)                               # [B,C]
+    o, fc_aproj = ops.linear_forward(a, _p(params, i, "attn/c_proj/w"), _p(params, i, "attn/c_proj/b"))  # [B,C]
+    x1 = x[rows, pos] + o                                                                   # [B,C]
+    h2, ln2 = ops.layernorm_forward(x1, _p(params, i, "ln_2/g"), _p(params, i, "ln_2/b"))   # [B,C]
+    f, fc_fc = ops.linear_forward(h2, _p(params, i, "mlp/c_fc/w"), _p(params, i, "mlp/c_fc/b"))  # [B,4C]
+    gl, gelu = ops.gelu_forward(f)                                                          # [B,4C]
+    m, fc_mproj = ops.linear_forward(gl, _p(params, i, "mlp/c_proj/w"), _p(params, i, "mlp/c_proj/b"))  # [B,C]
+    x2 = x1 + m                                                                             # [B,C]
+    saved = (x.shape, pos, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) if save else None
+    return x2, saved
+
+
+def block_backward_pooled(dx2, saved, i, grads, need_dx=True):
+    """Backward of `block_forward_pooled`: dx2 [B,C] at the pooled rows -> dx [B,T,C].
+
+    c_attn's gradient is the query part (from pooled rows) next to the key/value part (all rows);
+    the residual carries dx1 to x only at the pooled rows."""
+    shape, pos, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj = saved
+    B, T, C = shape
+    rows = np.arange(B)
+    dgl, grads[f"h{i}/mlp/c_proj/w"], grads[f"h{i}/mlp/c_proj/b"] = ops.linear_backward(dx2, fc_mproj)  # [B,4C]
+    df = ops.gelu_backward(dgl, gelu)                                                       # [B,4C]
+    dh2, grads[f"h{i}/mlp/c_fc/w"], grads[f"h{i}/mlp/c_fc/b"] = ops.linear_backward(df, fc_fc)  # [B,C]
+    dx1_ln, grads[f"h{i}/ln_2/g"], grads[f"h{i}/ln_2/b"] = ops.layernorm_backward(dh2, ln2)  # [B,C]
+    dx1 = dx2 + dx1_ln                                                                      # [B,C]
+    da, grads[f"h{i}/attn/c_proj/w"], grads[f"h{i}/attn/c_proj/b"] = ops.linear_backward(dx1, fc_aproj)  # [B,C]
+    dq, dkv = ops.attention_query_backward(da, attn)                                        # [B,C], [B,T,2C]
+    dh1_q, dwq, dbq = ops.linear_backward(dq, fc_q)                                         # [B,C]
+    dh1, dwkv, dbkv = ops.linear_backward(dkv, fc_kv)                                       # [B,T,C]
+    grads[f"h{i}/attn/c_attn/w"] = np.concatenate([dwq, dwkv], axis=1)                      # [C,3C]
+    grads[f"h{i}/attn/c_attn/b"] = np.concatenate([dbq, dbkv])                              # [3C]
+    dh1[rows, pos] += dh1_q                                                                 # [B,T,C]
+    dx_ln, grads[f"h{i}/ln_1/g"], grads[f"h{i}/ln_1/b"] = ops.layernorm_backward(dh1, ln1)  # [B,T,C]
+    if not need_dx:
+        return None
+    dx_ln[rows, pos] += dx1                                                                 # residual
+    return dx_ln
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _check_ids(ids, config):
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise NpgptError(f"ids must be a 2-D integer array [B,T], got shape {ids.shape} {ids.dtype}")
+    if ids.shape[1] > config.n_ctx or ids.shape[1] < 1:
+        raise NpgptError(f"sequence length {ids.shape[1]} is outside 1..{config.n_ctx}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        raise NpgptError(f"token ids must be in 0..{config.vocab_size - 1}")
+    return ids
+
+
+def forward_prefix(params, config: GPT2Config, ids, stop: int):
+    """The activations entering block `stop`: embeddings, then blocks 0..stop-1, nothing saved.
+
+    With those blocks frozen this is a fixed function of the tokens: compute it once and pass it
+    back as `x_start` to `forward_cls` / `loss_and_grads`. ids [B,T] -> x [B,T,C]"""
+    ids = _check_ids(ids, config)
+    x, _ = ops.embedding_forward(ids, params["wte"], params["wpe"])                         # [B,T,C]
+    for i in range(stop):
+        x, _ = block_forward(params, i, x, config.n_head, save=False)                      # [B,T,C]
+    return x
+
+
+def forward_lm(params, config: GPT2Config, ids):
+    """Language-model logits: ids [B,T] -> logits [B,T,V] (LM head tied to wte)."""
+    x = forward_prefix(params, config, ids, config.n_layer)                                # [B,T,C]
+    h, _ = ops.layernorm_forward(x, params["ln_f/g"], params["ln_f/b"])                    # [B,T,C]
+    return h @ params["wte"].T                                                             # [B,T,V]
+
+
+def _cls_forward(params, config, x, start, pos, save_from, dense):
+    """Blocks start..L-1 on x [B,T,C], then ln_f and the head at pos. Saves what backward needs
+    for blocks >= save_from (and for ln_f/head when save_from <= L)."""
+    L = config.n_layer
+    B = x.shape[0]
+    rows = np.arange(B)
+    saved = {}
+    for i in range(start, L):
+        last = (i == L - 1)
+        if last and not dense:
+            x, saved[i] = block_forward_pooled(params, i, x, pos, config.n_head, save=i >= save_from)  # [B,C]
+        else:
+            x, saved[i] = block_forward(params, i, x, config.n_head, save=i >= save_from)  # [B,T,C]
+    if x.ndim == 3:                          # dense, or no block ran: read the pooled rows now
+        saved["pool"] = x.shape
+        x = x[rows, pos]                                                                   # [B,C]
+    h, saved["ln_f"] = ops.layernorm_forward(x, params["ln_f/g"], params["ln_f/b"])        # [B,C]
+    logits, saved["cls"] = ops.linear_forward(h, params["cls/w"], params["cls/b"])         # [B,K]
+    return logits, saved
+
+
+def forward_cls(params, config: GPT2Config, ids=None, lengths=None, pooling="last_token",
+                dense=False, x_start=None, start=0):
+    """Class logits [B,K] at one position per sequence (see `pooled_positions`).
+
+    Either ids [B,T], or x_start [B,T,C] = forward_prefix(ids, start) with the block index `start`
+    it enters (then lengths are needed for last_token pooling)."""
+    if x_start is None:
+        x_start = forward_prefix(params, config, ids, start)
+    pos = pooled_positions(ids if ids is not None else x_start[..., 0], lengths, pooling)
+    logits, _ = _cls_forward(params, config, x_start, start, pos, save_from=config.n_layer + 1, dense=dense)
+    return logits
+
+
+# ----------------------------------------------------------------------------- loss and gradients
+
+def loss_and_grads(params, config: GPT2Config, ids, labels, trainable=1, lengths=None,
+                   pooling="last_token", dense=False, x_start=None):
+    """Mean cross-entropy of the classifier on a batch, and its gradient for every trainable array.
+
+    ids [B,T] (or x_start [B,T,C], the activations entering the first trainable block, from
+    `forward_prefix`), labels [B] -> (loss, grads {name: array}, logits [B,K]).
+    No gradient is computed for a frozen array, and backward stops at the first trainable block."""
+    L = config.n_layer
+    first = first_trainable_block(config, trainable)
+    labels = np.asarray(labels)
+    if x_start is None:
+        ids = _check_ids(ids, config)
+        if trainable == "all":
+            x_start, emb = ops.embedding_forward(ids, params["wte"], params["wpe"])         # [B,T,C]
+        else:
+            x_start = forward_prefix(params, config, ids, first)                          # [B,T,C]
+    elif trainable == "all":
+        raise NpgptError("x_start cannot be used when the embeddings train")
+    pos = pooled_positions(ids if ids is not None else x_start[..., 0], lengths, pooling)
+    if labels.shape != (x_start.shape[0],):
+        raise NpgptError(f"labels must have shape ({x_start.shape[0]},), got {labels.shape}")
+
+    # forward, saving from the first trainable block on
+    logits, saved = _cls_forward(params, config, x_start, first, pos, save_from=first, dense=dense)
+    loss, ce = ops.cross_entropy_forward(logits, labels)
+
+    # backward, in reverse, as deep as the trainable set needs
+    grads = {}
+    dlogits = ops.cross_entropy_backward(1.0, ce)                                          # [B,K]
+    dh, grads["cls/w"], grads["cls/b"] = ops.linear_backward(dlogits, saved["cls"],
+                                                             need_dx=trainable != "head")  # [B,C]
+    if trainable == "head":
+        return loss, grads, logits
+    dx, grads["ln_f/g"], grads["ln_f/b"] = ops.layernorm_backward(dh, saved["ln_f"])       # [B,C]
+    if "pool" in saved:                      # dense: scatter the pooled rows back into [B,T,C]
+        d = np.zeros(saved["pool"], dx.dtype)
+        d[np.arange(len(pos)), pos] = dx
+        dx = d
+    for i in reversed(range(first, L)):
+        need_dx = i > first or trainable == "all"
+        if i == L - 1 and not dense:
+            dx = block_backward_pooled(dx, saved[i], i, grads, need_dx=need_dx)            # [B,T,C]
+        else:
+            dx = block_backward(dx, saved[i], i, grads, need_dx=need_dx)                   # [B,T,C]
+    if trainable == "all":
+        grads["wte"], grads["wpe"] = ops.embedding_backward(dx, emb)
+    return loss, grads, logits

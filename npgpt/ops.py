@@ -1,0 +1,179 @@
+"""The operations of GPT-2, each as a forward/backward pair.
+
+Every forward returns `(out, saved)`: `saved` is what its backward needs, nothing more. Every
+backward takes the upstream gradient and that `saved`, and returns the gradients of its inputs.
+Docstrings give the derivative each backward implements. Shapes: B batch, T time, C channels,
+V vocabulary, K classes, N = B*T rows.
+
+The loops that NumPy does badly (LayerNorm, the attention core) live in `npgpt.kernels`; the
+matmuls stay in BLAS.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+
+# ----------------------------------------------------------------------------- embedding
+
+def embedding_forward(ids, wte, wpe):
+    """x[b,t] = wte[ids[b,t]] + wpe[t].
+
+    ids [B,T] ints, wte [V,C], wpe [n_ctx,C] -> x [B,T,C]"""
+    B, T = ids.shape
+    x = wte[ids] + wpe[:T]                                  # [B,T,C]
+    return x, (ids, wte.shape, wpe.shape)
+
+
+def embedding_backward(dx, saved, need_wte=True, need_wpe=True):
+    """dwte[v] = sum of dx[b,t] over every (b,t) with ids[b,t] == v; dwpe[t] = sum_b dx[b,t].
+
+    Saved: ids and the table shapes. dx [B,T,C] -> dwte [V,C] | None, dwpe [n_ctx,C] | None"""
+    ids, wte_shape, wpe_shape = saved
+    B, T, C = dx.shape
+    dwte = dwpe = None
+    if need_wte:
+        dwte = np.zeros(wte_shape, dx.dtype)                # [V,C]
+        np.add.at(dwte, ids.reshape(-1), dx.reshape(-1, C))  # scatter-add rows; repeated ids add up
+    if need_wpe:
+        dwpe = np.zeros(wpe_shape, dx.dtype)                # [n_ctx,C]
+        dwpe[:T] = dx.sum(axis=0)                           # [T,C]
+    return dwte, dwpe
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+def layernorm_forward(x, g, b, eps=1e-5):
+    """y = (x - mean) / sqrt(var + eps) * g + b over the last axis (biased variance).
+
+    x [...,C], g [C], b [C] -> y [...,C]"""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])                           # [N,C]
+    y, mean, rstd = kernels.layernorm_forward(x2, g, b, eps)  # [N,C], [N], [N]
+    return y.reshape(shape), (x2, mean, rstd, g)
+
+
+def layernorm_backward(dy, saved):
+    """With xhat = (x - mean) * rstd: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+    dxhat = dy * g; dg = sum(dy * xhat); db = sum(dy) (sums over every row).
+
+    Saved: x, mean, rstd, g. dy [...,C] -> dx [...,C], dg [C], db [C]"""
+    x2, mean, rstd, g = saved
+    shape = dy.shape
+    dx, dg, db = kernels.layernorm_backward(dy.reshape(-1, shape[-1]), x2, mean, rstd, g)
+    return dx.reshape(shape), dg, db
+
+
+# ----------------------------------------------------------------------------- linear
+
+def linear_forward(x, w, b):
+    """y = x @ w + b (OpenAI's orientation: w is [in, out]).
+
+    x [...,Cin], w [Cin,Cout], b [Cout] -> y [...,Cout]"""
+    y = x @ w + b                                           # [...,Cout]
+    return y, (x, w)
+
+
+def linear_backward(dy, saved, need_dx=True, need_dw=True):
+    """dx = dy @ w^T, dw = x^T @ dy (summed over rows), db = sum_rows(dy).
+
+    Saved: x, w. dy [...,Cout] -> dx [...,Cin] | None, dw [Cin,Cout] | None, db [Cout] | None"""
+    x, w = saved
+    dx = dw = db = None
+    if need_dx:
+        dx = dy @ w.T                                       # [...,Cin]
+    if need_dw:
+        dy2 = dy.reshape(-1, dy.shape[-1])                  # [N,Cout]
+        dw = x.reshape(-1, x.shape[-1]).T @ dy2             # [Cin,Cout]
+        db = dy2.sum(axis=0)                                # [Cout]
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- GELU
+
+_GELU_K = np.sqrt(2.0 / np.pi)
+
+
+def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)   (GPT-2's tanh form).
+
+    x [...] -> y [...]"""
+    k = x.dtype.type(_GELU_K)
+    t = np.tanh(k * (x + x.dtype.type(0.044715) * x * x * x))  # [...]
+    y = 0.5 * x * (1 + t)                                   # [...]
+    return y, (x, t)
+
+
+def gelu_backward(dy, saved):
+    """dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u).
+
+    Saved: x and t. dy [...] -> dx [...]"""
+    x, t = saved
+    k = x.dtype.type(_GELU_K)
+    dudx = k * (1 + x.dtype.type(3 * 0.044715) * x * x)     # [...]
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention_forward(qkv, n_head):
+    """Causal self-attention core: q, k, v = split(qkv); per head softmax(q k^T / sqrt(D), causal) v.
+
+    qkv [B,T,3C] -> out [B,T,C]"""
+    out, att = kernels.attention_forward(qkv, n_head)       # [B,T,C], [B,H,T,T]
+    return out, (qkv, att, n_head)
+
+
+def attention_backward(dout, saved):
+    """Through out = att v and att = softmax(s): datt = dout v^T, dv = att^T dout,
+    ds = att * (datt - sum(datt * att)), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D).
+
+    Saved: qkv and the softmax probabilities att. dout [B,T,C] -> dqkv [B,T,3C]"""
+    qkv, att, n_head = saved
+    return kernels.attention_backward(dout, qkv, att, n_head)
+
+
+def attention_query_forward(q, kv, pos, n_head):
+    """The same core for one query per sequence, at position pos[b], attending keys 0..pos[b].
+
+    q [B,C], kv [B,T,2C], pos [B] -> out [B,C]"""
+    out, att = kernels.attention_query_forward(q, kv, pos, n_head)  # [B,C], [B,H,T]
+    return out, (q, kv, att, pos, n_head)
+
+
+def attention_query_backward(dout, saved):
+    """Backward of `attention_query_forward` (the formulas of `attention_backward`, one query row).
+
+    Saved: q, kv, att, pos. dout [B,C] -> dq [B,C], dkv [B,T,2C]"""
+    q, kv, att, pos, n_head = saved
+    return kernels.attention_query_backward(dout, q, kv, att, pos, n_head)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def cross_entropy_forward(logits, targets):
+    """Mean cross-entropy of softmax(logits) against integer targets, stable (max subtracted).
+
+    logits [B,K], targets [B] -> loss (scalar)"""
+    z = logits - logits.max(axis=-1, keepdims=True)         # [B,K]
+    logsumexp = np.log(np.exp(z).sum(axis=-1, keepdims=True))  # [B,1]
+    logp = z - logsumexp                                    # [B,K] log-probabilities
+    B = logits.shape[0]
+    loss = -logp[np.arange(B), targets].mean()
+    return float(loss), (np.exp(logp), targets)
+
+
+def cross_entropy_backward(dloss, saved):
+    """dlogits = (softmax(logits) - onehot(targets)) / B * dloss.
+
+    Saved: the probabilities and the targets. -> dlogits [B,K]"""
+    probs, targets = saved
+    B = probs.shape[0]
+    dlogits = probs.copy()                                  # [B,K]
+    dlogits[np.arange(B), targets] -= 1
+    return dlogits * probs.dtype.type(dloss / B)
+
+
+def accuracy(logits, targets) -> float:
+    """Fraction of rows whose largest logit is the target."""
+    return float((np.argmax(logits, axis=-1) == targets).mean())

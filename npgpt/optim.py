@@ -1,0 +1,58 @@
+"""AdamW, written out with torch.optim.AdamW's semantics.
+
+Per trainable array p with gradient g, at step t (starting at 1):
+    p = p * (1 - lr * wd)                      decoupled weight decay
+    m = b1 * m + (1 - b1) * g                  first moment
+    v = b2 * v + (1 - b2) * g^2                second moment
+    p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+Weight decay applies to every array, as torch does by default; `decay_1d=False` exempts the
+1-D arrays (biases and LayerNorm gains), a common choice. State is keyed by parameter name.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class AdamW:
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_1d=True):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.weight_decay, self.decay_1d = weight_decay, decay_1d
+        self.t = 0
+        self.m = {}   # name -> first moment
+        self.v = {}   # name -> second moment
+
+    def step(self, params: dict, grads: dict) -> None:
+        """Update params[name] in place for every name in grads."""
+        self.t += 1
+        b1, b2 = self.betas
+        step_size = self.lr / (1 - b1 ** self.t)
+        bias2_sqrt = math.sqrt(1 - b2 ** self.t)
+        for name, g in grads.items():
+            p = params[name]
+            if name not in self.m:
+                self.m[name] = np.zeros_like(p)
+                self.v[name] = np.zeros_like(p)
+            m, v = self.m[name], self.v[name]
+            wd = self.weight_decay if (self.decay_1d or p.ndim > 1) else 0.0
+            if wd:
+                p *= 1 - self.lr * wd
+            m += (1 - b1) * (g - m)                  # = b1 m + (1 - b1) g, as torch's lerp
+            v *= b2
+            v += (1 - b2) * (g * g)
+            denom = np.sqrt(v)
+            denom /= bias2_sqrt
+            denom += self.eps
+            p -= step_size * (m / denom)
+
+    def state_dict(self) -> dict:
+        """Arrays keyed 'm/<name>', 'v/<name>' plus the step count, for checkpoints."""
+        d = {f"m/{k}": a for k, a in self.m.items()}
+        d.update({f"v/{k}": a for k, a in self.v.items()})
+        return {"t": self.t, "arrays": d}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        self.m = {k[2:]: a for k, a in state["arrays"].items() if k.startswith("m/")}
+        self.v = {k[2:]: a for k, a in state["arrays"].items() if k.startswith("v/")}
