@@ -1,0 +1,38 @@
+"""Shared test setup.
+
+- `shared_data`: the folder of third-party data files (`NPGPT_SHARED_DATA`, default
+  `<repo>/../shared/data`).
+- With `NPGPT_NO_SKIP=1` (set by .ci/run) a skipped test fails the run: in CI every test, and the
+  PyTorch comparison tests above all, must run.
+"""
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def shared_data_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("NPGPT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    d = shared_data_dir()
+    assert d.is_dir(), f"shared data not found at {d}; set NPGPT_SHARED_DATA"
+    return d
+
+
+_skipped = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("NPGPT_NO_SKIP") == "1" and _skipped:
+        print(f"\nNPGPT_NO_SKIP=1 and {len(_skipped)} test(s) were skipped: {_skipped[:5]}")
+        session.exitstatus = 1
