@@ -1,0 +1,117 @@
+"""GPT-2's byte-level BPE tokenizer, as a tiktoken encoding built from local files.
+
+GPT-2 turns text into ids in two steps: a regex splits the text into pieces (words, numbers,
+punctuation, runs of spaces), then each piece's UTF-8 bytes are merged pairwise by the 50000
+ranked rules of `vocab.bpe` until no rule applies; `encoder.json` maps the 50257 resulting tokens
+to ids. Every byte is a token, so any text encodes and decodes back exactly.
+
+Where the two files come from, first match wins:
+  1. the `bpe_dir` argument;
+  2. the directory in the environment variable NPGPT_BPE_DIR;
+  3. the files that come with downloaded weights: `<weights_dir>/` or `<weights_dir>/<size>/`
+     (`weights_dir` defaults to `weights/` under the current directory);
+  4. tiktoken's own `gpt2` encoding (its cache, else a download).
+Both files are checked against the sha256 values OpenAI published (the ones tiktoken hard-codes).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import FormatError, NpgptError
+
+PAD_ID = 50256          # <|endoftext|>, also used to right-pad classification batches
+EOT = "<|endoftext|>"
+N_VOCAB = 50257
+
+BPE_FILES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+WEIGHT_SIZES = ("124M", "355M", "774M", "1558M")
+
+
+def get_tokenizer(bpe_dir=None, weights_dir=None):
+    """The GPT-2 `tiktoken.Encoding`, from the first place listed in the module docstring.
+
+    An explicit `bpe_dir` (or NPGPT_BPE_DIR) must hold both files; the weights folders are only
+    used when both files are there. Raises FormatError if a file's sha256 is wrong, NpgptError
+    if no source works.
+    """
+    if bpe_dir is not None:
+        return _encoding_from_dir(str(Path(bpe_dir).resolve()))
+    env_dir = os.environ.get("NPGPT_BPE_DIR")
+    if env_dir:
+        return _encoding_from_dir(str(Path(env_dir).resolve()))
+    root = Path(weights_dir) if weights_dir is not None else Path.cwd() / "weights"
+    for d in [root] + [root / size for size in WEIGHT_SIZES]:
+        if all((d / name).is_file() for name in BPE_FILES):
+            return _encoding_from_dir(str(d.resolve()))
+    return _encoding_from_tiktoken()
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of `text`; a literal "<|endoftext|>" in the text is plain text, not id 50256."""
+    return tok.encode(text, disallowed_special=())
+
+
+def decode(tok, ids) -> str:
+    return tok.decode([int(i) for i in ids])
+
+
+def check_bpe_file(path: Path) -> None:
+    """Raise FormatError unless `path` (encoder.json or vocab.bpe) has OpenAI's sha256."""
+    expected = BPE_FILES[path.name]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise FormatError(f"{path}: sha256 {digest} is not that of GPT-2's {path.name} ({expected})")
+
+
+@functools.lru_cache(maxsize=None)
+def _encoding_from_dir(bpe_dir: str):
+    import tiktoken
+    import tiktoken.load
+    import tiktoken_ext.openai_public
+
+    d = Path(bpe_dir)
+    for name in BPE_FILES:
+        if not (d / name).is_file():
+            raise NpgptError(f"{d / name}: no such file (the tokenizer needs encoder.json and vocab.bpe)")
+        check_bpe_file(d / name)
+    with _without_tiktoken_file_cache():
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(d / "vocab.bpe"), encoder_json_file=str(d / "encoder.json"),
+            vocab_bpe_hash=BPE_FILES["vocab.bpe"], encoder_json_hash=BPE_FILES["encoder.json"])
+    return tiktoken.Encoding(name="gpt2", pat_str=tiktoken_ext.openai_public.r50k_pat_str,
+                             mergeable_ranks=ranks, special_tokens={EOT: PAD_ID},
+                             explicit_n_vocab=N_VOCAB)
+
+
+@functools.lru_cache(maxsize=None)
+def _encoding_from_tiktoken():
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline, no cache, corrupt cache: tiktoken raises many kinds
+        raise NpgptError(
+            "cannot load the GPT-2 tokenizer: put encoder.json and vocab.bpe in weights/124M/ "
+            "or in a folder named by NPGPT_BPE_DIR, or let tiktoken download them "
+            f"(tiktoken: {type(e).__name__})") from e
+
+
+@contextlib.contextmanager
+def _without_tiktoken_file_cache():
+    """tiktoken copies even local files into its cache folder; an empty TIKTOKEN_CACHE_DIR stops that."""
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
