@@ -11,18 +11,13 @@ from npgpt import tokenizer
 from npgpt.errors import FormatError, NpgptError
 from npgpt.tokenizer import BPE_FILES, PAD_ID, decode, encode, get_tokenizer
 
-SHARED = Path(os.environ.get("NPGPT_SHARED_DATA",
-                             Path(__file__).resolve().parents[2] / "shared" / "data"))
-BPE_DIR = SHARED / "gpt2_bpe"
-
 
 @pytest.fixture(scope="module")
-def bpe_dir():
-    if not BPE_DIR.is_dir():
-        pytest.skip(f"shared tokenizer files not found in {BPE_DIR} (set NPGPT_SHARED_DATA)")
+def bpe_dir(shared_data):
+    d = shared_data / "gpt2_bpe"
     for name, sha in BPE_FILES.items():
-        assert hashlib.sha256((BPE_DIR / name).read_bytes()).hexdigest() == sha, name
-    return BPE_DIR
+        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == sha, name
+    return d
 
 
 @pytest.fixture(scope="module")
