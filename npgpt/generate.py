@@ -1,0 +1,133 @@
+"""Greedy text generation with a key/value cache: the check that pretrained weights loaded right.
+
+    python -m npgpt.generate "Every effort moves you" --max-new-tokens 15
+
+With OpenAI's 124M weights this prints
+"Every effort moves you forward.\\n\\nThe first step is to understand the importance of your work".
+
+With the cache, each new token runs the model at one position: the keys and values of earlier
+positions are kept per block, so attention of the new query reads them instead of recomputing
+the prefix.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from . import ops
+from .cli import make_parser, run
+from .config import GPT2Config
+from .errors import NpgptError
+
+
+def _attend(q, k, v, start):
+    """Queries at positions start..start+t-1 against keys 0..start+t-1, causal.
+
+    q [B,H,t,D], k [B,H,S,D], v [B,H,S,D] (S = start + t) -> [B,H,t,D]"""
+    t, S, D = q.shape[2], k.shape[2], q.shape[3]
+    scores = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(D)                    # [B,H,t,S]
+    future = np.arange(S)[None, :] > (start + np.arange(t))[:, None]       # [t,S]
+    scores = np.where(future, -np.inf, scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores)
+    return (e / e.sum(axis=-1, keepdims=True)) @ v                          # [B,H,t,D]
+
+
+def lm_forward_cached(params, config: GPT2Config, ids, cache: list):
+    """LM logits for new tokens ids [B,t] that follow the positions already in `cache`.
+
+    cache: one (k, v) pair per block, each [B,H,S,D] (an empty list to start); extended in place.
+    -> logits [B,t,V]"""
+    B, t = ids.shape
+    H, C = config.n_head, config.n_embd
+    start = cache[0][0].shape[2] if cache else 0
+    if start + t > config.n_ctx:
+        raise NpgptError(f"sequence would exceed the context length {config.n_ctx}")
+    x = params["wte"][ids] + params["wpe"][start:start + t]                 # [B,t,C]
+    for i in range(config.n_layer):
+        p = lambda n: params[f"h{i}/{n}"]
+        h, _ = ops.layernorm_forward(x, p("ln_1/g"), p("ln_1/b"))            # [B,t,C]
+        qkv = h @ p("attn/c_attn/w") + p("attn/c_attn/b")                   # [B,t,3C]
+        q, k, v = (a.reshape(B, t, H, C // H).transpose(0, 2, 1, 3)
+                   for a in np.split(qkv, 3, axis=-1))                      # [B,H,t,D] each
+        if len(cache) > i:
+            k = np.concatenate([cache[i][0], k], axis=2)                    # [B,H,S,D]
+            v = np.concatenate([cache[i][1], v], axis=2)
+            cache[i] = (k, v)
+        else:
+            cache.append((k, v))
+        a = _attend(q, k, v, start).transpose(0, 2, 1, 3).reshape(B, t, C)  # [B,t,C]
+        x = x + a @ p("attn/c_proj/w") + p("attn/c_proj/b")                 # [B,t,C]
+        h, _ = ops.layernorm_forward(x, p("ln_2/g"), p("ln_2/b"))            # [B,t,C]
+        f, _ = ops.gelu_forward(h @ p("mlp/c_fc/w") + p("mlp/c_fc/b"))      # [B,t,4C]
+        x = x + f @ p("mlp/c_proj/w") + p("mlp/c_proj/b")                   # [B,t,C]
+    h, _ = ops.layernorm_forward(x, params["ln_f/g"], params["ln_f/b"])      # [B,t,C]
+    return h @ params["wte"].T                                              # [B,t,V]
+
+
+def generate_greedy(params, config: GPT2Config, ids, max_new_tokens: int, use_cache=True, progress=None):
+    """Append max_new_tokens greedy (argmax) tokens to ids [B,T] -> [B,T+max_new_tokens].
+
+    use_cache=False recomputes the whole prefix for every token (the slow reference)."""
+    from .model import forward_lm
+
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.shape[1] + max_new_tokens > config.n_ctx:
+        raise NpgptError(f"prompt ({ids.shape[1]} tokens) + {max_new_tokens} new tokens exceed "
+                         f"the context length {config.n_ctx}")
+    cache: list = []
+    new = ids
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = lm_forward_cached(params, config, new, cache)          # [B,t,V]
+        else:
+            logits = forward_lm(params, config, ids)                        # [B,T,V]
+        new = np.argmax(logits[:, -1], axis=-1)[:, None]                    # [B,1]
+        ids = np.concatenate([ids, new], axis=1)
+        if progress:
+            progress(new)
+    return ids
+
+
+def main(argv=None):
+    parser = make_parser("python -m npgpt.generate",
+                         "Greedy continuation of a prompt with pretrained GPT-2 weights.")
+    parser.add_argument("prompt", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=15, help="tokens to generate")
+    parser.add_argument("--model-size", default="124M", help="124M, 355M, 774M or 1558M")
+    parser.add_argument("--weights", default=None,
+                        help="converted HDF5 weights (default: weights/gpt2-<size>.h5)")
+    parser.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the prefix for every token")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they come")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    from .params import load_params
+    from .tokenizer import get_tokenizer
+
+    path = args.weights or os.path.join("weights", f"gpt2-{args.model_size}.h5")
+    if not os.path.exists(path):
+        raise NpgptError(f"no weights at {path}: run `python -m npgpt.weights download {args.model_size}` "
+                         f"(or pass --weights)")
+    params, config, _ = load_params(path)
+    tok = get_tokenizer(args.bpe_dir or os.path.dirname(path) + f"/{args.model_size}"
+                        if os.path.isdir(os.path.join(os.path.dirname(path), args.model_size)) else args.bpe_dir)
+    ids = np.array([tok.encode(args.prompt, disallowed_special=())], dtype=np.int64)
+    if ids.shape[1] == 0:
+        raise NpgptError("the prompt is empty")
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        cb = lambda new: (sys.stdout.write(tok.decode([int(new[0, 0])])), sys.stdout.flush())
+        generate_greedy(params, config, ids, args.max_new_tokens, not args.no_cache, cb)
+        sys.stdout.write("\n")
+    else:
+        out = generate_greedy(params, config, ids, args.max_new_tokens, not args.no_cache)
+        print(tok.decode(out[0].tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
