@@ -1,0 +1,400 @@
+"""The SMS Spam Collection pipeline: parse, balance/split, CSVs, tokenize, batch, fetch."""
+import csv
+import hashlib
+import io
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from npgpt import data
+from npgpt.data import (DATA_SHA256, SpamDataset, balance_and_split, eval_batches, extract_sms_spam,
+                        make_batch, make_datasets, pad_length, prepare_splits, read_sms_spam,
+                        read_split_csv, train_batches)
+from npgpt.errors import DataError, FormatError
+from npgpt.tokenizer import PAD_ID, get_tokenizer
+
+
+@pytest.fixture(scope="module")
+def sms_path(shared_data):
+    path = shared_data / "sms_spam_collection" / "SMSSpamCollection"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == DATA_SHA256
+    return path
+
+
+@pytest.fixture(scope="module")
+def messages(sms_path):
+    return read_sms_spam(sms_path)
+
+
+@pytest.fixture(scope="module")
+def splits(sms_path, tmp_path_factory):
+    return prepare_splits(sms_path, tmp_path_factory.mktemp("splits"))
+
+
+@pytest.fixture(scope="module")
+def tok(shared_data):
+    return get_tokenizer(shared_data / "gpt2_bpe")
+
+
+def write_lines(path, lines):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def small_corpus(n_spam=10, n_ham=15):
+    return ([b"spam\tWIN a prize %d now" % i for i in range(n_spam)]
+            + [b"ham\tsee you at %d" % i for i in range(n_ham)])
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def test_parse_counts(messages):
+    assert len(messages) == 5574
+    assert messages["Label"].value_counts().to_dict() == {"ham": 4827, "spam": 747}
+    assert messages["Line"].tolist() == list(range(1, 5575))
+    assert messages.attrs["skipped"] == [] and messages.attrs["warning"] == ""
+
+
+def test_parse_is_verbatim(messages, sms_path):
+    # Writing the rows back gives the file byte for byte: no quote processing, nothing stripped.
+    rebuilt = "".join(f"{label}\t{text}\n" for label, text in zip(messages["Label"], messages["Text"]))
+    assert rebuilt.encode("utf-8") == sms_path.read_bytes()
+    assert messages["Text"].str.startswith('"').sum() > 0  # the lines pandas' quoting merges
+
+
+def test_pandas_default_quoting_merges_lines(sms_path):
+    # The reason for a parser of our own: the reference book's read_csv sees 5572 messages.
+    df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"])
+    assert len(df) == 5572
+
+
+@pytest.mark.parametrize("bad, line_no, reason", [
+    (b"ham no tab here", 3, "no tab"),
+    (b"eggs\tunknown label", 3, "unknown label 'eggs'"),
+    (b"Ham\tcase matters", 3, "unknown label 'Ham'"),
+    (b"", 3, "blank line"),
+    (b"   \r", 3, "blank line"),
+    (b"ham\t", 3, "empty message"),
+    (b"ham\tcaf\xe9 in latin-1", 3, "not valid UTF-8"),
+    (b"spam\t\xff\xfe", 3, "not valid UTF-8"),
+])
+def test_bad_line_names_line_number(tmp_path, bad, line_no, reason):
+    path = write_lines(tmp_path / "sms", [b"ham\tfine", b"spam\talso fine", bad, b"ham\tlast"])
+    with pytest.raises(DataError, match=rf"line {line_no}: .*{reason}"):
+        read_sms_spam(path)
+    df = read_sms_spam(path, skip_bad_lines=True)
+    assert df["Line"].tolist() == [1, 2, 4]
+    assert len(df.attrs["skipped"]) == 1 and df.attrs["skipped"][0].startswith(f"line {line_no}:")
+    assert "skipped 1 bad line" in df.attrs["warning"]
+
+
+@pytest.mark.parametrize("header", [b"label\ttext", b"Label\tSMS", b"LABEL\tMessage", b"class\ttext"])
+def test_header_line_is_an_error(tmp_path, header):
+    path = write_lines(tmp_path / "sms", [header, b"ham\tfine", b"spam\tbuy"])
+    with pytest.raises(DataError, match=r"line 1: a header line"):
+        read_sms_spam(path)
+    assert read_sms_spam(path, skip_bad_lines=True)["Text"].tolist() == ["fine", "buy"]
+
+
+def test_skip_bad_lines_counts_them_all(tmp_path):
+    lines = [b"label\ttext", b"ham\tok 1", b"no tab", b"", b"spam\tok 2", b"junk\tx",
+             b"ham\t\xc3", b"ham\tok 3"]
+    path = write_lines(tmp_path / "sms", lines)
+    with pytest.raises(DataError, match=r"line 1:"):
+        read_sms_spam(path)
+    df = read_sms_spam(path, skip_bad_lines=True)
+    assert df["Line"].tolist() == [2, 5, 8]
+    assert [s.split(":")[0] for s in df.attrs["skipped"]] == [f"line {n}" for n in (1, 3, 4, 6, 7)]
+    assert "skipped 5 bad lines" in df.attrs["warning"]
+
+
+def test_text_after_first_tab_is_kept(tmp_path):
+    path = write_lines(tmp_path / "sms", [b'ham\ta\tb\t "quoted" \r', b"spam\t<|endoftext|> \xc2\x91\r\r"])
+    df = read_sms_spam(path)
+    assert df["Text"].tolist() == ['a\tb\t "quoted" ', "<|endoftext|> \x91\r"]  # one trailing \r goes
+    assert df["Label"].tolist() == ["ham", "spam"]
+
+
+def test_no_trailing_newline_and_missing_file(tmp_path):
+    (tmp_path / "sms").write_bytes(b"ham\tone\nspam\ttwo")
+    assert read_sms_spam(tmp_path / "sms")["Text"].tolist() == ["one", "two"]
+    with pytest.raises(DataError, match="no such file"):
+        read_sms_spam(tmp_path / "absent")
+
+
+# --- balance and split ---------------------------------------------------------------------
+
+
+def test_split_sizes_and_balance(splits):
+    train, validation, test = splits
+    assert (len(train), len(validation), len(test)) == (1045, 149, 300)
+    both = pd.concat(splits)
+    assert both["Label"].value_counts().to_dict() == {0: 747, 1: 747}
+    assert list(train.columns) == ["Label", "Text", "Line"]
+
+
+def test_splits_disjoint_by_line(splits, messages):
+    lines = [set(s["Line"]) for s in splits]
+    assert sum(len(x) for x in lines) == 1494
+    assert not (lines[0] & lines[1]) and not (lines[0] & lines[2]) and not (lines[1] & lines[2])
+    # every spam message is used once; each row is the message on its line
+    by_line = messages.set_index("Line")
+    both = pd.concat(splits)
+    assert set(both.loc[both["Label"] == 1, "Line"]) == set(messages.loc[messages["Label"] == "spam", "Line"])
+    assert (by_line.loc[both["Line"], "Text"].to_numpy() == both["Text"].to_numpy()).all()
+    assert (by_line.loc[both["Line"], "Label"].map({"ham": 0, "spam": 1}).to_numpy()
+            == both["Label"].to_numpy()).all()
+
+
+def test_split_matches_reference_code(splits, sms_path):
+    # The reference's steps, verbatim, on the same 5574 messages read by pandas without quoting.
+    df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE,
+                     keep_default_na=False, dtype=str)
+    assert len(df) == 5574
+    num_spam = df[df["Label"] == "spam"].shape[0]
+    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
+    balanced_df = pd.concat([ham_subset, df[df["Label"] == "spam"]])
+    balanced_df["Label"] = balanced_df["Label"].map({"ham": 0, "spam": 1})
+    df = balanced_df.sample(frac=1, random_state=123).reset_index(drop=True)
+    train_end = int(len(df) * 0.7)
+    validation_end = train_end + int(len(df) * 0.1)
+    ref = df[:train_end], df[train_end:validation_end], df[validation_end:]
+    for ours, theirs in zip(splits, ref):
+        assert ours["Text"].tolist() == theirs["Text"].tolist()
+        assert ours["Label"].tolist() == theirs["Label"].tolist()
+
+
+def test_split_is_reproducible(sms_path, splits, tmp_path):
+    again = prepare_splits(sms_path, tmp_path)
+    for a, b in zip(splits, again):
+        pd.testing.assert_frame_equal(a, b)
+    assert splits[0]["Line"].tolist()[:3] == [2088, 3901, 882]
+    other_seed = balance_and_split(read_sms_spam(sms_path), seed=7)
+    assert other_seed[0]["Line"].tolist() != splits[0]["Line"].tolist()
+
+
+def test_csvs_round_trip_and_are_reused(sms_path, tmp_path, monkeypatch):
+    built = prepare_splits(sms_path, tmp_path)
+    for name, df in zip(data.SPLITS, built):
+        back = read_split_csv(tmp_path / f"{name}.csv")
+        assert back["Text"].tolist() == df["Text"].tolist()
+        assert back["Label"].tolist() == df["Label"].tolist() and back["Line"].tolist() == df["Line"].tolist()
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the CSVs should have been reused")
+
+    monkeypatch.setattr(data, "download_sms_spam", no_network)
+    monkeypatch.setattr(data, "read_sms_spam", no_network)
+    reused = prepare_splits(None, tmp_path)  # no SMSSpamCollection in tmp_path: must read the CSVs
+    for a, b in zip(built, reused):
+        assert a["Text"].tolist() == b["Text"].tolist() and a["Line"].tolist() == b["Line"].tolist()
+
+
+def test_csv_keeps_awkward_texts(tmp_path):
+    awkward = [b"NA", b"null", b"nan", b"#N/A", b"None", b"0123", b"1.0", b"  padded  ", b'say "hi", ok',
+               b"a\rb", b"\rstart", b"tab\tinside", b'"', b'""', b"a,b,c", b"\xef\xbb\xbfbom", b"\x00nul"]
+    lines = [b"spam\t" + t for t in awkward] + [b"ham\t" + t for t in awkward]
+    built = prepare_splits(write_lines(tmp_path / "sms", lines), tmp_path / "out")
+    texts = sorted(pd.concat(built)["Text"].tolist())
+    assert texts == sorted([t.decode("utf-8") for t in awkward] * 2)
+    for name, df in zip(data.SPLITS, built):
+        assert read_split_csv(tmp_path / "out" / f"{name}.csv")["Text"].tolist() == df["Text"].tolist()
+
+
+def test_bad_split_csv(tmp_path):
+    (tmp_path / "x.csv").write_text("Label,Body\n0,hi\n")
+    with pytest.raises(FormatError, match=r"x\.csv: missing column\(s\) Text"):
+        read_split_csv(tmp_path / "x.csv")
+    (tmp_path / "y.csv").write_text("Label,Text\nham,hi\n")
+    with pytest.raises(FormatError, match=r"y\.csv: Label must be 0"):
+        read_split_csv(tmp_path / "y.csv")
+
+
+def test_too_little_data(tmp_path):
+    with pytest.raises(DataError, match="cannot balance"):
+        prepare_splits(write_lines(tmp_path / "sms", [b"ham\ta", b"ham\tb"]), tmp_path)
+    with pytest.raises(DataError, match="too few messages"):
+        prepare_splits(write_lines(tmp_path / "sms", small_corpus(2, 2)), tmp_path)
+
+
+def test_skip_warning_reaches_splits(tmp_path):
+    path = write_lines(tmp_path / "sms", [b"Label\tSMS"] + small_corpus())
+    with pytest.raises(DataError, match="line 1"):
+        prepare_splits(path, tmp_path)
+    train, validation, test = prepare_splits(path, tmp_path, skip_bad_lines=True)
+    assert (len(train), len(validation), len(test)) == (14, 2, 4)
+    assert len(train.attrs["skipped"]) == 1 and "line 1" in train.attrs["warning"]
+
+
+# --- tokenize, pad, batch ------------------------------------------------------------------
+
+
+def test_longest_padding_matches_reference(splits, tok):
+    train, validation, test = make_datasets(splits, tok)
+    assert train.pad_to == validation.pad_to == test.pad_to == 120
+    assert train.lengths.max() == 120
+    assert test.lengths.max() == 120   # test messages longer than 120 tokens are cut
+    full_test = [len(tok.encode(t, disallowed_special=())) for t in splits[2]["Text"]]
+    assert max(full_test) > 120
+    assert test.lengths.tolist() == [min(n, 120) for n in full_test]
+    assert train.labels.tolist() == splits[0]["Label"].tolist()
+    assert train.lines.tolist() == splits[0]["Line"].tolist()
+    ids, lengths, labels = test.batch(np.arange(len(test)))
+    assert ids.shape == (300, 120) and ids.dtype == np.int64
+    pad = np.arange(120)[None, :] >= lengths[:, None]                     # [300,120]
+    assert (ids[pad] == PAD_ID).all() and (ids[~pad] != PAD_ID).all()
+    for i in (0, int(np.argmax(full_test))):
+        assert ids[i, :lengths[i]].tolist() == tok.encode(splits[2]["Text"][i], disallowed_special=())[:120]
+
+
+def test_padding_modes(splits, tok):
+    fixed = make_datasets(splits, tok, padding=64)
+    assert fixed[0].pad_to == 64 and fixed[0].lengths.max() == 64
+    per_batch = make_datasets(splits, tok, padding="batch")
+    assert per_batch[0].pad_to is None and per_batch[2].lengths.max() > 120
+    ids, lengths, _ = per_batch[0].batch([0, 1, 2])
+    assert ids.shape == (3, lengths.max())
+    short = make_datasets(splits, tok, padding="longest", context_length=50)
+    assert short[0].pad_to == 50
+    for bad in (0, 51, "shortest", 3.5, True):
+        with pytest.raises(DataError):
+            pad_length([[1, 2]], bad, context_length=50)
+
+
+def test_make_batch_pads_and_cuts():
+    rows = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    ids, lengths = make_batch(rows, [2, 0, 1])
+    assert lengths.tolist() == [5, 3, 1]
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, PAD_ID, PAD_ID], [4, PAD_ID, PAD_ID, PAD_ID, PAD_ID]]
+    ids, lengths = make_batch(rows, np.array([0, 2]), pad_to=4)
+    assert lengths.tolist() == [3, 4]
+    assert ids.tolist() == [[1, 2, 3, PAD_ID], [5, 6, 7, 8]]
+    assert ids.dtype == np.int64 and lengths.dtype == np.int64
+    with pytest.raises(DataError, match="no tokens"):
+        make_batch([[1], []], [0, 1])
+
+
+def test_train_batches():
+    n, bs = 103, 10
+    epoch0 = train_batches(n, bs, seed=123, epoch=0)
+    assert len(epoch0) == 10 and all(b.shape == (bs,) for b in epoch0)  # last 3 dropped
+    seen = np.concatenate(epoch0)
+    assert len(np.unique(seen)) == 100 and seen.min() >= 0 and seen.max() < n
+    again = train_batches(n, bs, seed=123, epoch=0)
+    assert all((a == b).all() for a, b in zip(epoch0, again))
+    epoch1 = train_batches(n, bs, seed=123, epoch=1)
+    assert not np.array_equal(np.concatenate(epoch1), seen)
+    assert not np.array_equal(np.concatenate(train_batches(n, bs, seed=124, epoch=0)), seen)
+    assert not np.array_equal(seen, np.arange(100))  # shuffled
+    with pytest.raises(DataError, match="larger than the 5 training examples"):
+        train_batches(5, 8)
+    with pytest.raises(DataError):
+        train_batches(5, 0)
+
+
+def test_eval_batches():
+    batches = eval_batches(23, 8)
+    assert [b.tolist() for b in batches] == [list(range(0, 8)), list(range(8, 16)), list(range(16, 23))]
+    assert [b.tolist() for b in eval_batches(16, 8)] == [list(range(8)), list(range(8, 16))]
+
+
+def test_empty_message_after_tokenizing_is_refused(tok):
+    df = pd.DataFrame({"Label": [0, 1], "Text": ["fine", ""], "Line": [1, 2]})
+    with pytest.raises(DataError, match=r"line 2"):
+        make_datasets((df,), tok)
+
+
+def test_spam_dataset_len_and_batch():
+    ds = SpamDataset(tokens=[[1, 2], [3]], lengths=np.array([2, 1]), labels=np.array([1, 0]),
+                     lines=np.array([5, 6]), pad_to=3)
+    ids, lengths, labels = ds.batch([1, 0])
+    assert len(ds) == 2 and ids.tolist() == [[3, PAD_ID, PAD_ID], [1, 2, PAD_ID]]
+    assert lengths.tolist() == [1, 2] and labels.tolist() == [0, 1]
+
+
+# --- zip extraction and download -----------------------------------------------------------
+
+
+def make_zip(members: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, payload in members.items():
+            zf.writestr(name, payload)
+    return buf.getvalue()
+
+
+README = "SMS Spam Collection v.1\r\nJosé María\r\n".encode("latin-1")
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "folder"])
+def test_extract_zip(tmp_path, sms_path, layout):
+    payload = sms_path.read_bytes()
+    inner = {"SMSSpamCollection": payload, "readme": README}
+    if layout == "flat":
+        blob = make_zip(inner)
+    elif layout == "nested":
+        blob = make_zip({"smsspamcollection.zip": make_zip(inner)})
+    else:
+        blob = make_zip({"smsspamcollection/SMSSpamCollection": payload, "smsspamcollection/readme": README})
+    (tmp_path / "uci.zip").write_bytes(blob)
+    out = extract_sms_spam(tmp_path / "uci.zip", tmp_path / "data")
+    assert out == tmp_path / "data" / "SMSSpamCollection"
+    assert out.read_bytes() == payload
+    assert (tmp_path / "data" / "readme").read_bytes() == README
+
+
+def test_extract_zip_errors(tmp_path):
+    (tmp_path / "html.zip").write_bytes(b"<html>Service unavailable</html>")
+    with pytest.raises(FormatError, match=r"html\.zip: not a readable zip"):
+        extract_sms_spam(tmp_path / "html.zip", tmp_path)
+    (tmp_path / "other.zip").write_bytes(make_zip({"readme": README}))
+    with pytest.raises(FormatError, match=r"other\.zip: no SMSSpamCollection"):
+        extract_sms_spam(tmp_path / "other.zip", tmp_path)
+
+
+def test_prepare_splits_from_zip(tmp_path, sms_path, splits):
+    (tmp_path / "uci.zip").write_bytes(make_zip({"smsspamcollection.zip": make_zip(
+        {"SMSSpamCollection": sms_path.read_bytes(), "readme": README})}))
+    got = prepare_splits(tmp_path / "uci.zip", tmp_path / "data")
+    assert (tmp_path / "data" / "SMSSpamCollection").read_bytes() == sms_path.read_bytes()
+    for a, b in zip(got, splits):
+        assert a["Line"].tolist() == b["Line"].tolist()
+
+
+def test_source_urls(monkeypatch):
+    monkeypatch.delenv("NPGPT_DATA_MIRROR", raising=False)
+    assert data.source_urls() == [data.UCI_URL, data.MIRROR_URL]
+    monkeypatch.setenv("NPGPT_DATA_MIRROR", "http://127.0.0.1:1/sms.zip")
+    assert data.source_urls() == [data.UCI_URL, "http://127.0.0.1:1/sms.zip"]
+
+
+def test_download_through_local_server(tmp_path, sms_path, splits):
+    pytest.importorskip("npgpt.download")
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "sms.zip").write_bytes(make_zip({"SMSSpamCollection": sms_path.read_bytes(), "readme": README}))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        # the first URL is missing (404), the second is the mirror
+        got = prepare_splits(None, tmp_path / "data", urls=[f"{base}/missing.zip", f"{base}/sms.zip"],
+                             progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert (tmp_path / "data" / "SMSSpamCollection").read_bytes() == sms_path.read_bytes()
+    assert not (tmp_path / "data" / "sms_spam_collection.zip").exists()
+    for a, b in zip(got, splits):
+        assert a["Line"].tolist() == b["Line"].tolist()
