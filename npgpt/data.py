@@ -61,7 +61,8 @@ def download_sms_spam(data_dir=DEFAULT_DATA_DIR, urls=None, progress=True) -> Pa
         return target
     data_dir.mkdir(parents=True, exist_ok=True)
     zip_path = data_dir / "sms_spam_collection.zip"
-    download_file(list(urls) if urls else source_urls(), zip_path, expected_size=None, progress=progress)
+    urls = [urls] if isinstance(urls, str) else list(urls or source_urls())
+    download_file(urls, zip_path, expected_size=None, progress=progress)
     try:
         return extract_sms_spam(zip_path, data_dir)
     finally:
@@ -261,6 +262,8 @@ def read_split_csv(path) -> pd.DataFrame:
         df = pd.read_csv(path, keep_default_na=False, dtype={"Text": str}, encoding="utf-8")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path}: not a readable split CSV ({str(e).splitlines()[0]})") from None
+    if len(df) == 0:
+        raise FormatError(f"{path}: no rows")
     missing = {"Label", "Text"} - set(df.columns)
     if missing:
         raise FormatError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
@@ -361,7 +364,8 @@ def make_batch(token_lists, indices, pad_to=None):
 def train_batches(n_examples, batch_size, seed=SEED, epoch=0):
     """Index arrays [batch_size] of one training epoch: shuffled, last partial batch dropped.
 
-    The order depends only on (seed, epoch), so a resumed run sees the same batches.
+    The order depends only on (seed, epoch) (both >= 0), so a resumed run sees the same batches.
+    Each index appears at most once per epoch; the n_examples % batch_size left over are skipped.
     """
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")

@@ -211,6 +211,9 @@ def test_bad_split_csv(tmp_path):
     (tmp_path / "y.csv").write_text("Label,Text\nham,hi\n")
     with pytest.raises(FormatError, match=r"y\.csv: Label must be 0"):
         read_split_csv(tmp_path / "y.csv")
+    (tmp_path / "z.csv").write_text("Label,Text\n")
+    with pytest.raises(FormatError, match=r"z\.csv: no rows"):
+        read_split_csv(tmp_path / "z.csv")
 
 
 def test_too_little_data(tmp_path):
