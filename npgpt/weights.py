@@ -1,0 +1,184 @@
+"""Get GPT-2's published weights and convert them to npgpt's HDF5 file, with no TensorFlow.
+
+    python -m npgpt.weights download 124M               # OpenAI's TF checkpoint -> weights/gpt2-124M.h5
+    python -m npgpt.weights download 355M --source hf   # Hugging Face's model.safetensors instead
+    python -m npgpt.weights convert weights/124M        # files already on disk, no network at all
+    python -m npgpt.weights convert model.safetensors --size 124M --out gpt2.h5
+
+`download` puts OpenAI's seven files (or model.safetensors) in `<dir>/<size>/`, skipping the ones
+already complete, checks the tokenizer files' sha256, then converts to `<dir>/gpt2-<size>.h5`:
+OpenAI's names without `model/`, float32, conv weights [1,in,out] reshaped to [in,out], the
+config as attributes (see npgpt.params).
+
+A mirror (`--mirror URL` or the NPGPT_MIRROR environment variable) is tried when the main source
+fails. It must serve the same layout: `<mirror>/<size>/<file>` for OpenAI's files,
+`<mirror>/openai-community/<name>/resolve/main/model.safetensors` for Hugging Face's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .cli import make_parser, run
+from .config import HF_NAMES, PRESETS
+from .download import check_sha256, download_file
+from .errors import FormatError
+from .params import save_params
+
+OPENAI_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+HF_BASE = "https://huggingface.co"
+MIRROR_ENV = "NPGPT_MIRROR"
+
+OPENAI_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+                "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+
+# The tokenizer files are the same for every size (tiktoken checks the same values).
+TOKENIZER_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+def _urls(base_url: str, mirror: str | None, path: str) -> list[str]:
+    bases = [base_url] + ([mirror] if mirror else [])
+    return [b.rstrip("/") + "/" + path for b in bases]
+
+
+def _check_size(size: str) -> None:
+    if size not in PRESETS:
+        raise FormatError(f"unknown model size {size!r}; choose one of {', '.join(PRESETS)}")
+
+
+def download_openai(size: str, weights_dir="weights", base_url: str = OPENAI_BASE,
+                    mirror: str | None = None, progress: bool = True, **download_kw) -> str:
+    """Fetch OpenAI's checkpoint files of one size into `<weights_dir>/<size>/`; return that dir."""
+    _check_size(size)
+    directory = os.path.join(os.fspath(weights_dir), size)
+    hint = (f"if you fetch the files another way, put {', '.join(OPENAI_FILES)} in {directory}/ "
+            f"and run `python -m npgpt.weights convert {directory}`")
+    for name in OPENAI_FILES:
+        path = download_file(_urls(base_url, mirror, f"{size}/{name}"), os.path.join(directory, name),
+                             progress=progress, hint=hint, **download_kw)
+        if name in TOKENIZER_SHA256:
+            check_sha256(path, TOKENIZER_SHA256[name])
+    return directory
+
+
+def download_hf(size: str, weights_dir="weights", base_url: str = HF_BASE,
+                mirror: str | None = None, progress: bool = True, **download_kw) -> str:
+    """Fetch Hugging Face's `openai-community/<name>/model.safetensors` into `<weights_dir>/<size>/`."""
+    _check_size(size)
+    dest = os.path.join(os.fspath(weights_dir), size, "model.safetensors")
+    hint = (f"if you fetch it another way, save it as {dest} and run "
+            f"`python -m npgpt.weights convert {dest} --size {size}`")
+    path = f"openai-community/{HF_NAMES[size]}/resolve/main/model.safetensors"
+    return download_file(_urls(base_url, mirror, path), dest, progress=progress, hint=hint, **download_kw)
+
+
+def load_pretrained(path, size: str | None = None):
+    """Read GPT-2 weights from a TF checkpoint directory (with hparams.json) or a .safetensors
+    file. Returns (params, config, source)."""
+    from .safetensors_io import load_gpt2_safetensors
+    from .tfcheckpoint import load_gpt2_tf
+
+    path = os.fspath(path)
+    if size is not None:
+        _check_size(size)
+    if os.path.isdir(path):
+        if any(fn.endswith(".index") for fn in os.listdir(path)) or os.path.exists(os.path.join(path, "hparams.json")):
+            params, config = load_gpt2_tf(path)
+            return params, config, "openai-tf"
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            path = os.path.join(path, "model.safetensors")
+        else:
+            raise FormatError(f"{path}: neither a TF checkpoint (hparams.json, *.index) nor model.safetensors found")
+    elif not os.path.exists(path):
+        raise FormatError(f"{path}: no such file or directory")
+    elif path.endswith(".index"):
+        params, config = load_gpt2_tf(os.path.dirname(path) or ".")
+        return params, config, "openai-tf"
+    elif not path.endswith(".safetensors"):
+        raise FormatError(f"{path}: expected a TF checkpoint directory or a .safetensors file")
+    n_head = PRESETS[size].n_head if size else None
+    params, config = load_gpt2_safetensors(path, n_head=n_head)
+    if size and config.n_embd != PRESETS[size].n_embd:
+        raise FormatError(f"{path}: a model {config.n_embd} wide is not GPT-2 {size} ({PRESETS[size].n_embd})")
+    return params, config, "hf-safetensors"
+
+
+def convert(path, out=None, size: str | None = None, weights_dir="weights") -> str:
+    """Convert a checkpoint on disk to HDF5. Default output: `<weights_dir>/gpt2-<size>.h5`, where
+    size is the given one, else the preset the config matches, else the checkpoint's name."""
+    params, config, source = load_pretrained(path, size)
+    if out is None:
+        name = size or next((s for s, c in PRESETS.items() if c == config), None)
+        if name is None:
+            p = os.path.abspath(os.fspath(path))
+            name = os.path.basename(p if os.path.isdir(p) else os.path.splitext(p)[0])
+        out = os.path.join(os.fspath(weights_dir), f"gpt2-{name}.h5")
+    save_params(out, params, config, meta={"source": source, "converted_from": os.path.abspath(os.fspath(path))})
+    return os.fspath(out)
+
+
+def download(size: str, source: str = "openai", weights_dir="weights", out=None, mirror=None,
+             base_url=None, progress: bool = True, force: bool = False, **download_kw) -> str:
+    """Download one size (skipping complete files) and convert it; return the .h5 path."""
+    _check_size(size)
+    out = out or os.path.join(os.fspath(weights_dir), f"gpt2-{size}.h5")
+    if source == "openai":
+        ckpt = download_openai(size, weights_dir, base_url or OPENAI_BASE, mirror, progress, **download_kw)
+    elif source == "hf":
+        ckpt = download_hf(size, weights_dir, base_url or HF_BASE, mirror, progress, **download_kw)
+    else:
+        raise FormatError(f"unknown source {source!r}; choose openai or hf")
+    if os.path.exists(out) and not force:
+        print(f"{out} already exists (use --force to convert again)", file=sys.stderr)
+        return out
+    return convert(ckpt, out, size=size if source == "hf" else None, weights_dir=weights_dir)
+
+
+def main(argv=None) -> int:
+    parser = make_parser("python -m npgpt.weights",
+                         "Download GPT-2's published weights and convert them to npgpt's HDF5 file.")
+    sub = parser.add_subparsers(dest="command", metavar="{download,convert}")
+
+    def add_common(p):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
+        p.add_argument("--dir", default="weights", help="weights folder (downloads go to DIR/<size>/, output to DIR/gpt2-<size>.h5)")
+        p.add_argument("--out", default=None, help="output .h5 file; None means DIR/gpt2-<size>.h5")
+
+    d = sub.add_parser("download", help="fetch a published checkpoint and convert it",
+                       formatter_class=parser.formatter_class)
+    d.add_argument("size", choices=list(PRESETS), help="model size")
+    d.add_argument("--source", choices=("openai", "hf"), default="openai",
+                   help="openai: OpenAI's TF checkpoint; hf: Hugging Face's model.safetensors")
+    d.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
+                   help=f"fallback base URL with the same layout (env {MIRROR_ENV})")
+    d.add_argument("--base-url", default=None,
+                   help=f"main base URL; None means {OPENAI_BASE} (openai) or {HF_BASE} (hf)")
+    d.add_argument("--force", action="store_true", help="convert again even if the .h5 exists")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common(d)
+
+    c = sub.add_parser("convert", help="convert a checkpoint already on disk (no network)",
+                       formatter_class=parser.formatter_class)
+    c.add_argument("path", help="TF checkpoint directory (with hparams.json) or .safetensors file")
+    c.add_argument("--size", choices=list(PRESETS), default=None,
+                   help="model size (names the output; gives n_head for safetensors)")
+    add_common(c)
+
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("choose a command: download or convert")
+    if args.command == "download":
+        out = download(args.size, args.source, args.dir, args.out, args.mirror, args.base_url,
+                       progress=not args.no_progress, force=args.force)
+    else:
+        out = convert(args.path, args.out, args.size, args.dir)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
