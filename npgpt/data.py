@@ -62,7 +62,9 @@ def download_sms_spam(data_dir=DEFAULT_DATA_DIR, urls=None, progress=True) -> Pa
     data_dir.mkdir(parents=True, exist_ok=True)
     zip_path = data_dir / "sms_spam_collection.zip"
     urls = [urls] if isinstance(urls, str) else list(urls or source_urls())
-    download_file(urls, zip_path, expected_size=None, progress=progress)
+    download_file(urls, zip_path, expected_size=None, progress=progress,
+                  hint=f"download {UCI_URL} by other means and pass its path, "
+                       f"or put the {DATA_FILE} file in {data_dir}")
     try:
         return extract_sms_spam(zip_path, data_dir)
     finally:

@@ -12,7 +12,7 @@ from npgpt import data
 from npgpt.data import (DATA_SHA256, SpamDataset, balance_and_split, eval_batches, extract_sms_spam,
                         make_batch, make_datasets, pad_length, prepare_splits, read_sms_spam,
                         read_split_csv, train_batches)
-from npgpt.errors import DataError, FormatError
+from npgpt.errors import DataError, FormatError, NpgptError
 from npgpt.tokenizer import PAD_ID, get_tokenizer
 
 
@@ -374,8 +374,9 @@ def test_source_urls(monkeypatch):
     assert data.source_urls() == [data.UCI_URL, "http://127.0.0.1:1/sms.zip"]
 
 
-def test_download_through_local_server(tmp_path, sms_path, splits):
-    pytest.importorskip("npgpt.download")
+@pytest.fixture
+def local_server(tmp_path, sms_path):
+    """An http.server on 127.0.0.1 serving sms.zip (UCI's flat layout); yields its base URL."""
     import functools
     import http.server
     import threading
@@ -388,16 +389,33 @@ def test_download_through_local_server(tmp_path, sms_path, splits):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        # the first URL is missing (404), the second is the mirror
-        got = prepare_splits(None, tmp_path / "data", urls=[f"{base}/missing.zip", f"{base}/sms.zip"],
-                             progress=False)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_download_through_local_server(local_server, tmp_path, sms_path, splits):
+    pytest.importorskip("npgpt.download")
+    # the first URL is missing (404), the second is the mirror
+    urls = [f"{local_server}/missing.zip", f"{local_server}/sms.zip"]
+    got = prepare_splits(None, tmp_path / "data", urls=urls, progress=False)
     assert (tmp_path / "data" / "SMSSpamCollection").read_bytes() == sms_path.read_bytes()
     assert not (tmp_path / "data" / "sms_spam_collection.zip").exists()
     for a, b in zip(got, splits):
         assert a["Line"].tolist() == b["Line"].tolist()
+
+
+def test_download_failure_says_what_to_do(local_server, tmp_path):
+    pytest.importorskip("npgpt.download")
+    with pytest.raises(NpgptError, match=r"404.*SMSSpamCollection"):
+        data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/missing.zip"], progress=False)
+    assert not (tmp_path / "data" / "SMSSpamCollection").exists()
+
+
+def test_downloaded_file_that_is_not_a_zip(local_server, tmp_path):
+    pytest.importorskip("npgpt.download")
+    (tmp_path / "served" / "page.zip").write_bytes(b"<html>moved</html>")
+    with pytest.raises(FormatError, match="not a readable zip"):
+        data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/page.zip"], progress=False)
+    assert not (tmp_path / "data" / "sms_spam_collection.zip").exists()  # a rerun downloads again
