@@ -19,6 +19,7 @@ import csv
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def extract_sms_spam(zip_path, out_dir) -> Path:
     try:
         with zipfile.ZipFile(zip_path) as zf:
             found = _find_members(zf, {DATA_FILE, "readme"}, depth=1)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error) as e:
         raise FormatError(f"{zip_path}: not a readable zip file ({e})") from None
     if DATA_FILE not in found:
         raise FormatError(f"{zip_path}: no {DATA_FILE} inside (nor inside a zip within it)")
