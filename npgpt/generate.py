@@ -113,8 +113,7 @@ def main(argv=None):
         raise NpgptError(f"no weights at {path}: run `python -m npgpt.weights download {args.model_size}` "
                          f"(or pass --weights)")
     params, config, _ = load_params(path)
-    tok = get_tokenizer(args.bpe_dir or os.path.dirname(path) + f"/{args.model_size}"
-                        if os.path.isdir(os.path.join(os.path.dirname(path), args.model_size)) else args.bpe_dir)
+    tok = get_tokenizer(args.bpe_dir, weights_dir=os.path.dirname(path) or ".")
     ids = np.array([tok.encode(args.prompt, disallowed_special=())], dtype=np.int64)
     if ids.shape[1] == 0:
         raise NpgptError("the prompt is empty")

@@ -1,0 +1,98 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+One HDF5 file, `checkpoint.h5` in the run folder:
+    params/<name>      the trainable arrays (the frozen ones come from the base weights)
+    adam/m/<name>      AdamW first moments
+    adam/v/<name>      AdamW second moments
+    order              the current epoch's example order (for checking, it is derived from the seed)
+    attrs["state"]     JSON: epoch, batch in epoch, global step, examples seen, AdamW step count,
+                       metrics so far, the run's arguments
+
+Written atomically: a temporary file, flushed and fsynced, then renamed over the old one. A write
+that fails (disk full, Ctrl-C) leaves the previous checkpoint as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .errors import FormatError, TrainingError
+
+CHECKPOINT = "checkpoint.h5"
+
+
+def save_checkpoint(run_dir, params: dict, trainable: list, opt, state: dict, order=None) -> str:
+    import h5py
+
+    path = os.path.join(run_dir, CHECKPOINT)
+    tmp = path + ".tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["state"] = json.dumps(state)
+            f.attrs["adam_t"] = opt.t
+            for name in trainable:
+                f.create_dataset(f"params/{name}", data=params[name])
+                if name in opt.m:
+                    f.create_dataset(f"adam/m/{name}", data=opt.m[name])
+                    f.create_dataset(f"adam/v/{name}", data=opt.v[name])
+            if order is not None:
+                f.create_dataset("order", data=np.asarray(order))
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        try:   # make the rename itself durable
+            dfd = os.open(run_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise TrainingError(f"cannot write checkpoint {path} ({e.strerror or e}); "
+                                "the previous checkpoint is unchanged") from None
+        raise
+    return path
+
+
+def load_checkpoint(run_dir, params: dict, opt) -> dict:
+    """Put the checkpoint's arrays into params and opt (shapes checked); return its state."""
+    import h5py
+
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no checkpoint to resume from")
+    try:
+        with h5py.File(path, "r") as f:
+            state = json.loads(f.attrs["state"])
+            opt.t = int(f.attrs["adam_t"])
+            names = []
+            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+            targets = {"params": params, "adam/m": opt.m, "adam/v": opt.v}
+            for n in names:
+                if n == "order":
+                    continue
+                group, name = ("params", n[7:]) if n.startswith("params/") else (n[:6], n[7:])
+                arr = f[n][()]
+                if group not in targets or name not in params or arr.shape != params[name].shape:
+                    raise FormatError(f"{path}: array {n!r} does not fit the model")
+                if not np.isfinite(arr).all():
+                    raise FormatError(f"{path}: array {n!r} has non-finite values")
+                arr = arr.astype(params[name].dtype, copy=False)
+                if group == "params":
+                    params[name][...] = arr
+                else:
+                    targets[group][name] = arr.copy()
+    except FormatError:
+        raise
+    except Exception as e:
+        raise FormatError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    return state

@@ -1,0 +1,300 @@
+"""Fine-tuning GPT-2 as a classifier: the training loop, evaluation, and the frozen-prefix cache.
+
+The loop is the reference's (chapter 6 of "Build a Large Language Model (From Scratch)"):
+AdamW, shuffled batches with the last partial batch dropped, an evaluation of train and validation
+loss on a few batches every `eval_freq` steps, train and validation accuracy after each epoch,
+and full accuracies at the end.
+
+What makes it fast without changing a number:
+- Frozen prefix computed once (`prefix_cache`): with blocks 0..s-1 frozen, the activations entering
+  block s depend only on the tokens, so each example's are computed once, at its true length,
+  and every epoch and every evaluation runs only the trainable blocks.
+- No padding waste: with last-token pooling and causal attention, padding never changes a result,
+  so batches are built from the cached activations padded only to the batch's longest example.
+- Only what the loss reads: the last block runs at the pooled position alone (`model.dense=False`).
+
+Robustness: a checkpoint (`npgpt.checkpoint`) after every epoch and on Ctrl-C / SIGTERM; a
+non-finite loss or gradient stops the run and keeps the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import eval_batches, train_batches
+from .errors import TrainingError
+from .optim import AdamW
+
+
+@dataclass
+class TrainSettings:
+    """The knobs of a run; defaults are the reference's."""
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    decay_1d: bool = True
+    seed: int = 123
+    eval_freq: int = 50
+    eval_iter: int = 5
+    trainable: object = 1          # "head", K, or "all"
+    pooling: str = "last_token"    # or "last_position"
+    cache: bool = True             # compute the frozen prefix once
+    dense: bool = False            # run every position of the last block (the textbook forward)
+
+
+@dataclass
+class RunState:
+    """Where a run is, saved in every checkpoint."""
+    epoch: int = 0                 # epochs completed
+    batch: int = 0                 # batches completed in the current epoch
+    step: int = -1                 # optimizer steps taken - 1 (the reference's global_step)
+    examples_seen: int = 0
+    train_time: float = 0.0        # seconds spent in the training loop, summed over resumes
+    metrics: dict = field(default_factory=lambda: {
+        "steps": [], "examples_seen": [], "train_loss": [], "val_loss": [],
+        "epoch_train_acc": [], "epoch_val_acc": [], "epoch_examples_seen": []})
+
+
+# ----------------------------------------------------------------------------- frozen prefix
+
+def cache_start(config, settings: TrainSettings):
+    """The block index whose input is cached, or None when nothing can be cached."""
+    if not settings.cache or settings.dense or settings.trainable == "all":
+        return None
+    return model.first_trainable_block(config, settings.trainable)
+
+
+def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=4096, progress=None):
+    """The activations entering block `start` for every example, computed once.
+
+    last_token pooling: each example at its true length (padding never matters);
+    last_position pooling: each example padded to the dataset's pad length, since the pooled
+    position then is a pad token whose activation depends on the padding.
+    Examples of equal length run together, up to max_tokens per call, so no padding is computed.
+    -> list of [T_i, C] float arrays, one per example"""
+    if pooling == "last_position":
+        if dataset.pad_to is None:
+            return None   # per-batch padding: the pooled activations depend on the batch
+        lengths = np.full(len(dataset), dataset.pad_to)
+    else:
+        lengths = dataset.lengths
+    feats = [None] * len(dataset)
+    for T in np.unique(lengths):
+        rows = np.flatnonzero(lengths == T)
+        step = max(1, max_tokens // int(T))
+        for k in range(0, len(rows), step):
+            chunk = rows[k:k + step]
+            ids, _ = _ids(dataset, chunk, int(T))
+            x = model.forward_prefix(params, config, ids, start)                   # [n,T,C]
+            for j, r in enumerate(chunk):
+                feats[r] = x[j]
+            if progress:
+                progress(len(chunk) * int(T))
+    return feats
+
+
+def _ids(dataset, rows, T):
+    from .data import make_batch
+    return make_batch(dataset.tokens, rows, pad_to=T)
+
+
+def batch_inputs(dataset, feats, rows, pooling):
+    """Keyword arguments for model.loss_and_grads / forward_cls for the chosen rows."""
+    rows = np.asarray(rows)
+    labels = dataset.labels[rows]
+    if feats is None:
+        ids, lengths = dataset.batch(rows)[:2]
+        return dict(ids=ids, lengths=lengths), labels
+    lengths = dataset.lengths[rows]
+    if pooling == "last_position":
+        lengths = np.full(len(rows), dataset.pad_to)
+    T = int(max(feats[r].shape[0] for r in rows))
+    C = feats[rows[0]].shape[1]
+    x = np.zeros((len(rows), T, C), feats[rows[0]].dtype)                          # [B,T,C]
+    for b, r in enumerate(rows):
+        x[b, :feats[r].shape[0]] = feats[r]
+    return dict(ids=None, x_start=x, lengths=np.minimum(lengths, T)), labels
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(params, config, dataset, settings: TrainSettings, feats=None, start=0, batches=None):
+    """Mean batch loss and accuracy over the given index batches (all of the split when None).
+
+    feats: the split's prefix cache (activations entering block `start`), or None to run from ids.
+    Returns (loss, accuracy, predicted labels in the order of the batches' rows)."""
+    if batches is None:
+        batches = eval_batches(len(dataset), settings.batch_size)
+    losses, correct, total, preds = [], 0, 0, []
+    from .ops import cross_entropy_forward
+    for rows in batches:
+        inputs, labels = batch_inputs(dataset, feats, rows, settings.pooling)
+        logits = model.forward_cls(params, config, pooling=settings.pooling, dense=settings.dense,
+                                   start=start if feats is not None else 0, **inputs)
+        losses.append(cross_entropy_forward(logits, labels)[0])
+        p = np.argmax(logits, axis=-1)
+        preds.append(p)
+        correct += int((p == labels).sum())
+        total += len(rows)
+    return float(np.mean(losses)), correct / total, np.concatenate(preds)
+
+
+def full_eval_batches(dataset, batch_size, pooling):
+    """All rows, sorted by length where that is harmless (results then do not depend on how rows
+    are grouped: last-token pooling, or a fixed pad length), so each batch pads little."""
+    sort = pooling == "last_token" or dataset.pad_to is not None
+    order = np.argsort(dataset.lengths, kind="stable") if sort else np.arange(len(dataset))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ----------------------------------------------------------------------------- training
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag; the loop checkpoints at the end of the current step."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:      # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now (the checkpoint on disk is intact)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint."""
+
+    def __init__(self, signum, checkpoint):
+        super().__init__(f"interrupted: checkpoint written to {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def _all_finite(loss, grads):
+    return np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
+
+
+def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: dict,
+        resume=False, log=print, progress=True):
+    """Train params in place on datasets = (train, validation, test); return the RunState.
+
+    run_info: JSON-serialisable description of the run (saved in checkpoints for resuming)."""
+    from tqdm import tqdm
+
+    train, val, test = datasets
+    names = model.trainable_names(config, settings.trainable)
+    opt = AdamW(lr=settings.lr, weight_decay=settings.weight_decay, decay_1d=settings.decay_1d)
+    state = RunState()
+    if resume:
+        saved = load_checkpoint(run_dir, params, opt)
+        state = RunState(**saved["run_state"])
+        log(f"resuming at epoch {state.epoch + 1}, batch {state.batch}, step {state.step + 1}")
+
+    start = cache_start(config, settings)
+    feats = [None, None, None]
+    if start is not None:
+        t0 = time.time()
+        total = sum(int(d.lengths.sum()) if settings.pooling == "last_token" else len(d) * (d.pad_to or 0)
+                    for d in datasets)
+        with tqdm(total=total, unit="tok", desc=f"frozen blocks 0..{start - 1}" if start else "embeddings",
+                  disable=not progress, leave=False) as bar:
+            feats = [prefix_cache(params, config, d, start, settings.pooling, progress=bar.update)
+                     for d in datasets]
+        if feats[0] is not None:
+            log(f"cached the frozen prefix (blocks 0..{start - 1}) of {total} tokens in {time.time() - t0:.1f} s")
+    fstart = start if feats[0] is not None else 0
+    m = state.metrics
+    eval_train = eval_batches(len(train), settings.batch_size)[:settings.eval_iter]
+    eval_val = eval_batches(len(val), settings.batch_size)[:settings.eval_iter]
+
+    def checkpoint(order=None):
+        st = {"run_state": asdict(state), "run_info": run_info}
+        path = save_checkpoint(run_dir, params, names, opt, st, order)
+        _write_json(os.path.join(run_dir, "metrics.json"), {"metrics": m, "run_info": run_info})
+        return path
+
+    def step_loss(rows):
+        inputs, labels = batch_inputs(train, feats[0], rows, settings.pooling)
+        return model.loss_and_grads(params, config, labels=labels, trainable=settings.trainable,
+                                    pooling=settings.pooling, dense=settings.dense, **inputs)
+
+    with _StopFlag() as stop:
+        for epoch in range(state.epoch, settings.epochs):
+            batches = train_batches(len(train), settings.batch_size, settings.seed, epoch)
+            bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
+                       disable=not progress, unit="batch", dynamic_ncols=True, mininterval=0.5)
+            t_epoch, n_epoch = time.time(), 0
+            for bi in range(state.batch, len(batches)):
+                t0 = time.time()
+                loss, grads, _ = step_loss(batches[bi])
+                if not _all_finite(loss, grads):
+                    bar.close()
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {state.step + 1} (epoch {epoch + 1}, "
+                        f"batch {bi + 1}); training stopped, the last good checkpoint in {run_dir} is kept")
+                opt.step(params, grads)
+                state.step += 1
+                state.batch = bi + 1
+                state.examples_seen += len(batches[bi])
+                state.train_time += time.time() - t0
+                n_epoch += len(batches[bi])
+                if state.step % settings.eval_freq == 0:
+                    tl = evaluate(params, config, train, settings, feats[0], fstart, eval_train)[0]
+                    vl = evaluate(params, config, val, settings, feats[1], fstart, eval_val)[0]
+                    m["steps"].append(state.step)
+                    m["examples_seen"].append(state.examples_seen)
+                    m["train_loss"].append(tl)
+                    m["val_loss"].append(vl)
+                    bar.write(f"Ep {epoch + 1} (Step {state.step:06d}): Train loss {tl:.3f}, Val loss {vl:.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{n_epoch / max(time.time() - t_epoch, 1e-9):.0f}")
+                bar.update(1)
+                if stop.signum is not None:
+                    bar.close()
+                    raise Interrupted(stop.signum, checkpoint(np.concatenate(batches)))
+            bar.close()
+            ta = evaluate(params, config, train, settings, feats[0], fstart, eval_train)[1]
+            va = evaluate(params, config, val, settings, feats[1], fstart, eval_val)[1]
+            m["epoch_train_acc"].append(ta)
+            m["epoch_val_acc"].append(va)
+            m["epoch_examples_seen"].append(state.examples_seen)
+            log(f"Training accuracy: {ta * 100:.2f}% | Validation accuracy: {va * 100:.2f}%")
+            state.epoch, state.batch = epoch + 1, 0
+            checkpoint()
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, os.path.join(run_dir, "checkpoint.h5"))
+
+    final = {}
+    for name, d, f in zip(("train", "validation", "test"), datasets, feats):
+        batches = full_eval_batches(d, settings.batch_size, settings.pooling)
+        final[f"{name}_loss"], final[f"{name}_accuracy"], _ = evaluate(params, config, d, settings, f, fstart, batches)
+    m["final"] = final
+    return state, feats
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

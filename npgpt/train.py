@@ -1,0 +1,276 @@
+"""`python -m npgpt.train`: fine-tune GPT-2 into an SMS spam classifier on the CPU.
+
+Defaults reproduce the reference's setting (chapter 6 of "Build a Large Language Model (From
+Scratch)"): GPT-2 124M, the last block, the final LayerNorm and a new 2-class head trainable,
+AdamW lr 5e-5 weight decay 0.1, 5 epochs of batch 8, evaluation every 50 steps, seed 123; but
+pooling at the last real token (the reference's last-position pooling is `--pooling last-position`).
+
+Output, in the run folder (`runs/<name>/`):
+    classifier.h5    the fine-tuned model: every parameter, the head, config, labels, settings
+    metrics.json     every logged value and the final accuracies
+    checkpoint.h5    where to resume from (`--resume runs/<name>`)
+    loss.png, accuracy.png   when matplotlib is installed
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from .cli import make_parser, run
+from .errors import NpgptError, TrainingError
+
+DEFAULT_WEIGHTS_DIR = "weights"
+
+
+def parse_trainable(value: str):
+    if value in ("all", "head"):
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise NpgptError(f"--trainable-blocks must be a number, 'all' or 'head', got {value!r}") from None
+    if k < 0:
+        raise NpgptError("--trainable-blocks must be at least 0")
+    return k
+
+
+def parse_padding(value: str):
+    if value in ("longest", "batch"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise NpgptError(f"--max-length must be 'longest', 'batch' or a number of tokens, got {value!r}") from None
+
+
+def build_parser():
+    p = make_parser("python -m npgpt.train",
+                    "Fine-tune GPT-2 into an SMS spam classifier on the CPU (defaults: the reference's "
+                    "setting, last-real-token pooling).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model-size", default="124M", help="GPT-2 size: 124M, 355M, 774M or 1558M")
+    g.add_argument("--weights", default=None, help="converted weights (default: weights/gpt2-<size>.h5)")
+    g.add_argument("--download", action="store_true", help="download and convert the weights if missing")
+    g.add_argument("--tiny", action="store_true",
+                   help="a small randomly initialised model (2 layers, 64 dims): the pipeline in seconds")
+    g.add_argument("--random-init", action="store_true",
+                   help="random weights with the chosen size's shapes (for timing without downloads)")
+    g.add_argument("--trainable-blocks", default="1", metavar="K|all|head",
+                   help="train the head, ln_f and the last K blocks; 'all' trains everything, 'head' the head alone")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="SMSSpamCollection file or UCI zip on disk (default: reuse or download into --data-dir)")
+    g.add_argument("--data-dir", default="data", help="where the data and the train/validation/test CSVs live")
+    g.add_argument("--skip-bad-lines", action="store_true", help="skip malformed dataset lines and report them")
+    g.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
+    g.add_argument("--max-length", default="longest", metavar="longest|batch|N",
+                   help="pad to the longest training example (reference: 120), per batch, or to N tokens")
+    g.add_argument("--pooling", default="last-token", choices=["last-token", "last-position"],
+                   help="read the logits at the last real token, or at the last position (the reference)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    g.add_argument("--no-decay-1d", action="store_true", help="exempt 1-D arrays (biases, gains) from weight decay")
+    g.add_argument("--eval-freq", type=int, default=50, help="evaluate every N steps")
+    g.add_argument("--eval-iter", type=int, default=5, help="batches per periodic evaluation")
+    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--no-cache", action="store_true", help="recompute the frozen blocks at every step")
+    g.add_argument("--dense", action="store_true",
+                   help="compute every position of every block (the textbook forward; slower, same numbers)")
+    g.add_argument("--threads", type=int, default=None, help="threads for Numba and BLAS (default: all cores)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="run folder (default: runs/spam-<size>-<time>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def check_args(args, parser):
+    for name in ("epochs", "batch_size", "eval_freq", "eval_iter"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0 or args.weight_decay < 0:
+        parser.error("--lr must be positive and --weight-decay non-negative")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.tiny and args.random_init:
+        parser.error("--tiny and --random-init exclude each other")
+
+
+def check_output_dir(run_dir, need_bytes: int):
+    """Fail before training if the run folder cannot be written or the disk is too full."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write-test")
+        with open(probe, "wb") as fh:
+            fh.write(b"0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"cannot write to the run folder {run_dir} ({e.strerror or e})") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise TrainingError(f"only {free / 2**20:.0f} MiB free in {run_dir}; the run needs about "
+                            f"{need_bytes / 2**20:.0f} MiB (classifier + checkpoint)")
+
+
+def load_base_model(info: dict, log):
+    """The pretrained (or random) GPT-2 with a fresh 2-class head, as described by run info."""
+    from .config import preset
+    from .params import add_classifier_head, init_params, load_params
+
+    if info["tiny"]:
+        config = preset("tiny")
+        return init_params(config, seed=info["seed"], num_classes=2), config
+    config = preset(info["model_size"])
+    if info["random_init"]:
+        log(f"random {info['model_size']}-shaped weights (no pretrained weights: accuracy will be low)")
+        return init_params(config, seed=info["seed"], num_classes=2), config
+    path = info["weights"]
+    if not os.path.exists(path):
+        if info.get("download") or (sys.stdin.isatty() and _ask(f"No weights at {path}. Download GPT-2 "
+                                                                   f"{info['model_size']} now? [y/N] ")):
+            from . import weights
+            weights.main(["download", info["model_size"], "--dir", os.path.dirname(path) or "."])
+        if not os.path.exists(path):
+            raise NpgptError(f"no weights at {path}: run `python -m npgpt.weights download {info['model_size']}` "
+                             f"(or pass --download, --weights PATH, or --tiny for a small random model)")
+    params, config, _ = load_params(path, config=config)
+    return add_classifier_head(params, 2, seed=info["seed"]), config
+
+
+def _ask(question) -> bool:
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def save_outputs(run_dir, params, config, state, info, feats_summary, log, plots=True):
+    from .params import save_params
+    from .finetune import _write_json
+
+    meta = {"kind": "npgpt-classifier", "labels": ["ham", "spam"], "pooling": info["pooling"],
+            "max_length": info["pad_to"], "context_length": config.n_ctx, "pad_id": 50256,
+            "tokenizer": "gpt2", "trainable": info["trainable"], "train_args": info,
+            "final": state.metrics.get("final", {})}
+    path = os.path.join(run_dir, "classifier.h5")
+    save_params(path, params, config, meta)
+    _write_json(os.path.join(run_dir, "metrics.json"),
+                {"metrics": state.metrics, "run_info": info, "train_time_s": state.train_time, **feats_summary})
+    if plots:
+        from .plots import plot_run
+        written = plot_run(state.metrics, run_dir)
+        if written:
+            log("plots: " + ", ".join(written))
+    return path
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    t_start = time.time()
+    log = print
+
+    from .data import make_datasets, prepare_splits
+    from .finetune import Interrupted, TrainSettings, fit
+    from .kernels import set_num_threads
+    from .tokenizer import get_tokenizer
+
+    if args.threads:
+        set_num_threads(args.threads)
+
+    if args.resume:
+        run_dir = args.resume
+        from .checkpoint import CHECKPOINT
+        if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+            raise NpgptError(f"{run_dir}: no {CHECKPOINT} to resume from")
+        info = _read_run_info(run_dir)
+    else:
+        trainable = parse_trainable(args.trainable_blocks)
+        padding = parse_padding(args.max_length)
+        size = "tiny" if args.tiny else args.model_size
+        run_dir = args.out or os.path.join("runs", f"spam-{size}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.exists(os.path.join(run_dir, "checkpoint.h5")):
+            raise NpgptError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                             "or choose another --out")
+        info = {"model_size": args.model_size, "tiny": args.tiny, "random_init": args.random_init,
+                "weights": args.weights or os.path.join(DEFAULT_WEIGHTS_DIR, f"gpt2-{args.model_size}.h5"),
+                "download": args.download, "trainable": trainable, "padding": padding,
+                "pooling": args.pooling.replace("-", "_"), "data": args.data, "data_dir": args.data_dir,
+                "skip_bad_lines": args.skip_bad_lines, "bpe_dir": args.bpe_dir,
+                "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                "weight_decay": args.weight_decay, "decay_1d": not args.no_decay_1d,
+                "eval_freq": args.eval_freq, "eval_iter": args.eval_iter, "seed": args.seed,
+                "cache": not args.no_cache, "dense": args.dense}
+        if not args.tiny and not args.random_init:
+            from .config import preset
+            preset(args.model_size)   # a bad size fails here, before any work
+
+    # the model first: a missing weights file is the likeliest problem and needs no data
+    params, config = load_base_model(info, log)
+    n_params = sum(a.size for a in params.values())
+    from .model import trainable_names
+    n_train = sum(params[n].size for n in trainable_names(config, info["trainable"]))
+    check_output_dir(run_dir, need_bytes=4 * n_params + 3 * 4 * n_train + (16 << 20))
+
+    splits = prepare_splits(info["data"], info["data_dir"], skip_bad_lines=info["skip_bad_lines"],
+                            progress=not args.quiet)
+    if splits[0].attrs.get("warning"):
+        log(splits[0].attrs["warning"])
+    tok = get_tokenizer(info["bpe_dir"], weights_dir=os.path.dirname(info["weights"]) or ".")
+    datasets = make_datasets(splits, tok, info["padding"], context_length=config.n_ctx)
+    info["pad_to"] = datasets[0].pad_to
+    log(f"data: {len(datasets[0])} train / {len(datasets[1])} validation / {len(datasets[2])} test messages, "
+        f"padding {info['padding']} ({datasets[0].pad_to or 'per batch'}), mean length "
+        f"{np.mean(datasets[0].lengths):.1f} tokens")
+    log(f"model: {'tiny' if info['tiny'] else info['model_size']} ({n_params / 1e6:.1f}M parameters, "
+        f"{n_train / 1e6:.2f}M trainable: {info['trainable']}), pooling {info['pooling']}, run folder {run_dir}")
+
+    settings = TrainSettings(epochs=info["epochs"], batch_size=info["batch_size"], lr=info["lr"],
+                             weight_decay=info["weight_decay"], decay_1d=info["decay_1d"], seed=info["seed"],
+                             eval_freq=info["eval_freq"], eval_iter=info["eval_iter"],
+                             trainable=info["trainable"], pooling=info["pooling"],
+                             cache=info["cache"], dense=info["dense"])
+    try:
+        state, feats = fit(params, config, datasets, settings, run_dir, info, resume=bool(args.resume),
+                           log=log, progress=not args.quiet)
+    except Interrupted as e:
+        print(f"\ninterrupted: progress saved in {e.checkpoint}; continue with "
+              f"`python -m npgpt.train --resume {run_dir}`", file=sys.stderr)
+        return 130 if e.signum == 2 else 143
+    final = state.metrics["final"]
+    path = save_outputs(run_dir, params, config, state, info, {}, log, plots=not args.no_plots)
+    log(f"Training accuracy: {final['train_accuracy'] * 100:.2f}%")
+    log(f"Validation accuracy: {final['validation_accuracy'] * 100:.2f}%")
+    log(f"Test accuracy: {final['test_accuracy'] * 100:.2f}%")
+    log(f"classifier saved to {path}")
+    log(f"Training completed in {(time.time() - t_start) / 60:.2f} minutes "
+        f"({state.train_time:.1f} s in training steps)")
+    return 0
+
+
+def _read_run_info(run_dir) -> dict:
+    import h5py
+    from .checkpoint import CHECKPOINT
+    from .errors import FormatError
+    path = os.path.join(run_dir, CHECKPOINT)
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["state"])["run_info"]
+    except Exception as e:
+        raise FormatError(f"{path}: not a readable checkpoint ({e})") from None
+
+
+if __name__ == "__main__":
+    run(main)
