@@ -79,7 +79,7 @@ def download_hf(size: str, weights_dir="weights", base_url: str = HF_BASE,
 def load_pretrained(path, size: str | None = None):
     """Read GPT-2 weights from a TF checkpoint directory (with hparams.json) or a .safetensors
     file. Returns (params, config, source)."""
-    from .safetensors_io import load_gpt2_safetensors
+    from .safetensors_io import load_gpt2_safetensors, read_header
     from .tfcheckpoint import load_gpt2_tf
 
     path = os.fspath(path)
@@ -100,10 +100,15 @@ def load_pretrained(path, size: str | None = None):
         return params, config, "openai-tf"
     elif not path.endswith(".safetensors"):
         raise FormatError(f"{path}: expected a TF checkpoint directory or a .safetensors file")
-    n_head = PRESETS[size].n_head if size else None
+    n_head = None
+    if size:                            # the size gives n_head, which the shapes do not tell
+        entries = read_header(path)[0]
+        wte = entries.get("wte.weight") or entries.get("transformer.wte.weight")
+        if wte and wte[1][-1:] != (PRESETS[size].n_embd,):
+            raise FormatError(f"{path}: a model of shape {wte[1]} is not GPT-2 {size} "
+                              f"({PRESETS[size].n_embd} wide)")
+        n_head = PRESETS[size].n_head
     params, config = load_gpt2_safetensors(path, n_head=n_head)
-    if size and config.n_embd != PRESETS[size].n_embd:
-        raise FormatError(f"{path}: a model {config.n_embd} wide is not GPT-2 {size} ({PRESETS[size].n_embd})")
     return params, config, "hf-safetensors"
 
 
