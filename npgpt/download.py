@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -57,7 +58,9 @@ def _fetch_once(url: str, part: str, expected_size, progress: bool, timeout: flo
         raise _Failed(f"HTTP {e.code} {e.reason}", retry=e.code >= 500 or e.code == 429) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
-        raise _Failed(f"{type(e).__name__}: {reason}", retry=True) from None
+        # no such host, or nothing listening: trying again at once will not help, a mirror may
+        unreachable = isinstance(reason, (socket.gaierror, ConnectionRefusedError))
+        raise _Failed(f"{type(reason).__name__}: {reason}", retry=not unreachable) from None
 
     with resp:
         if resp.status == 206 and have:

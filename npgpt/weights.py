@@ -67,13 +67,18 @@ def download_openai(size: str, weights_dir="weights", base_url: str = OPENAI_BAS
 
 def download_hf(size: str, weights_dir="weights", base_url: str = HF_BASE,
                 mirror: str | None = None, progress: bool = True, **download_kw) -> str:
-    """Fetch Hugging Face's `openai-community/<name>/model.safetensors` into `<weights_dir>/<size>/`."""
+    """Fetch Hugging Face's `openai-community/<name>` model.safetensors and config.json (which
+    gives n_head) into `<weights_dir>/<size>/`; return the path of the .safetensors file."""
     _check_size(size)
-    dest = os.path.join(os.fspath(weights_dir), size, "model.safetensors")
+    directory = os.path.join(os.fspath(weights_dir), size)
+    dest = os.path.join(directory, "model.safetensors")
     hint = (f"if you fetch it another way, save it as {dest} and run "
             f"`python -m npgpt.weights convert {dest} --size {size}`")
-    path = f"openai-community/{HF_NAMES[size]}/resolve/main/model.safetensors"
-    return download_file(_urls(base_url, mirror, path), dest, progress=progress, hint=hint, **download_kw)
+    for name in ("config.json", "model.safetensors"):
+        path = f"openai-community/{HF_NAMES[size]}/resolve/main/{name}"
+        download_file(_urls(base_url, mirror, path), os.path.join(directory, name), progress=progress,
+                      hint=hint, **download_kw)
+    return dest
 
 
 def load_pretrained(path, size: str | None = None):
@@ -140,7 +145,7 @@ def download(size: str, source: str = "openai", weights_dir="weights", out=None,
     if os.path.exists(out) and not force:
         print(f"{out} already exists (use --force to convert again)", file=sys.stderr)
         return out
-    return convert(ckpt, out, size=size if source == "hf" else None, weights_dir=weights_dir)
+    return convert(ckpt, out, weights_dir=weights_dir)
 
 
 def main(argv=None) -> int:
