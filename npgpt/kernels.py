@@ -1,14 +1,43 @@
 """Hot loops: LayerNorm and the causal attention core.
 
 Each kernel has a plain-NumPy twin (suffix `_np`) that states the math in a few vectorised lines;
-the Numba versions (no suffix) compute the same numbers with loops compiled by Numba, parallel
-over rows or over (batch, head). The tests compare every kernel with its twin.
+the Numba versions (suffix `_numba`) compute the same numbers with loops compiled by Numba, parallel
+over rows (LayerNorm) or over (batch, head) pairs (attention). The tests compare every kernel with
+its twin. The public names (no suffix) are what the model calls:
+
+    layernorm_forward(x, g, b, eps=1e-5)      layernorm_backward(dy, x, mean, rstd, g)
+    attention_forward(qkv, n_head)            attention_backward(dout, qkv, att, n_head)
+    attention_query_forward(q, kv, pos, n_head)
+    attention_query_backward(dout, q, kv, att, pos, n_head)
+
+Switch: the public names point at the Numba versions; with the environment variable
+`NPGPT_NUMBA=0` set before import they point at the NumPy twins instead (slower, but nothing is
+compiled, and the twins are easy to step through in a debugger).
+
+Dtypes: float32 by default, float64 works too; outputs take the inputs' dtype. The Numba kernels
+accumulate sums (means, variances, dot products, softmax normalisers) in float64 whatever the
+input dtype. They read contiguous arrays; the wrappers copy non-contiguous views (such as slices of
+qkv) first.
+
+Compilation: each kernel is compiled on its first call for each dtype and cached on disk
+(`cache=True`), next to this file in `__pycache__`, or, when the package directory is read-only,
+in Numba's user-wide cache (`~/.cache/numba`, or `NUMBA_CACHE_DIR` when that is set).
+
+Threads: `set_num_threads(n)` sets the thread count of the Numba kernels and of BLAS (NumPy's
+matmul, through threadpoolctl when it is installed). The model calls kernels and matmuls one after
+the other, never at the same time, so both may use every core without oversubscribing the CPU.
+(Numba's default thread pool is not meant to be entered from several Python threads at once:
+call the kernels from one thread.)
 
 Shapes: N rows, C channels, B batch, T time, H heads, D = C/H head size.
 """
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
+from numba import njit, prange
 
 
 # ----------------------------------------------------------------------------- LayerNorm (NumPy)
@@ -91,7 +120,18 @@ def attention_backward_np(dout, qkv, att, n_head):
     dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))       # [B,H,T,T]
     dq = (dscores @ k) * scale                                              # [B,H,T,D]
     dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale                        # [B,H,T,D]
-    return np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
+    dqkv = np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)  # [B,T,3C]
+    return dqkv.astype(qkv.dtype)
+
+
+def _check_pos(pos, B, T):
+    """pos as an int64 array [B] with 0 <= pos < T (the kernels index keys 0..pos[b])."""
+    pos = np.ascontiguousarray(pos, dtype=np.int64)
+    if pos.shape != (B,):
+        raise ValueError(f"attention_query: pos has shape {pos.shape}, expected ({B},)")
+    if B and (pos.min() < 0 or pos.max() >= T):
+        raise ValueError(f"attention_query: pos must lie in [0, {T - 1}], got {pos.min()}..{pos.max()}")
+    return pos
 
 
 def attention_query_forward_np(q, kv, pos, n_head):
@@ -103,6 +143,7 @@ def attention_query_forward_np(q, kv, pos, n_head):
     B, T, C2 = kv.shape
     C = C2 // 2
     D = C // n_head
+    pos = _check_pos(pos, B, T)
     qh = q.reshape(B, n_head, 1, D)                                         # [B,H,1,D]
     k, v = (_split_heads(a, n_head) for a in np.split(kv, 2, axis=-1))      # [B,H,T,D]
     scores = (qh @ k.transpose(0, 1, 3, 2))[:, :, 0, :] / np.sqrt(D)        # [B,H,T]
@@ -122,6 +163,7 @@ def attention_query_backward_np(dout, q, kv, att, pos, n_head):
     B, T, C2 = kv.shape
     C = C2 // 2
     D = C // n_head
+    pos = _check_pos(pos, B, T)
     scale = 1.0 / np.sqrt(D)
     qh = q.reshape(B, n_head, D)                                            # [B,H,D]
     do = dout.reshape(B, n_head, D)                                         # [B,H,D]
@@ -135,11 +177,404 @@ def attention_query_backward_np(dout, q, kv, att, pos, n_head):
     return dq.reshape(B, C).astype(q.dtype), dkv.astype(q.dtype)
 
 
+# ----------------------------------------------------------------------------- Numba helpers
+# Every fast-math flag except nnan and ninf: a NaN or inf in the inputs must come out as NaN/inf,
+# so that a diverging training run is noticed. (The kernels never form -inf themselves: they loop
+# only over the keys a query may see instead of masking with -inf.)
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_JIT = dict(parallel=True, fastmath=_FASTMATH, cache=True)
+
+
+def _float_dtype(*arrays):
+    """The dtype the outputs take: that of the inputs (float32 stays float32), ints become float64."""
+    return np.result_type(*arrays, np.float32)
+
+
+def _c(a, dtype):
+    """a as a C-contiguous array of dtype (no copy when it already is one)."""
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _check_shapes(name, **shapes):
+    """The compiled loops do not check bounds: compare every array's shape with the expected one
+    (given as `argname=(array, expected_shape)`) before calling them."""
+    for arg, (a, want) in shapes.items():
+        if a.shape != tuple(want):
+            raise ValueError(f"{name}: {arg} has shape {a.shape}, expected {tuple(want)}")
+
+
+def _head_dim(name, C, n_head):
+    if n_head < 1 or C % n_head:
+        raise ValueError(f"{name}: {C} channels do not split into {n_head} heads")
+    return C // n_head
+
+
+# ----------------------------------------------------------------------------- LayerNorm (Numba)
+
+@njit(**_JIT)
+def _layernorm_forward_kernel(x, g, b, eps, y, mean, rstd):
+    N, C = x.shape
+    for n in prange(N):                                      # rows are independent
+        s = 0.0                                              # float64 accumulators
+        for c in range(C):
+            s += x[n, c]
+        m = s / C
+        v = 0.0
+        for c in range(C):
+            d = x[n, c] - m
+            v += d * d
+        r = 1.0 / np.sqrt(v / C + eps)
+        for c in range(C):
+            y[n, c] = (x[n, c] - m) * r * g[c] + b[c]
+        mean[n] = m
+        rstd[n] = r
+
+
+def layernorm_forward_numba(x, g, b, eps=1e-5):
+    """Numba twin of `layernorm_forward_np`. x [N,C], g [C], b [C] -> y [N,C], mean [N], rstd [N]"""
+    dt = _float_dtype(x, g, b)
+    x, g, b = _c(x, dt), _c(g, dt), _c(b, dt)
+    N, C = x.shape
+    _check_shapes("layernorm_forward", g=(g, (C,)), b=(b, (C,)))
+    y = np.empty((N, C), dt)                                 # [N,C]
+    mean = np.empty(N, dt)                                   # [N]
+    rstd = np.empty(N, dt)                                   # [N]
+    _layernorm_forward_kernel(x, g, b, float(eps), y, mean, rstd)
+    return y, mean, rstd
+
+
+# dg and db sum over rows, so threads working on different rows must not add into the same
+# vector. Each block of _LN_ROWS rows gets its own partial sums; the few partials are summed after.
+# The block size is fixed, so the result does not depend on the number of threads. (This fused
+# kernel measured faster than computing dx alone in parallel and dg, db with NumPy sums or BLAS
+# products over the rows, at N = 8*120, C = 768.)
+_LN_ROWS = 32
+
+
+@njit(**_JIT)
+def _layernorm_backward_kernel(dy, x, mean, rstd, g, rows, dx, dg_part, db_part):
+    N, C = x.shape
+    for k in prange(dg_part.shape[0]):                       # blocks of rows
+        for n in range(k * rows, min(N, (k + 1) * rows)):
+            m = np.float64(mean[n])
+            r = np.float64(rstd[n])
+            s1 = 0.0                                         # sum(dxhat)
+            s2 = 0.0                                         # sum(dxhat * xhat)
+            for c in range(C):
+                xh = (x[n, c] - m) * r
+                dxh = dy[n, c] * g[c]
+                s1 += dxh
+                s2 += dxh * xh
+                dg_part[k, c] += dy[n, c] * xh
+                db_part[k, c] += dy[n, c]
+            s1 /= C
+            s2 /= C
+            for c in range(C):
+                xh = (x[n, c] - m) * r
+                dx[n, c] = r * (dy[n, c] * g[c] - s1 - xh * s2)
+
+
+def layernorm_backward_numba(dy, x, mean, rstd, g):
+    """Numba twin of `layernorm_backward_np`.
+
+    dy [N,C], x [N,C], mean [N], rstd [N], g [C] -> dx [N,C], dg [C], db [C]"""
+    dt = _float_dtype(dy, x, mean, rstd, g)
+    dy, x, mean, rstd, g = (_c(a, dt) for a in (dy, x, mean, rstd, g))
+    N, C = x.shape
+    _check_shapes("layernorm_backward", dy=(dy, (N, C)), mean=(mean, (N,)), rstd=(rstd, (N,)),
+                  g=(g, (C,)))
+    blocks = max(1, -(-N // _LN_ROWS))
+    dx = np.empty((N, C), dt)                                # [N,C]
+    dg_part = np.zeros((blocks, C))                          # [blocks,C] float64
+    db_part = np.zeros((blocks, C))                          # [blocks,C] float64
+    _layernorm_backward_kernel(dy, x, mean, rstd, g, _LN_ROWS, dx, dg_part, db_part)
+    return dx, dg_part.sum(axis=0).astype(dt), db_part.sum(axis=0).astype(dt)
+
+
+# ----------------------------------------------------------------------------- attention (Numba)
+# Per (batch, head) pair the kernels copy the head's q, k, v into small float64 arrays and then
+# run three kinds of causal (triangular) matrix product, each written so that its innermost loop
+# runs along contiguous rows, which the compiler vectorises. Only the entries a query may see
+# (keys 0..t) are ever computed: no -inf mask, no wasted upper triangle.
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _head(x, b, start, D):
+    """x[b, :, start:start+D] as a contiguous float64 copy [T,D]."""
+    T = x.shape[1]
+    out = np.empty((T, D))                                   # [T,D]
+    for t in range(T):
+        for d in range(D):
+            out[t, d] = x[b, t, start + d]
+    return out
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _causal_dots(x, y):
+    """r[i,j] = x[i] . y[j] for j <= i, zero above the diagonal.  x [T,D], y [T,D] -> r [T,T]"""
+    T, D = x.shape
+    r = np.zeros((T, T))                                     # [T,T]
+    for i in range(T):
+        for j in range(i + 1):
+            acc = 0.0
+            for d in range(D):
+                acc += x[i, d] * y[j, d]
+            r[i, j] = acc
+    return r
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _lower_matmul(L, y):
+    """r = L y for lower-triangular L: r[i] = sum_{j<=i} L[i,j] y[j].  L [T,T], y [T,D] -> r [T,D]"""
+    T, D = y.shape
+    r = np.zeros((T, D))                                     # [T,D]
+    for i in range(T):
+        for j in range(i + 1):
+            for d in range(D):                               # along rows of r and y
+                r[i, d] += L[i, j] * y[j, d]
+    return r
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _lower_t_matmul(L, y):
+    """r = L^T y for lower-triangular L: r[j] = sum_{i>=j} L[i,j] y[i].  L [T,T], y [T,D] -> r [T,D]"""
+    T, D = y.shape
+    r = np.zeros((T, D))                                     # [T,D]
+    for i in range(T):
+        for j in range(i + 1):
+            for d in range(D):                               # along rows of r and y
+                r[j, d] += L[i, j] * y[i, d]
+    return r
+
+
+@njit(**_JIT)
+def _attention_forward_kernel(qkv, n_head, out, att):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    scale = 1.0 / np.sqrt(D)
+    for bh in prange(B * n_head):                            # (batch, head) pairs are independent
+        b = bh // n_head
+        h = bh % n_head
+        q = _head(qkv, b, h * D, D)                          # [T,D]
+        k = _head(qkv, b, C + h * D, D)                      # [T,D]
+        v = _head(qkv, b, 2 * C + h * D, D)                  # [T,D]
+        p = _causal_dots(q, k)                               # [T,T] scores q k^T, keys 0..t only
+        for t in range(T):                                   # softmax of scale * p over keys 0..t
+            mx = p[t, 0]
+            for s in range(1, t + 1):
+                mx = max(mx, p[t, s])
+            z = 0.0
+            for s in range(t + 1):
+                p[t, s] = np.exp((p[t, s] - mx) * scale)
+                z += p[t, s]
+            for s in range(t + 1):
+                p[t, s] /= z
+        o = _lower_matmul(p, v)                              # [T,D] att v
+        for t in range(T):
+            for s in range(T):
+                att[b, h, t, s] = p[t, s]                    # zero above the diagonal
+            for d in range(D):
+                out[b, t, h * D + d] = o[t, d]
+
+
+def attention_forward_numba(qkv, n_head):
+    """Numba twin of `attention_forward_np`. qkv [B,T,3C] -> out [B,T,C], att [B,H,T,T]"""
+    dt = _float_dtype(qkv)
+    qkv = _c(qkv, dt)
+    B, T, C3 = qkv.shape
+    _head_dim("attention_forward", C3 // 3, n_head)
+    _check_shapes("attention_forward", qkv=(qkv, (B, T, C3 // 3 * 3)))
+    out = np.empty((B, T, C3 // 3), dt)                      # [B,T,C]
+    att = np.empty((B, n_head, T, T), dt)                    # [B,H,T,T]
+    _attention_forward_kernel(qkv, n_head, out, att)
+    return out, att
+
+
+@njit(**_JIT)
+def _attention_backward_kernel(dout, qkv, att, n_head, dqkv):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    scale = 1.0 / np.sqrt(D)
+    for bh in prange(B * n_head):                            # each pair writes its own columns
+        b = bh // n_head
+        h = bh % n_head
+        q = _head(qkv, b, h * D, D)                          # [T,D]
+        k = _head(qkv, b, C + h * D, D)                      # [T,D]
+        v = _head(qkv, b, 2 * C + h * D, D)                  # [T,D]
+        do = _head(dout, b, h * D, D)                        # [T,D]
+        a = att[b, h]                                        # [T,T]
+        ds = _causal_dots(do, v)                             # [T,T] datt = do v^T, keys 0..t
+        for t in range(T):                                   # softmax backward, row by row,
+            w = 0.0                                          # with the 1/sqrt(D) folded in
+            for s in range(t + 1):
+                w += ds[t, s] * a[t, s]
+            for s in range(t + 1):
+                ds[t, s] = a[t, s] * (ds[t, s] - w) * scale
+        p = np.zeros((T, T))                                 # [T,T] att in float64
+        for t in range(T):
+            for s in range(t + 1):
+                p[t, s] = a[t, s]
+        dq = _lower_matmul(ds, k)                            # [T,D] dscores k
+        dk = _lower_t_matmul(ds, q)                          # [T,D] dscores^T q
+        dv = _lower_t_matmul(p, do)                          # [T,D] att^T dout
+        for t in range(T):
+            for d in range(D):
+                dqkv[b, t, h * D + d] = dq[t, d]
+                dqkv[b, t, C + h * D + d] = dk[t, d]
+                dqkv[b, t, 2 * C + h * D + d] = dv[t, d]
+
+
+def attention_backward_numba(dout, qkv, att, n_head):
+    """Numba twin of `attention_backward_np`.
+
+    dout [B,T,C], qkv [B,T,3C], att [B,H,T,T] -> dqkv [B,T,3C]"""
+    dt = _float_dtype(dout, qkv, att)
+    dout, qkv, att = _c(dout, dt), _c(qkv, dt), _c(att, dt)
+    B, T, C3 = qkv.shape
+    _head_dim("attention_backward", C3 // 3, n_head)
+    _check_shapes("attention_backward", qkv=(qkv, (B, T, C3 // 3 * 3)),
+                  dout=(dout, (B, T, C3 // 3)), att=(att, (B, n_head, T, T)))
+    dqkv = np.empty(qkv.shape, dt)                           # [B,T,3C]
+    _attention_backward_kernel(dout, qkv, att, n_head, dqkv)
+    return dqkv
+
+
+@njit(**_JIT)
+def _attention_query_forward_kernel(q, kv, pos, n_head, out, att):
+    B, T, C2 = kv.shape
+    C = C2 // 2
+    D = C // n_head
+    scale = 1.0 / np.sqrt(D)
+    for bh in prange(B * n_head):
+        b = bh // n_head
+        h = bh % n_head
+        P = pos[b]                                           # keys 0..P are visible
+        ko = h * D                                           # k of head h: kv[b, :, ko:ko+D]
+        vo = C + h * D                                       # v of head h: kv[b, :, vo:vo+D]
+        p = np.zeros(P + 1)                                  # [P+1] scores, float64
+        for s in range(P + 1):
+            for d in range(D):
+                p[s] += q[b, ko + d] * kv[b, s, ko + d]
+        mx = p[0]
+        for s in range(1, P + 1):
+            mx = max(mx, p[s])
+        z = 0.0
+        for s in range(P + 1):
+            p[s] = np.exp((p[s] - mx) * scale)
+            z += p[s]
+        o = np.zeros(D)                                      # [D] att v
+        for s in range(P + 1):
+            p[s] /= z
+            att[b, h, s] = p[s]
+            for d in range(D):
+                o[d] += p[s] * kv[b, s, vo + d]
+        for s in range(P + 1, T):
+            att[b, h, s] = 0.0
+        for d in range(D):
+            out[b, h * D + d] = o[d]
+
+
+def attention_query_forward_numba(q, kv, pos, n_head):
+    """Numba twin of `attention_query_forward_np`.
+
+    q [B,C], kv [B,T,2C], pos [B] -> out [B,C], att [B,H,T] (zero past pos)"""
+    dt = _float_dtype(q, kv)
+    q, kv = _c(q, dt), _c(kv, dt)
+    B, T, C2 = kv.shape
+    _head_dim("attention_query_forward", C2 // 2, n_head)
+    _check_shapes("attention_query_forward", kv=(kv, (B, T, C2 // 2 * 2)), q=(q, (B, C2 // 2)))
+    pos = _check_pos(pos, B, T)
+    out = np.empty((B, C2 // 2), dt)                         # [B,C]
+    att = np.empty((B, n_head, T), dt)                       # [B,H,T]
+    _attention_query_forward_kernel(q, kv, pos, n_head, out, att)
+    return out, att
+
+
+@njit(**_JIT)
+def _attention_query_backward_kernel(dout, q, kv, att, pos, n_head, dq, dkv):
+    B, T, C2 = kv.shape
+    C = C2 // 2
+    D = C // n_head
+    scale = 1.0 / np.sqrt(D)
+    for bh in prange(B * n_head):
+        b = bh // n_head
+        h = bh % n_head
+        P = pos[b]
+        ko = h * D                                           # k of head h: kv[b, :, ko:ko+D]
+        vo = C + h * D                                       # v of head h: kv[b, :, vo:vo+D]
+        ds = np.zeros(P + 1)                                 # [P+1] datt = dout . v[s]
+        for s in range(P + 1):
+            for d in range(D):
+                ds[s] += dout[b, ko + d] * kv[b, s, vo + d]
+        w = 0.0                                              # sum_s datt[s] att[s]
+        for s in range(P + 1):
+            w += ds[s] * att[b, h, s]
+        for s in range(P + 1):                               # softmax backward, 1/sqrt(D) folded in
+            ds[s] = att[b, h, s] * (ds[s] - w) * scale
+        g = np.zeros(D)                                      # [D] dq = dscores k
+        for s in range(P + 1):
+            for d in range(D):
+                g[d] += ds[s] * kv[b, s, ko + d]
+        for d in range(D):
+            dq[b, ko + d] = g[d]
+        for s in range(P + 1):                               # rows past P stay zero
+            for d in range(D):
+                dkv[b, s, ko + d] = ds[s] * q[b, ko + d]                # dk = dscores q
+                dkv[b, s, vo + d] = att[b, h, s] * dout[b, ko + d]      # dv = att dout
+
+
+def attention_query_backward_numba(dout, q, kv, att, pos, n_head):
+    """Numba twin of `attention_query_backward_np`.
+
+    dout [B,C], q [B,C], kv [B,T,2C], att [B,H,T], pos [B] -> dq [B,C], dkv [B,T,2C]"""
+    dt = _float_dtype(dout, q, kv, att)
+    dout, q, kv, att = _c(dout, dt), _c(q, dt), _c(kv, dt), _c(att, dt)
+    B, T, C2 = kv.shape
+    _head_dim("attention_query_backward", C2 // 2, n_head)
+    _check_shapes("attention_query_backward", kv=(kv, (B, T, C2 // 2 * 2)), q=(q, (B, C2 // 2)),
+                  dout=(dout, (B, C2 // 2)), att=(att, (B, n_head, T)))
+    pos = _check_pos(pos, B, T)
+    dq = np.empty((B, C2 // 2), dt)                          # [B,C]
+    dkv = np.zeros((B, T, C2), dt)                           # [B,T,2C]
+    _attention_query_backward_kernel(dout, q, kv, att, pos, n_head, dq, dkv)
+    return dq, dkv
+
+
+# ----------------------------------------------------------------------------- threads
+
+def set_num_threads(n):
+    """Run the Numba kernels and BLAS (NumPy's matmul) on n threads each.
+
+    The model calls them one after the other, never at the same time, so both may use all cores.
+    Numba's count is capped at the pool it started with (NUMBA_NUM_THREADS, by default the number
+    of cores); BLAS is limited through threadpoolctl, and left alone when that is not installed."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=n, user_api="blas")            # stays in force (not used as a `with`)
+
+
 # ----------------------------------------------------------------------------- dispatch
-# Until the Numba kernels below are in place, the public names are the NumPy twins.
-layernorm_forward = layernorm_forward_np
-layernorm_backward = layernorm_backward_np
-attention_forward = attention_forward_np
-attention_backward = attention_backward_np
-attention_query_forward = attention_query_forward_np
-attention_query_backward = attention_query_backward_np
+# The public names: Numba kernels, or the NumPy twins when NPGPT_NUMBA=0.
+USE_NUMBA = os.environ.get("NPGPT_NUMBA", "1").strip() != "0"
+
+if USE_NUMBA:
+    layernorm_forward = layernorm_forward_numba
+    layernorm_backward = layernorm_backward_numba
+    attention_forward = attention_forward_numba
+    attention_backward = attention_backward_numba
+    attention_query_forward = attention_query_forward_numba
+    attention_query_backward = attention_query_backward_numba
+else:
+    layernorm_forward = layernorm_forward_np
+    layernorm_backward = layernorm_backward_np
+    attention_forward = attention_forward_np
+    attention_backward = attention_backward_np
+    attention_query_forward = attention_query_forward_np
+    attention_query_backward = attention_query_backward_np

@@ -1,0 +1,440 @@
+"""The kernels: each Numba kernel against its NumPy twin, the twins' backward passes against finite
+differences, the causal softmax's shape, the NPGPT_NUMBA switch, the thread setting, and the
+on-disk compile cache when the package directory is read-only."""
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+from npgpt import kernels as K
+
+# Numba against NumPy: the same formulas, summed in a different order (and in float64 by Numba).
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+DTYPES = [np.float32, np.float64]
+# (B, T, H, D) and query positions pos [B] (including 0 and T-1)
+ATT_CASES = [
+    ((1, 1, 1, 4), [0]),
+    ((3, 7, 3, 5), [0, 6, 3]),
+    ((2, 33, 4, 16), [32, 0]),
+]
+
+
+def rel_err(a, b):
+    """max|a - b| / max(max|a|, max|b|)  (0 when both are all zeros)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    scale = max(np.abs(a).max(), np.abs(b).max())
+    return 0.0 if scale == 0 else float(np.abs(a - b).max() / scale)
+
+
+def ln_inputs(N, C, dtype, seed=0, spread=1e-2):
+    """LayerNorm inputs: rows of standard deviation `spread` around a per-row offset of size ~1
+    (with spread 1e-2 the variance is 1e-4, so that eps = 1e-5 matters)."""
+    r = np.random.default_rng(seed)
+    x = spread * r.standard_normal((N, C)) + r.standard_normal((N, 1))
+    g = 1 + 0.1 * r.standard_normal(C)
+    b = 0.1 * r.standard_normal(C)
+    dy = r.standard_normal((N, C))
+    return [a.astype(dtype) for a in (x, g, b, dy)]
+
+
+def att_inputs(B, T, H, D, dtype, seed=0):
+    r = np.random.default_rng(seed)
+    qkv = 2 * r.standard_normal((B, T, 3 * H * D))          # wide scores: a peaked softmax
+    dout = r.standard_normal((B, T, H * D))
+    return qkv.astype(dtype), dout.astype(dtype)
+
+
+def query_inputs(B, T, H, D, dtype, seed=0):
+    r = np.random.default_rng(seed)
+    C = H * D
+    q = 2 * r.standard_normal((B, C))
+    kv = 2 * r.standard_normal((B, T, 2 * C))
+    dout = r.standard_normal((B, C))
+    return q.astype(dtype), kv.astype(dtype), dout.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- Numba vs NumPy
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C", [(1, 5), (7, 13), (67, 768)])
+@pytest.mark.parametrize("spread", [1.0, 1e-2])
+def test_layernorm_numba_matches_numpy(dtype, N, C, spread):
+    x, g, b, dy = ln_inputs(N, C, dtype, spread=spread)
+    # x itself is rounded to the dtype's precision relative to its offset (~1); x - mean, of size
+    # spread, then carries that rounding magnified by 1/spread, differently in the two versions
+    # (NumPy's float32 mean against Numba's float64 one).
+    tol = TOL[dtype] / spread
+    got = K.layernorm_forward_numba(x, g, b)
+    want = K.layernorm_forward_np(x, g, b)
+    for name, u, w in zip(("y", "mean", "rstd"), got, want):
+        assert u.dtype == dtype and u.shape == w.shape, name
+        assert rel_err(u, w) <= tol, name
+    _, mean, rstd = want
+    got = K.layernorm_backward_numba(dy, x, mean, rstd, g)
+    want = K.layernorm_backward_np(dy, x, mean, rstd, g)
+    for name, u, w in zip(("dx", "dg", "db"), got, want):
+        assert u.dtype == dtype and u.shape == w.shape, name
+        assert rel_err(u, w) <= tol, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,pos", ATT_CASES)
+def test_attention_numba_matches_numpy(dtype, shape, pos):
+    B, T, H, D = shape
+    qkv, dout = att_inputs(B, T, H, D, dtype)
+    out, att = K.attention_forward_numba(qkv, H)
+    out_np, att_np = K.attention_forward_np(qkv, H)
+    assert out.dtype == att.dtype == dtype
+    assert out.shape == (B, T, H * D) and att.shape == (B, H, T, T)
+    assert rel_err(out, out_np) <= TOL[dtype]
+    assert rel_err(att, att_np) <= TOL[dtype]
+    dqkv = K.attention_backward_numba(dout, qkv, att_np, H)
+    dqkv_np = K.attention_backward_np(dout, qkv, att_np, H)
+    assert dqkv.dtype == dqkv_np.dtype == dtype and dqkv.shape == qkv.shape
+    assert rel_err(dqkv, dqkv_np) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,pos", ATT_CASES)
+def test_attention_query_numba_matches_numpy(dtype, shape, pos):
+    B, T, H, D = shape
+    q, kv, dout = query_inputs(B, T, H, D, dtype)
+    pos = np.array(pos)
+    out, att = K.attention_query_forward_numba(q, kv, pos, H)
+    out_np, att_np = K.attention_query_forward_np(q, kv, pos, H)
+    assert out.dtype == att.dtype == dtype
+    assert out.shape == (B, H * D) and att.shape == (B, H, T)
+    assert rel_err(out, out_np) <= TOL[dtype]
+    assert rel_err(att, att_np) <= TOL[dtype]
+    dq, dkv = K.attention_query_backward_numba(dout, q, kv, att_np, pos, H)
+    dq_np, dkv_np = K.attention_query_backward_np(dout, q, kv, att_np, pos, H)
+    assert dq.dtype == dkv.dtype == dtype and dq.shape == q.shape and dkv.shape == kv.shape
+    assert rel_err(dq, dq_np) <= TOL[dtype]
+    assert rel_err(dkv, dkv_np) <= TOL[dtype]
+    # nothing past pos: zero probabilities, zero key/value gradients, in both versions
+    for b in range(B):
+        for a, d in ((att, dkv), (att_np, dkv_np)):
+            assert np.all(a[b, :, pos[b] + 1:] == 0)
+            assert np.all(d[b, pos[b] + 1:] == 0)
+            assert np.all(np.abs(d[b, :pos[b] + 1]).sum(axis=-1) > 0)
+
+
+def test_attention_query_is_a_row_of_full_attention():
+    """Query attention at pos[b] equals row pos[b] of the full causal attention."""
+    B, T, H, D = 3, 7, 3, 5
+    C = H * D
+    qkv, _ = att_inputs(B, T, H, D, np.float64, seed=3)
+    pos = np.array([6, 0, 4])
+    out_full, att_full = K.attention_forward_numba(qkv, H)
+    rows = np.arange(B)
+    out, att = K.attention_query_forward_numba(qkv[rows, pos, :C], qkv[:, :, C:], pos, H)
+    assert rel_err(out, out_full[rows, pos]) <= 1e-12
+    assert rel_err(att, att_full[rows, :, pos]) <= 1e-12
+
+
+def test_non_contiguous_inputs():
+    """Strided views (slices of a wider array, transposes) give the twins' results."""
+    r = np.random.default_rng(5)
+    N, C = 9, 12
+    wide = r.standard_normal((N, 2 * C)).astype(np.float32)
+    x = wide[:, ::2]                                         # [N,C] strided
+    g = r.standard_normal(2 * C).astype(np.float32)[1::2]
+    b = np.zeros(C, np.float32)
+    dy = np.asfortranarray(r.standard_normal((N, C)).astype(np.float32))
+    y, mean, rstd = K.layernorm_forward_numba(x, g, b)
+    for u, w in zip((y, mean, rstd), K.layernorm_forward_np(x, g, b)):
+        assert rel_err(u, w) <= TOL[np.float32]
+    for u, w in zip(K.layernorm_backward_numba(dy, x, mean, rstd, g),
+                    K.layernorm_backward_np(dy, x, mean, rstd, g)):
+        assert rel_err(u, w) <= TOL[np.float32]
+
+    B, T, H, D = 3, 7, 3, 5
+    C = H * D
+    big, dbig = att_inputs(B, T + 2, H, D, np.float32, seed=6)
+    qkv = big[:, 1:T + 1]                                    # [B,T,3C] a slice along time
+    dout = dbig[:, :T]
+    out, att = K.attention_forward_numba(qkv, H)
+    out_np, att_np = K.attention_forward_np(qkv, H)
+    assert rel_err(out, out_np) <= TOL[np.float32]
+    assert rel_err(K.attention_backward_numba(dout, qkv, att_np, H),
+                   K.attention_backward_np(dout, qkv, att_np, H)) <= TOL[np.float32]
+    q, kv, pos = qkv[:, 3, :C], qkv[:, :, C:], np.array([3, 3, 3])   # views of qkv
+    do = dout[:, 3]
+    out, att = K.attention_query_forward_numba(q, kv, pos, H)
+    out_np, att_np = K.attention_query_forward_np(q, kv, pos, H)
+    assert rel_err(out, out_np) <= TOL[np.float32]
+    for u, w in zip(K.attention_query_backward_numba(do, q, kv, att_np, pos, H),
+                    K.attention_query_backward_np(do, q, kv, att_np, pos, H)):
+        assert rel_err(u, w) <= TOL[np.float32]
+
+
+@pytest.mark.parametrize("forward", [K.attention_query_forward_numba, K.attention_query_forward_np])
+@pytest.mark.parametrize("pos", [[-1, 0], [0, 5], [0]])
+def test_attention_query_rejects_bad_pos(forward, pos):
+    q, kv, _ = query_inputs(2, 5, 1, 4, np.float64)
+    with pytest.raises(ValueError, match="pos"):
+        forward(q, kv, np.array(pos), 1)
+
+
+def test_nan_propagates():
+    """No nnan/ninf fast-math: a NaN in the input reaches the output (so a diverging run shows)."""
+    x, g, b, _ = ln_inputs(3, 8, np.float32)
+    x[1, 2] = np.nan
+    y, _, _ = K.layernorm_forward_numba(x, g, b)
+    assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
+    qkv, _ = att_inputs(2, 5, 1, 4, np.float32)
+    qkv[1, 0, 4] = np.nan                                    # a key at position 0, seen by every query
+    out, att = K.attention_forward_numba(qkv, 1)
+    assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: K.layernorm_forward_numba(np.zeros((3, 4)), np.ones(5), np.zeros(4)),
+    lambda: K.layernorm_backward_numba(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(2), np.ones(3), np.ones(4)),
+    lambda: K.attention_forward_numba(np.zeros((2, 3, 18)), 4),
+    lambda: K.attention_backward_numba(np.zeros((2, 3, 5)), np.zeros((2, 3, 18)), np.zeros((2, 2, 3, 3)), 2),
+    lambda: K.attention_query_forward_numba(np.zeros((2, 5)), np.zeros((2, 3, 12)), np.array([0, 1]), 2),
+    lambda: K.attention_query_backward_numba(np.zeros((2, 6)), np.zeros((2, 6)), np.zeros((2, 3, 12)),
+                                             np.zeros((2, 2, 4)), np.array([0, 1]), 2),
+])
+def test_numba_wrappers_reject_mismatched_shapes(call):
+    """The compiled loops do not check bounds, so the wrappers check shapes first."""
+    with pytest.raises(ValueError):
+        call()
+
+
+# ----------------------------------------------------------------------------- the causal softmax
+
+@pytest.mark.parametrize("forward", [K.attention_forward_numba, K.attention_forward_np])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_att_rows_sum_to_one_and_zero_above_diagonal(forward, dtype):
+    B, T, H, D = 3, 33, 3, 5
+    qkv, _ = att_inputs(B, T, H, D, dtype, seed=1)
+    _, att = forward(qkv, H)                                 # [B,H,T,T]
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    assert np.abs(att.astype(np.float64).sum(axis=-1) - 1).max() <= tol
+    assert np.all(np.triu(att, k=1) == 0)
+    assert np.all(att[..., np.tril(np.ones((T, T), bool))] > 0)  # every visible key has weight
+    assert att[..., 0, 0].min() == 1                         # the first query sees only itself
+
+
+# ----------------------------------------------------------------------------- finite differences
+
+def numeric_grad(f, arrays, h=1e-6):
+    """Central differences of the scalar f() with respect to every entry of each array (in place)."""
+    grads = []
+    for a in arrays:
+        g = np.zeros_like(a)
+        for i in np.ndindex(a.shape):
+            old = a[i]
+            a[i] = old + h
+            fp = f()
+            a[i] = old - h
+            fm = f()
+            a[i] = old
+            g[i] = (fp - fm) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+FD_TOL = 1e-6
+
+
+def test_layernorm_backward_np_finite_differences():
+    x, g, b, dy = ln_inputs(4, 6, np.float64, seed=2)        # var ~ 1e-4, against eps = 1e-5
+
+    def loss():
+        return float((dy * K.layernorm_forward_np(x, g, b)[0]).sum())
+
+    _, mean, rstd = K.layernorm_forward_np(x, g, b)
+    dx, dg, db = K.layernorm_backward_np(dy, x, mean, rstd, g)
+    nx, ng, nb = numeric_grad(loss, [x, g, b], h=1e-7)
+    assert rel_err(dx, nx) <= FD_TOL
+    assert rel_err(dg, ng) <= FD_TOL
+    assert rel_err(db, nb) <= FD_TOL
+
+
+def test_attention_backward_np_finite_differences():
+    B, T, H, D = 2, 4, 2, 3
+    qkv, dout = att_inputs(B, T, H, D, np.float64, seed=3)
+    qkv *= 0.5
+
+    def loss():
+        return float((dout * K.attention_forward_np(qkv, H)[0]).sum())
+
+    _, att = K.attention_forward_np(qkv, H)
+    dqkv = K.attention_backward_np(dout, qkv, att, H)
+    (num,) = numeric_grad(loss, [qkv])
+    assert rel_err(dqkv, num) <= FD_TOL
+
+
+def test_attention_query_backward_np_finite_differences():
+    B, T, H, D = 3, 5, 2, 3
+    q, kv, dout = query_inputs(B, T, H, D, np.float64, seed=4)
+    q *= 0.5
+    kv *= 0.5
+    pos = np.array([0, 4, 2])
+
+    def loss():
+        return float((dout * K.attention_query_forward_np(q, kv, pos, H)[0]).sum())
+
+    _, att = K.attention_query_forward_np(q, kv, pos, H)
+    dq, dkv = K.attention_query_backward_np(dout, q, kv, att, pos, H)
+    nq, nkv = numeric_grad(loss, [q, kv])
+    assert rel_err(dq, nq) <= FD_TOL
+    assert rel_err(dkv, nkv) <= FD_TOL
+
+
+# ----------------------------------------------------------------------------- switch and threads
+
+def _run(code, env_extra, cwd, **kw):
+    """python -c code in cwd (which `import npgpt` sees first), environment without our switches."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NPGPT_NUMBA", "NUMBA_CACHE_DIR")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("flag,suffix", [(None, "_numba"), ("1", "_numba"), ("0", "_np")])
+def test_npgpt_numba_switch(flag, suffix):
+    code = ("import json, npgpt.kernels as K; names = ['layernorm_forward', 'layernorm_backward', "
+            "'attention_forward', 'attention_backward', 'attention_query_forward', "
+            "'attention_query_backward']; print(json.dumps([getattr(K, n).__name__ for n in names]))")
+    root = str(Path(K.__file__).resolve().parents[1])
+    env = {"PYTHONPATH": root} if flag is None else {"PYTHONPATH": root, "NPGPT_NUMBA": flag}
+    r = _run(code, env, cwd=root)
+    assert r.returncode == 0, r.stderr
+    names = json.loads(r.stdout)
+    assert len(names) == 6 and all(n.endswith(suffix) for n in names), names
+
+
+def test_set_num_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before_numba = numba.get_num_threads()
+    blas = threadpoolctl.threadpool_info()
+    before_blas = [i["num_threads"] for i in blas if i["user_api"] == "blas"]
+    try:
+        K.set_num_threads(1)
+        assert numba.get_num_threads() == 1
+        assert all(i["num_threads"] == 1 for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas")
+        K.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)   # capped at Numba's pool
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+        with pytest.raises(ValueError):
+            K.set_num_threads(0)
+    finally:
+        numba.set_num_threads(before_numba)
+        if before_blas:
+            threadpoolctl.threadpool_limits(limits=max(before_blas), user_api="blas")
+
+
+# ----------------------------------------------------------------------------- read-only package
+
+_READONLY_SCRIPT = r"""
+import json, os, sys
+import numpy as np
+import npgpt.kernels as K
+
+try:                                   # is the package directory really read-only for us?
+    open(os.path.join(os.path.dirname(K.__file__), "probe"), "w").close()
+    print(json.dumps({"file": K.__file__, "writable": True}))
+    sys.exit(0)
+except OSError:
+    pass
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max()))
+
+r = np.random.default_rng(0)
+B, T, H, D = 2, 5, 2, 4
+C = H * D
+x, dy = r.standard_normal((2, 7, C)).astype(np.float32)
+g, b = np.ones(C, np.float32), np.zeros(C, np.float32)
+qkv = r.standard_normal((B, T, 3 * C)).astype(np.float32)
+do = r.standard_normal((B, T, C)).astype(np.float32)
+pos = np.array([0, T - 1])
+q, kv = np.ascontiguousarray(qkv[:, 1, :C]), np.ascontiguousarray(qkv[:, :, C:])
+errs = []
+y, m, s = K.layernorm_forward(x, g, b)
+errs.append(rel(y, K.layernorm_forward_np(x, g, b)[0]))
+errs.append(rel(K.layernorm_backward(dy, x, m, s, g)[0], K.layernorm_backward_np(dy, x, m, s, g)[0]))
+o, a = K.attention_forward(qkv, H)
+errs.append(rel(o, K.attention_forward_np(qkv, H)[0]))
+errs.append(rel(K.attention_backward(do, qkv, a, H), K.attention_backward_np(do, qkv, a, H)))
+o, a = K.attention_query_forward(q, kv, pos, H)
+errs.append(rel(o, K.attention_query_forward_np(q, kv, pos, H)[0]))
+errs.append(rel(K.attention_query_backward(do[:, 0], q, kv, a, pos, H)[1],
+                K.attention_query_backward_np(do[:, 0], q, kv, a, pos, H)[1]))
+kernels = [K._layernorm_forward_kernel, K._layernorm_backward_kernel, K._attention_forward_kernel,
+           K._attention_backward_kernel, K._attention_query_forward_kernel,
+           K._attention_query_backward_kernel]
+print(json.dumps({
+    "file": K.__file__,
+    "writable": False,
+    "max_err": max(errs),
+    "hits": sum(sum(k.stats.cache_hits.values()) for k in kernels),
+    "misses": sum(sum(k.stats.cache_misses.values()) for k in kernels),
+    "cache_paths": sorted({k.stats.cache_path for k in kernels}),
+}))
+"""
+
+
+def _drop_write_override():
+    """For root: drop CAP_DAC_OVERRIDE from the bounding set before exec, so that file modes bind
+    (prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _set_mode(root, dirs, files):
+    os.chmod(root, dirs)
+    for p in Path(root).rglob("*"):
+        os.chmod(p, dirs if p.is_dir() else files)
+
+
+def _files(d):
+    return sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
+
+
+def test_kernels_cache_with_read_only_package(tmp_path):
+    """Copy the package, make it read-only, and run every kernel in a fresh interpreter: with
+    NUMBA_CACHE_DIR unset (Numba's user-wide cache, pointed into tmp through XDG_CACHE_HOME), twice
+    to see the second run load from the cache, and with NUMBA_CACHE_DIR set."""
+    site = tmp_path / "site"
+    pkg = site / "npgpt"
+    shutil.copytree(Path(K.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _files(pkg)
+    _set_mode(pkg, 0o555, 0o444)
+    preexec = _drop_write_override if os.geteuid() == 0 else None
+    env = {"PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        runs = []
+        for extra in ({}, {}, {"NUMBA_CACHE_DIR": str(tmp_path / "nbcache")}):
+            r = _run(_READONLY_SCRIPT, {**env, **extra}, cwd=tmp_path, preexec_fn=preexec)
+            assert r.returncode == 0, r.stderr
+            runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            assert runs[-1]["file"] == str(pkg / "kernels.py")   # the copy, not the repository
+            if runs[-1]["writable"]:
+                pytest.skip("cannot make a directory read-only for this user")
+    finally:
+        _set_mode(pkg, 0o755, 0o644)
+    user_wide, again, provided = runs
+    for run in runs:
+        assert run["max_err"] <= 1e-5
+    assert _files(pkg) == before                             # nothing was written into the package
+    assert all(p.startswith(str(tmp_path / "xdg" / "numba")) for p in user_wide["cache_paths"])
+    assert user_wide["misses"] == 6 and user_wide["hits"] == 0
+    assert again["hits"] == 6 and again["misses"] == 0       # loaded, not compiled
+    assert all(p.startswith(str(tmp_path / "nbcache")) for p in provided["cache_paths"])
+    assert any(f.endswith(".nbi") for f in _files(tmp_path / "nbcache"))
+    assert any(f.endswith(".nbi") for f in _files(tmp_path / "xdg" / "numba"))
+
