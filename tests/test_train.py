@@ -167,3 +167,29 @@ def test_existing_run_is_not_overwritten(data_args, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "--resume" in err
     assert (out / "checkpoint.h5").read_bytes() == b"x"
+
+
+def test_disk_full_keeps_previous_checkpoint(data_args, tmp_path, monkeypatch):
+    """The second checkpoint write fails as on a full disk: a one-line TrainingError, the first
+    checkpoint intact and loadable, no temporary file left behind."""
+    real_file = h5py.File
+    opened = {"w": 0}
+
+    def file_on_full_disk(path, mode="r", *a, **kw):
+        if mode == "w":
+            opened["w"] += 1
+            if opened["w"] == 2:
+                f = real_file(path, mode, *a, **kw)       # a partial file appears, then the disk is full
+                f.close()
+                raise OSError(28, "No space left on device")
+        return real_file(path, mode, *a, **kw)
+
+    monkeypatch.setattr(h5py, "File", file_on_full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is unchanged"):
+        train.main(["--tiny", "--epochs", "2", "--out", str(out), "--quiet", "--no-plots", *data_args])
+    monkeypatch.setattr(h5py, "File", real_file)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.h5", "metrics.json"]
+    with h5py.File(out / "checkpoint.h5", "r") as f:
+        state = json.loads(f.attrs["state"])["run_state"]
+    assert state["epoch"] == 1 and state["batch"] == 0
