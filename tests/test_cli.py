@@ -1,0 +1,231 @@
+"""The command-line tools, run as a user runs them: `python -m npgpt.X` in a subprocess.
+
+- `--help` works for every tool.
+- A normal run of train (tiny, one epoch), classify (arguments, --file, stdin, --json) and
+  evaluate, in a scratch folder.
+- Bad input ends with exactly one line on stderr, no traceback, exit 1 (failed work); usage
+  errors exit 2 and end with argparse's error line; `--debug` shows the traceback.
+"""
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SMS = "sms_spam_collection/SMSSpamCollection"
+LINE = re.compile(r"^(ham|spam) +(0\.\d{3}|1\.000)  \S")     # "spam  0.973  You are a winner ..."
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.pop("NPGPT_DEBUG", None)
+    e.pop("NPGPT_BPE_DIR", None)
+    e["NUMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("numba-cache"))
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return e
+
+
+@pytest.fixture(scope="module")
+def cwd(tmp_path_factory):
+    """The working folder of every command, so nothing is written into the repository."""
+    return tmp_path_factory.mktemp("cwd")
+
+
+@pytest.fixture(scope="module")
+def npgpt(env, cwd):
+    def call(module, *args, stdin=None):
+        return subprocess.run([sys.executable, "-m", f"npgpt.{module}", *map(str, args)], cwd=cwd, env=env,
+                              input=stdin, capture_output=True, text=True, encoding="utf-8", timeout=300)
+    return call
+
+
+@pytest.fixture(scope="module")
+def bpe(shared_data):
+    return shared_data / "gpt2_bpe"
+
+
+@pytest.fixture(scope="module")
+def trained(npgpt, shared_data, bpe, cwd):
+    """`python -m npgpt.train --tiny --epochs 1` -> (completed process, run folder)."""
+    run_dir = cwd / "runs" / "tiny"
+    r = npgpt("train", "--tiny", "--epochs", "1", "--data", shared_data / SMS, "--data-dir", cwd / "data",
+              "--bpe-dir", bpe, "--out", run_dir, "--quiet", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    return r, run_dir
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return trained[1] / "classifier.h5"
+
+
+def one_error_line(r, code):
+    """Assert a failure: exit `code`, no traceback, and one line on stderr; return that line."""
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- normal runs
+
+@pytest.mark.parametrize("module", ["train", "classify", "evaluate", "generate", "weights"])
+def test_help(npgpt, module):
+    r = npgpt(module, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: python -m npgpt.")
+    assert "--debug" in r.stdout
+
+
+def test_train(trained):
+    r, run_dir = trained
+    assert (run_dir / "classifier.h5").is_file()
+    final = json.loads((run_dir / "metrics.json").read_text())["metrics"]["final"]
+    assert f"Test accuracy: {final['test_accuracy'] * 100:.2f}%" in r.stdout
+
+
+def test_classify_arguments(npgpt, model, bpe):
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe,
+              "WINNER!! You have won a £1000 prize, call 09061701461 now", "ok see you at 6")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    assert all(LINE.match(s) for s in lines), lines
+    assert lines[1].endswith("ok see you at 6")
+    assert r.stderr == ""
+
+
+def test_classify_file_with_a_long_line(npgpt, model, bpe, tmp_path):
+    f = tmp_path / "texts.txt"
+    f.write_text("hello there\n😀 你好\n" + "word " * 4000 + "\n", encoding="utf-8")
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, "--file", f)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and all(LINE.match(s) for s in lines), lines
+    assert lines[1].endswith("😀 你好")
+    assert len(lines[2]) < 100                                  # the text shown is shortened
+    note = one_error_line(r, 0)
+    assert note.startswith("note: 1 text (line 3) has more than 120 tokens")
+
+
+@pytest.mark.parametrize("args", [[], ["-"], ["--file", "-"]])
+def test_classify_stdin(npgpt, model, bpe, args):
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, *args, stdin="first text\nsecond text\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("first text") and lines[1].endswith("second text")
+
+
+def test_classify_json(npgpt, model, bpe):
+    texts = ["Free entry in 2 a wkly comp", "Sorry, I'll call later", "spam " * 300]
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, "--json", *texts)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [o["text"] for o in out] == texts
+    assert [o["truncated"] for o in out] == [False, False, True]
+    for o in out:
+        assert set(o) == {"text", "label", "probability", "probabilities", "truncated"}
+        assert set(o["probabilities"]) == {"ham", "spam"}
+        assert sum(o["probabilities"].values()) == pytest.approx(1, abs=1e-9)
+        assert o["label"] == max(o["probabilities"], key=o["probabilities"].get)
+        assert o["probability"] == o["probabilities"][o["label"]]
+    assert "note: 1 text (text 3)" in r.stderr
+
+
+def test_evaluate(npgpt, trained, model, bpe, cwd):
+    final = json.loads((trained[1] / "metrics.json").read_text())["metrics"]["final"]
+    r = npgpt("evaluate", "--model", model, "--bpe-dir", bpe, "--data-dir", cwd / "data")
+    assert r.returncode == 0, r.stderr
+    assert "test split: 300 messages" in r.stdout
+    assert f"accuracy   {final['test_accuracy'] * 100:6.2f}%" in r.stdout
+    assert "confusion matrix" in r.stdout
+    r = npgpt("evaluate", "--model", model, "--bpe-dir", bpe, "--data-dir", cwd / "data", "--json",
+              "--split", "validation")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["split"] == "validation" and out["n"] == 149
+    assert out["accuracy"] == final["validation_accuracy"]
+    assert {"precision", "recall", "f1", "confusion"} <= set(out)
+
+
+# ----------------------------------------------------------------------------- failures
+
+@pytest.fixture(scope="module")
+def malformed(tmp_path_factory):
+    f = tmp_path_factory.mktemp("bad") / "SMSSpamCollection"
+    f.write_text("ham\tsee you soon\nspam\tWIN cash now\nthis line has no tab\nham\tok\n", encoding="utf-8")
+    return f
+
+
+def test_classify_missing_model(npgpt, cwd):
+    line = one_error_line(npgpt("classify", "--model", cwd / "nope.h5", "hi"), 1)
+    assert line.startswith("error: ") and "nope.h5: no such file" in line
+
+
+def test_classify_not_a_classifier(npgpt, tmp_path):
+    f = tmp_path / "model.h5"
+    f.write_text("plain text\n")
+    line = one_error_line(npgpt("classify", "--model", f, "hi"), 1)
+    assert "model.h5" in line and "HDF5" in line
+
+
+def test_classify_empty_text(npgpt, model, bpe):
+    line = one_error_line(npgpt("classify", "--model", model, "--bpe-dir", bpe, "fine", ""), 1)
+    assert line == "error: text 2 of 2 is empty"
+
+
+def test_classify_blank_line_in_file(npgpt, model, bpe, tmp_path):
+    f = tmp_path / "texts.txt"
+    f.write_text("one\n\nthree\n")
+    line = one_error_line(npgpt("classify", "--model", model, "--bpe-dir", bpe, "--file", f), 1)
+    assert "line 2 is blank" in line
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, "--file", f, "--skip-empty")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
+
+
+def test_train_missing_data(npgpt, bpe, cwd, tmp_path):
+    line = one_error_line(npgpt("train", "--tiny", "--data", tmp_path / "missing.txt", "--bpe-dir", bpe,
+                                "--out", tmp_path / "run", "--quiet", "--no-plots"), 1)
+    assert "missing.txt: no such file" in line
+
+
+def test_train_malformed_line(npgpt, bpe, malformed, tmp_path):
+    line = one_error_line(npgpt("train", "--tiny", "--data", malformed, "--data-dir", tmp_path / "data",
+                                "--bpe-dir", bpe, "--out", tmp_path / "run", "--quiet", "--no-plots"), 1)
+    assert "line 3" in line and "no tab" in line
+
+
+def test_evaluate_missing_and_malformed_data(npgpt, model, bpe, malformed, tmp_path):
+    line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe,
+                                "--data", tmp_path / "missing.txt", "--data-dir", tmp_path / "d"), 1)
+    assert "missing.txt: no such file" in line
+    line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe,
+                                "--data", malformed, "--data-dir", tmp_path / "d"), 1)
+    assert "line 3" in line
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("train", ["--tiny", "--epochs", "0"], "--epochs must be at least 1"),
+    ("classify", ["--model", "m.h5", "--batch-size", "0", "hi"], "--batch-size must be at least 1"),
+    ("classify", ["hi"], "the following arguments are required: --model"),
+    ("evaluate", ["--model", "m.h5", "--split", "dev"], "invalid choice: 'dev'"),
+])
+def test_usage_errors_exit_2(npgpt, module, args, message):
+    r = npgpt(module, *args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    # argparse prints its usage block, then the one error line
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"python -m npgpt.{module}: error: ") and message in last
+
+
+def test_debug_shows_the_traceback(npgpt, cwd):
+    r = npgpt("classify", "--model", cwd / "nope.h5", "--debug", "hi")
+    assert r.returncode == 1
+    assert "Traceback" in r.stderr and "FormatError" in r.stderr
