@@ -304,21 +304,29 @@ def main(argv=None):
 
     clf = load_classifier(args.model, args.bpe_dir, args.batch_size)
     P = clf.predict_proba(texts)                                                # [N,K]
-    k = np.argmax(P, axis=1)                                                    # [N]
     if clf.truncated:
         print(truncation_note([names[i] for i in clf.truncated], clf.limit), file=sys.stderr)
-    cut = set(clf.truncated)
-    if args.json:
-        out = [{"text": text, "label": clf.labels[k[i]], "probability": float(P[i, k[i]]),
-                "probabilities": {name: float(P[i, j]) for j, name in enumerate(clf.labels)},
+    try:
+        print_results(texts, clf.labels, P, set(clf.truncated), args.json, args.width)
+    except BrokenPipeError:           # the reader stopped early (`... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def print_results(texts, labels, P, cut: set, as_json: bool, width: int):
+    """One line per text (label, its probability, the text shortened), or a JSON list."""
+    k = np.argmax(P, axis=1)                                                    # [N]
+    if as_json:
+        out = [{"text": text, "label": labels[k[i]], "probability": float(P[i, k[i]]),
+                "probabilities": {name: float(P[i, j]) for j, name in enumerate(labels)},
                 "truncated": i in cut}
                for i, text in enumerate(texts)]
         print(json.dumps(out, indent=1))
     else:
-        w = max(len(s) for s in clf.labels)
+        w = max(len(s) for s in labels)
         for i, text in enumerate(texts):
-            print(f"{clf.labels[k[i]]:<{w}}  {P[i, k[i]]:.3f}  {shorten(text, args.width)}")
-    return 0
+            print(f"{labels[k[i]]:<{w}}  {P[i, k[i]]:.3f}  {shorten(text, width)}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -164,6 +164,19 @@ def test_last_position_model_pads_to_training_length(lp_run_dir, bpe_dir):
     assert np.abs(softmax(unpadded)[0] - expected[0]).max() > 1e-4
 
 
+def test_last_position_with_per_batch_padding_evaluates_as_training(shared_data, data_dir, tmp_path, bpe_dir):
+    """No fixed pad length: each batch, in order, is padded to its longest message, as training's
+    evaluation did, so evaluate's test accuracy is training's."""
+    run_dir = _train(shared_data, tmp_path / "run", data_dir, "--pooling", "last-position", "--max-length", "batch")
+    final = json.loads((run_dir / "metrics.json").read_text())["metrics"]["final"]
+    bp = load_classifier(run_dir / "classifier.h5", bpe_dir)
+    assert bp.max_length is None and bp.limit == bp.config.n_ctx
+    assert [b.tolist() for b in bp.batches([[1, 2]] * 2 + [[1]] * 3)] == [[0, 1, 2, 3, 4]]  # not sorted
+    test = prepare_splits(None, data_dir)[2]
+    result = evaluate_classifier(bp, test["Text"], test["Label"].to_numpy())
+    assert result["accuracy"] == final["test_accuracy"]
+
+
 # ----------------------------------------------------------------------------- bad and unusual text
 
 @pytest.mark.parametrize("texts, message", [
