@@ -21,9 +21,17 @@ import sys
 from .errors import NpgptError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus a pointer to --help), exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, description=description,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
@@ -39,6 +47,12 @@ def run(main, argv=None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:         # the reader went away (`... | head`): nothing left to say
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        sys.exit(0)
     except KeyboardInterrupt:
         if debug:
             raise

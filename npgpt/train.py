@@ -101,6 +101,17 @@ def check_args(args, parser):
         parser.error("--lr must be positive and --weight-decay non-negative")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.max_length not in ("longest", "batch"):
+        try:
+            n = int(args.max_length)
+        except ValueError:
+            parser.error(f"--max-length must be 'longest', 'batch' or a number of tokens, got {args.max_length!r}")
+        if not 1 <= n <= 1024:
+            parser.error("--max-length must be between 1 and 1024 (the context length)")
+    try:
+        parse_trainable(args.trainable_blocks)
+    except NpgptError as e:
+        parser.error(str(e))
     if args.tiny and args.random_init:
         parser.error("--tiny and --random-init exclude each other")
 

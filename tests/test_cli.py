@@ -220,9 +220,9 @@ def test_usage_errors_exit_2(npgpt, module, args, message):
     r = npgpt(module, *args)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    # argparse prints its usage block, then the one error line
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"python -m npgpt.{module}: error: ") and message in last
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr                       # one line, no usage block
+    assert lines[0].startswith(f"python -m npgpt.{module}: error: ") and message in lines[0]
 
 
 def test_debug_shows_the_traceback(npgpt, cwd):
