@@ -455,6 +455,10 @@ def load_gpt2_tf(directory) -> tuple[dict, GPT2Config]:
     prefix = checkpoint_prefix(directory)
     index_path = prefix + ".index"
     _, entries = read_index(prefix)
+    n_model = sum(1 for n in entries if n.startswith("model/"))
+    if config.n_layer > n_model // 12 + 1:      # before building 12 * n_layer names from hparams.json
+        raise FormatError(f"{index_path}: holds {n_model} model/ tensors, far fewer than a GPT-2 with "
+                          f"n_layer {config.n_layer} (hparams.json)")
     expected = param_shapes(config)
     extra = sorted(n for n in entries if n.startswith("model/") and n[len("model/"):] not in expected)
     if extra:

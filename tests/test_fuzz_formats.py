@@ -48,14 +48,40 @@ FUZZ = settings(max_examples=int(_EXAMPLES or 150), deadline=None, derandomize=_
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+@contextlib.contextmanager
+def address_space_cap(extra=1 << 30):
+    """Lower the process's address-space limit to its current size + `extra` for the duration, so
+    that an allocation sized from a corrupt file fails (MemoryError) instead of exhausting the
+    machine. Linux only; elsewhere, or if a lower limit is already set, it does nothing."""
+    try:
+        import resource
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (ImportError, OSError, StopIteration, ValueError):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm + extra
+    if (soft != resource.RLIM_INFINITY and soft <= cap) or (hard != resource.RLIM_INFINITY and hard < cap):
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def load_guarded(fn, *args):
-    """fn(*args) under tracemalloc. Returns its result, or None if it raised NpgptError."""
+    """fn(*args) under tracemalloc and an address-space cap. Returns its result, or None if it
+    raised NpgptError; fails if Python-level allocations peaked above MAX_PEAK_BYTES."""
     tracemalloc.start()
     try:
-        try:
-            result = fn(*args)
-        except NpgptError:
-            result = None
+        with address_space_cap():
+            try:
+                result = fn(*args)
+            except NpgptError:
+                result = None
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -104,6 +130,12 @@ def flip(data: bytes, changes) -> bytes:
 INTS = st.one_of(st.integers(0, 70), st.integers(0, 500_000),
                  st.sampled_from([2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 40, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1]))
 
+# Any JSON value, for edited header and hparams fields.
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), INTS, st.integers(-2 ** 65, 2 ** 65), st.floats(), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=8)
+
 
 # ----------------------------------------------------------------------------- TF bundle
 
@@ -114,18 +146,21 @@ TF_TABLE = read_table(FIXTURE / "model.ckpt.index")
 TF_ENTRIES = read_index(FIXTURE / "model.ckpt")[1]
 
 
-def load_tf(index: bytes = TF_INDEX, data: bytes = TF_DATA):
+TF_HPARAMS = (FIXTURE / "hparams.json").read_bytes()
+
+
+def load_tf(index: bytes = TF_INDEX, data: bytes = TF_DATA, hparams: bytes = TF_HPARAMS):
     with scratch_dir() as d:
-        for name in ("checkpoint", "hparams.json"):
-            shutil.copy(FIXTURE / name, d / name)
+        shutil.copy(FIXTURE / "checkpoint", d / "checkpoint")
+        (d / "hparams.json").write_bytes(hparams)
         (d / "model.ckpt.index").write_bytes(index)
         (d / "model.ckpt.data-00000-of-00001").write_bytes(data)
         result = load_guarded(load_gpt2_tf, d)
     return None if result is None else result[0]
 
 
-def check_tf(index: bytes = TF_INDEX, data: bytes = TF_DATA):
-    params = load_tf(index, data)
+def check_tf(index: bytes = TF_INDEX, data: bytes = TF_DATA, hparams: bytes = TF_HPARAMS):
+    params = load_tf(index, data, hparams)
     if params is not None:
         assert_exact(params, TF_REF)
     return params
@@ -209,6 +244,16 @@ def test_tf_entry_fields_edited(data):
     check_tf(index=encode_table(table))      # e.g. a conv weight's [1,C,3C] given as [C,3C] still loads
 
 
+@FUZZ
+@given(st.data())
+def test_tf_hparams_edited(data):
+    """hparams.json is as untrusted as the rest: n_layer 2**63 must not build 12 * 2**63 names."""
+    h = json.loads(TF_HPARAMS)
+    key = data.draw(st.sampled_from(sorted(h) + ["extra"]))
+    h[key] = data.draw(st.one_of(INTS, st.integers(-2 ** 65, 2 ** 65), JSON_VALUES))
+    check_tf(hparams=json.dumps(h).encode())
+
+
 # ----------------------------------------------------------------------------- safetensors
 
 ST_HF, ST_REF = hf_gpt2_arrays(prefix="transformer.")
@@ -253,12 +298,6 @@ def test_safetensors_data_byte_flips(changes):
     params = load_st(flip(ST_FILE, changes))
     if params is not None:                          # else a flip made a value non-finite
         assert_at_most_changed(params, {k: ST_REF[k] for k in params}, len(changes))
-
-
-JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), INTS, st.integers(-2 ** 65, 2 ** 65), st.floats(), st.text(max_size=8)),
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=8)
 
 
 @FUZZ
@@ -324,6 +363,11 @@ def test_hdf5_truncated(data):
         assert_exact(params, H5_REF)
 
 
+# Open issue in load_params: it builds the parameter names from the file's n_layer attribute
+# before comparing them with the file's datasets, so a flip in that attribute's bytes (n_layer 2
+# becoming 2**56) makes it build names until memory runs out. Under address_space_cap that is a
+# MemoryError and this test fails on the tracemalloc peak; without the cap the process is killed.
+# The fixed examples below do not hit it; NPGPT_FUZZ_EXAMPLES=2000 usually does.
 @FUZZ
 @given(flips(len(H5_FILE)))
 def test_hdf5_byte_flips(changes):

@@ -327,6 +327,9 @@ def test_missing_tensor_and_wrong_hparams(ckpt):
     (ckpt / "hparams.json").write_text(json.dumps({**HPARAMS, "n_layer": 1}))
     with pytest.raises(FormatError, match=r"'model/h1/.*' is not part of a GPT-2"):
         load_gpt2_tf(ckpt)
+    (ckpt / "hparams.json").write_text(json.dumps({**HPARAMS, "n_layer": 10 ** 12}))   # no 10**13 names built
+    with pytest.raises(FormatError, match=r"holds 28 model/ tensors, far fewer than .* n_layer 1000000000000"):
+        load_gpt2_tf(ckpt)
     (ckpt / "hparams.json").write_text(json.dumps({**HPARAMS, "n_embd": 32}))
     with pytest.raises(FormatError, match=r"'model/.*' has shape"):
         load_gpt2_tf(ckpt)
