@@ -5,14 +5,16 @@
     python -m npgpt.weights convert weights/124M        # files already on disk, no network at all
     python -m npgpt.weights convert model.safetensors --size 124M --out gpt2.h5
 
-`download` puts OpenAI's seven files (or model.safetensors) in `<dir>/<size>/`, skipping the ones
-already complete, checks the tokenizer files' sha256, then converts to `<dir>/gpt2-<size>.h5`:
+`download` puts OpenAI's seven files (or Hugging Face's model.safetensors and config.json) in
+`<dir>/<size>/`, skipping the ones already complete, checks the tokenizer files' sha256, then
+converts to `<dir>/gpt2-<size>.h5`:
 OpenAI's names without `model/`, float32, conv weights [1,in,out] reshaped to [in,out], the
 config as attributes (see npgpt.params).
 
 A mirror (`--mirror URL` or the NPGPT_MIRROR environment variable) is tried when the main source
 fails. It must serve the same layout: `<mirror>/<size>/<file>` for OpenAI's files,
-`<mirror>/openai-community/<name>/resolve/main/model.safetensors` for Hugging Face's.
+`<mirror>/openai-community/<name>/resolve/main/<file>` for Hugging Face's. `--base-url` replaces
+the main source itself (e.g. a local copy served over HTTP).
 """
 from __future__ import annotations
 
