@@ -1,23 +1,27 @@
-"""Hot loops: LayerNorm and the causal attention core.
+"""Hot loops: LayerNorm, GELU, the causal attention core, and the AdamW update.
 
 Each kernel has a plain-NumPy twin (suffix `_np`) that states the math in a few vectorised lines;
 the Numba versions (suffix `_numba`) compute the same numbers with loops compiled by Numba, parallel
-over rows (LayerNorm) or over (batch, head) pairs (attention). The tests compare every kernel with
-its twin. The public names (no suffix) are what the model calls:
+over rows (LayerNorm), elements (GELU, AdamW) or (batch, head) pairs (attention). The tests compare
+every kernel with its twin. The public names (no suffix) are what the model calls:
 
     layernorm_forward(x, g, b, eps=1e-5)      layernorm_backward(dy, x, mean, rstd, g)
+    gelu_forward(x)                           gelu_backward(dy, x)
     attention_forward(qkv, n_head)            attention_backward(dout, qkv, att, n_head)
     attention_query_forward(q, kv, pos, n_head)
     attention_query_backward(dout, q, kv, att, pos, n_head)
+    adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)   (in place)
 
 Switch: the public names point at the Numba versions; with the environment variable
 `NPGPT_NUMBA=0` set before import they point at the NumPy twins instead (slower, but nothing is
 compiled, and the twins are easy to step through in a debugger).
 
-Dtypes: float32 by default, float64 works too; outputs take the inputs' dtype. The Numba kernels
-accumulate sums (means, variances, dot products, softmax normalisers) in float64 whatever the
-input dtype. They read contiguous arrays; the wrappers copy non-contiguous views (such as slices of
-qkv) first.
+Dtypes: float32 by default, float64 works too; outputs take the inputs' dtype. LayerNorm's Numba
+kernels accumulate means and variances in float64 whatever the input dtype (a variance is a
+difference of nearly equal sums). The attention kernels compute in the input dtype: in float32 the
+compiler works on 16 values per vector instead of 8, and their sums are short. GELU's kernel is
+float32 only (its tanh is a float32 approximation); other dtypes go to its NumPy twin. The kernels
+read contiguous arrays; the wrappers copy non-contiguous views (such as slices of qkv) first.
 
 Compilation: each kernel is compiled on its first call for each dtype and cached on disk
 (`cache=True`), next to this file in `__pycache__`, or, when the package directory is read-only,
@@ -177,6 +181,56 @@ def attention_query_backward_np(dout, q, kv, att, pos, n_head):
     return dq.reshape(B, C).astype(q.dtype), dkv.astype(q.dtype)
 
 
+# ----------------------------------------------------------------------------- GELU (NumPy)
+
+_GELU_K = np.sqrt(2.0 / np.pi)
+_GELU_A = 0.044715
+
+
+def gelu_forward_np(x):
+    """y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)   (GPT-2's tanh form).
+
+    x [...] -> y [...]"""
+    k, a = x.dtype.type(_GELU_K), x.dtype.type(_GELU_A)
+    t = np.tanh(k * (x + a * x * x * x))                     # [...]
+    return 0.5 * x * (1 + t)                                 # [...]
+
+
+def gelu_backward_np(dy, x):
+    """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(u),
+    with t recomputed from x (cheaper than keeping it).
+
+    dy [...], x [...] -> dx [...]"""
+    k, a = x.dtype.type(_GELU_K), x.dtype.type(_GELU_A)
+    t = np.tanh(k * (x + a * x * x * x))                     # [...]
+    dudx = k * (1 + 3 * a * x * x)                           # [...]
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx)
+
+
+# ----------------------------------------------------------------------------- AdamW (NumPy)
+
+def adamw_update_np(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step on one array, in place, with torch.optim.AdamW's formulas (t counts from 1):
+
+        p = p * (1 - lr * weight_decay)
+        m = m + (1 - beta1) (g - m)                  (= beta1 m + (1 - beta1) g)
+        v = beta2 v + (1 - beta2) g^2
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    p, g, m, v [...] (p, m, v updated in place)"""
+    step_size = lr / (1 - beta1 ** t)
+    bias2_sqrt = np.sqrt(1 - beta2 ** t)
+    if weight_decay:
+        p *= 1 - lr * weight_decay
+    m += (1 - beta1) * (g - m)
+    v *= beta2
+    v += (1 - beta2) * (g * g)
+    denom = np.sqrt(v)
+    denom /= bias2_sqrt
+    denom += eps
+    p -= step_size * (m / denom)
+
+
 # ----------------------------------------------------------------------------- Numba helpers
 # Every fast-math flag except nnan and ninf: a NaN or inf in the inputs must come out as NaN/inf,
 # so that a diverging training run is noticed. (The kernels never form -inf themselves: they loop
@@ -292,16 +346,23 @@ def layernorm_backward_numba(dy, x, mean, rstd, g):
 
 
 # ----------------------------------------------------------------------------- attention (Numba)
-# Per (batch, head) pair the kernels copy the head's q, k, v into small float64 arrays and then
-# run three kinds of causal (triangular) matrix product, each written so that its innermost loop
-# runs along contiguous rows, which the compiler vectorises. Only the entries a query may see
-# (keys 0..t) are ever computed: no -inf mask, no wasted upper triangle.
+# One (batch, head) pair per iteration of the parallel loop. The pair's q, k, v are first copied
+# out of qkv into contiguous [T,D] arrays: the compiler vectorises a loop along a contiguous row
+# of a 2-D array, but not the same loop over a slice of the 3-D qkv. Then three kinds of causal
+# (triangular) matrix product, each with its innermost loop along contiguous memory. Only the
+# entries a query may see (keys 0..t) are computed: no -inf mask, no wasted upper triangle.
+#
+# Arithmetic stays in the input dtype: in float32, 16 lanes of a 512-bit vector instead of 8.
+# The sums are short (D = 64 products in a dot, at most T terms in a softmax normaliser), so the
+# float32 rounding stays near 1e-7 relative, far below what the tests allow (1e-5).
+# Accumulators start from `x.dtype.type(0)`, a constant of the input dtype: starting from a
+# float64 literal, or from a value read from an array, stops the compiler from vectorising the sum.
 
 @njit(fastmath=_FASTMATH, cache=True)
 def _head(x, b, start, D):
-    """x[b, :, start:start+D] as a contiguous float64 copy [T,D]."""
+    """x[b, :, start:start+D] as a contiguous copy [T,D]."""
     T = x.shape[1]
-    out = np.empty((T, D))                                   # [T,D]
+    out = np.empty((T, D), x.dtype)                          # [T,D]
     for t in range(T):
         for d in range(D):
             out[t, d] = x[b, t, start + d]
@@ -309,28 +370,29 @@ def _head(x, b, start, D):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _causal_dots(x, y):
-    """r[i,j] = x[i] . y[j] for j <= i, zero above the diagonal.  x [T,D], y [T,D] -> r [T,T]"""
+def _causal_dots(x, y, scale, r):
+    """r[i,j] = scale * (x[i] . y[j]) for j <= i; r above the diagonal is left as it was.
+    x [T,D], y [T,D], r [T,T]"""
     T, D = x.shape
-    r = np.zeros((T, T))                                     # [T,T]
+    zero = x.dtype.type(0)
     for i in range(T):
         for j in range(i + 1):
-            acc = 0.0
-            for d in range(D):
+            acc = zero
+            for d in range(D):                               # a dot product along two rows
                 acc += x[i, d] * y[j, d]
-            r[i, j] = acc
-    return r
+            r[i, j] = acc * scale
 
 
 @njit(fastmath=_FASTMATH, cache=True)
 def _lower_matmul(L, y):
     """r = L y for lower-triangular L: r[i] = sum_{j<=i} L[i,j] y[j].  L [T,T], y [T,D] -> r [T,D]"""
     T, D = y.shape
-    r = np.zeros((T, D))                                     # [T,D]
+    r = np.zeros((T, D), y.dtype)                            # [T,D]
     for i in range(T):
         for j in range(i + 1):
+            a = L[i, j]
             for d in range(D):                               # along rows of r and y
-                r[i, d] += L[i, j] * y[j, d]
+                r[i, d] += a * y[j, d]
     return r
 
 
@@ -338,12 +400,34 @@ def _lower_matmul(L, y):
 def _lower_t_matmul(L, y):
     """r = L^T y for lower-triangular L: r[j] = sum_{i>=j} L[i,j] y[i].  L [T,T], y [T,D] -> r [T,D]"""
     T, D = y.shape
-    r = np.zeros((T, D))                                     # [T,D]
+    r = np.zeros((T, D), y.dtype)                            # [T,D]
     for i in range(T):
         for j in range(i + 1):
+            a = L[i, j]
             for d in range(D):                               # along rows of r and y
-                r[j, d] += L[i, j] * y[i, d]
+                r[j, d] += a * y[i, d]
     return r
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _causal_softmax_rows(p):
+    """Row t of p [T,T] becomes softmax(p[t, 0..t]), and zero past t, in place."""
+    T = p.shape[0]
+    zero, one = p.dtype.type(0), p.dtype.type(1)
+    for t in range(T):
+        mx = p[t, 0]
+        for s in range(1, t + 1):
+            mx = max(mx, p[t, s])
+        z = zero
+        for s in range(t + 1):
+            e = np.exp(p[t, s] - mx)
+            p[t, s] = e
+            z += e
+        rz = one / z
+        for s in range(t + 1):
+            p[t, s] *= rz
+        for s in range(t + 1, T):
+            p[t, s] = zero
 
 
 @njit(**_JIT)
@@ -351,28 +435,18 @@ def _attention_forward_kernel(qkv, n_head, out, att):
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
-    scale = 1.0 / np.sqrt(D)
+    scale = qkv.dtype.type(1.0 / np.sqrt(D))
     for bh in prange(B * n_head):                            # (batch, head) pairs are independent
         b = bh // n_head
         h = bh % n_head
         q = _head(qkv, b, h * D, D)                          # [T,D]
         k = _head(qkv, b, C + h * D, D)                      # [T,D]
         v = _head(qkv, b, 2 * C + h * D, D)                  # [T,D]
-        p = _causal_dots(q, k)                               # [T,T] scores q k^T, keys 0..t only
-        for t in range(T):                                   # softmax of scale * p over keys 0..t
-            mx = p[t, 0]
-            for s in range(1, t + 1):
-                mx = max(mx, p[t, s])
-            z = 0.0
-            for s in range(t + 1):
-                p[t, s] = np.exp((p[t, s] - mx) * scale)
-                z += p[t, s]
-            for s in range(t + 1):
-                p[t, s] /= z
+        p = att[b, h]                                        # [T,T] filled in place:
+        _causal_dots(q, k, scale, p)                         #   scores q k^T / sqrt(D), keys 0..t
+        _causal_softmax_rows(p)                              #   then the probabilities
         o = _lower_matmul(p, v)                              # [T,D] att v
         for t in range(T):
-            for s in range(T):
-                att[b, h, t, s] = p[t, s]                    # zero above the diagonal
             for d in range(D):
                 out[b, t, h * D + d] = o[t, d]
 
@@ -395,7 +469,8 @@ def _attention_backward_kernel(dout, qkv, att, n_head, dqkv):
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
-    scale = 1.0 / np.sqrt(D)
+    scale = qkv.dtype.type(1.0 / np.sqrt(D))
+    one = qkv.dtype.type(1)
     for bh in prange(B * n_head):                            # each pair writes its own columns
         b = bh // n_head
         h = bh % n_head
@@ -403,18 +478,15 @@ def _attention_backward_kernel(dout, qkv, att, n_head, dqkv):
         k = _head(qkv, b, C + h * D, D)                      # [T,D]
         v = _head(qkv, b, 2 * C + h * D, D)                  # [T,D]
         do = _head(dout, b, h * D, D)                        # [T,D]
-        a = att[b, h]                                        # [T,T]
-        ds = _causal_dots(do, v)                             # [T,T] datt = do v^T, keys 0..t
+        p = att[b, h]                                        # [T,T]
+        ds = np.empty((T, T), qkv.dtype)                     # [T,T]
+        _causal_dots(do, v, one, ds)                         # datt = do v^T, keys 0..t
         for t in range(T):                                   # softmax backward, row by row,
-            w = 0.0                                          # with the 1/sqrt(D) folded in
+            w = qkv.dtype.type(0)                            # with the 1/sqrt(D) folded in
             for s in range(t + 1):
-                w += ds[t, s] * a[t, s]
+                w += ds[t, s] * p[t, s]
             for s in range(t + 1):
-                ds[t, s] = a[t, s] * (ds[t, s] - w) * scale
-        p = np.zeros((T, T))                                 # [T,T] att in float64
-        for t in range(T):
-            for s in range(t + 1):
-                p[t, s] = a[t, s]
+                ds[t, s] = p[t, s] * (ds[t, s] - w) * scale
         dq = _lower_matmul(ds, k)                            # [T,D] dscores k
         dk = _lower_t_matmul(ds, q)                          # [T,D] dscores^T q
         dv = _lower_t_matmul(p, do)                          # [T,D] att^T dout
@@ -541,6 +613,106 @@ def attention_query_backward_numba(dout, q, kv, att, pos, n_head):
     return dq, dkv
 
 
+# ----------------------------------------------------------------------------- GELU (Numba)
+# GELU is one tanh per element over the MLP's [B,T,4C] activations, the largest arrays in a block.
+# A call to the C library's tanh runs one value at a time (about 17 ns each, measured: 50 ms for
+# 8 x 120 x 3072 values on one core). The rational function below uses only multiplications,
+# additions and one division, so the compiler runs it on 16 float32 values at a time (1.4 ms).
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _tanh_f32(u):
+    """tanh(u) for float32 u as a ratio of two polynomials (the approximation the Eigen library
+    uses for float32; at most 3e-7 from tanh). Beyond |u| = 7.9, tanh(u) rounds to +-1 in
+    float32, and is set to exactly +-1 there, so that 1 + tanh(u) is 0 far out, as with np.tanh."""
+    lim = np.float32(7.90531110763549805)
+    if u >= lim:
+        return np.float32(1)
+    if u <= -lim:
+        return np.float32(-1)
+    u2 = u * u
+    p = np.float32(-2.76076847742355e-16)
+    p = p * u2 + np.float32(2.00018790482477e-13)
+    p = p * u2 + np.float32(-8.60467152213735e-11)
+    p = p * u2 + np.float32(5.12229709037114e-08)
+    p = p * u2 + np.float32(1.48572235717979e-05)
+    p = p * u2 + np.float32(6.37261928875436e-04)
+    p = p * u2 + np.float32(4.89352455891786e-03)
+    q = np.float32(1.19825839466702e-06)
+    q = q * u2 + np.float32(1.18534705686654e-04)
+    q = q * u2 + np.float32(2.26843463243900e-03)
+    q = q * u2 + np.float32(4.89352518554385e-03)
+    return u * p / q
+
+
+@njit(**_JIT)
+def _gelu_forward_kernel(x, y):
+    k, a = np.float32(_GELU_K), np.float32(_GELU_A)
+    half, one = np.float32(0.5), np.float32(1)
+    for i in prange(x.shape[0]):                             # x, y flat [N]
+        v = x[i]
+        y[i] = half * v * (one + _tanh_f32(k * (v + a * v * v * v)))
+
+
+@njit(**_JIT)
+def _gelu_backward_kernel(dy, x, dx):
+    k, a = np.float32(_GELU_K), np.float32(_GELU_A)
+    half, one, three = np.float32(0.5), np.float32(1), np.float32(3)
+    for i in prange(x.shape[0]):                             # flat [N]
+        v = x[i]
+        t = _tanh_f32(k * (v + a * v * v * v))
+        dx[i] = dy[i] * (half * (one + t) + half * v * (one - t * t) * k * (one + three * a * v * v))
+
+
+def gelu_forward_numba(x):
+    """Numba twin of `gelu_forward_np` for float32. Other dtypes (float64 in the gradient checks)
+    go to the NumPy twin: the rational tanh is accurate to float32 only. x [...] -> y [...]"""
+    if x.dtype != np.float32:
+        return gelu_forward_np(x)
+    x = _c(x, np.float32)
+    y = np.empty_like(x)                                     # [...]
+    _gelu_forward_kernel(x.reshape(-1), y.reshape(-1))
+    return y
+
+
+def gelu_backward_numba(dy, x):
+    """Numba twin of `gelu_backward_np` for float32 (other dtypes: the NumPy twin).
+    dy [...], x [...] -> dx [...]"""
+    if dy.dtype != np.float32 or x.dtype != np.float32:
+        return gelu_backward_np(dy, x)
+    dy, x = _c(dy, np.float32), _c(x, np.float32)
+    _check_shapes("gelu_backward", dy=(dy, x.shape))
+    dx = np.empty_like(x)                                    # [...]
+    _gelu_backward_kernel(dy.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    return dx
+
+
+# ----------------------------------------------------------------------------- AdamW (Numba)
+# The NumPy twin makes about a dozen passes over arrays of 7 million values (the last block's
+# weights) and their temporaries; this kernel makes one, reading p, g, m, v and writing p, m, v.
+
+@njit(**_JIT)
+def _adamw_kernel(p, g, m, v, decay, c1, b2, c2, step_size, bias2_sqrt, eps):
+    for i in prange(p.shape[0]):                             # flat [N]
+        gi = g[i]
+        mi = m[i] + c1 * (gi - m[i])                         # c1 = 1 - beta1
+        vi = v[i] * b2 + c2 * (gi * gi)                      # c2 = 1 - beta2
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * (mi / (np.sqrt(vi) / bias2_sqrt + eps))
+
+
+def adamw_update_numba(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """Numba twin of `adamw_update_np` (p, m, v updated in place). Arrays that cannot be updated
+    through a flat view (not C-contiguous, or of mixed dtypes) go to the NumPy twin."""
+    _check_shapes("adamw_update", g=(g, p.shape), m=(m, p.shape), v=(v, p.shape))
+    if any(not a.flags.c_contiguous or a.dtype != p.dtype for a in (p, g, m, v)) or p.dtype.kind != "f":
+        return adamw_update_np(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)
+    dt = p.dtype.type
+    _adamw_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                  dt(1 - lr * weight_decay), dt(1 - beta1), dt(beta2), dt(1 - beta2),
+                  dt(lr / (1 - beta1 ** t)), dt(np.sqrt(1 - beta2 ** t)), dt(eps))
+
+
 # ----------------------------------------------------------------------------- threads
 
 def set_num_threads(n):
@@ -567,6 +739,9 @@ USE_NUMBA = os.environ.get("NPGPT_NUMBA", "1").strip() != "0"
 if USE_NUMBA:
     layernorm_forward = layernorm_forward_numba
     layernorm_backward = layernorm_backward_numba
+    gelu_forward = gelu_forward_numba
+    gelu_backward = gelu_backward_numba
+    adamw_update = adamw_update_numba
     attention_forward = attention_forward_numba
     attention_backward = attention_backward_numba
     attention_query_forward = attention_query_forward_numba
@@ -574,6 +749,9 @@ if USE_NUMBA:
 else:
     layernorm_forward = layernorm_forward_np
     layernorm_backward = layernorm_backward_np
+    gelu_forward = gelu_forward_np
+    gelu_backward = gelu_backward_np
+    adamw_update = adamw_update_np
     attention_forward = attention_forward_np
     attention_backward = attention_backward_np
     attention_query_forward = attention_query_forward_np

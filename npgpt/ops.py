@@ -5,7 +5,7 @@ backward takes the upstream gradient and that `saved`, and returns the gradients
 Docstrings give the derivative each backward implements. Shapes: B batch, T time, C channels,
 V vocabulary, K classes, N = B*T rows.
 
-The loops that NumPy does badly (LayerNorm, the attention core) live in `npgpt.kernels`; the
+The loops that NumPy does badly (LayerNorm, GELU, the attention core) live in `npgpt.kernels`; the
 matmuls stay in BLAS.
 """
 from __future__ import annotations
@@ -91,27 +91,20 @@ def linear_backward(dy, saved, need_dx=True, need_dw=True):
 
 # ----------------------------------------------------------------------------- GELU
 
-_GELU_K = np.sqrt(2.0 / np.pi)
-
-
 def gelu_forward(x):
     """y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)   (GPT-2's tanh form).
 
     x [...] -> y [...]"""
-    k = x.dtype.type(_GELU_K)
-    t = np.tanh(k * (x + x.dtype.type(0.044715) * x * x * x))  # [...]
-    y = 0.5 * x * (1 + t)                                   # [...]
-    return y, (x, t)
+    y = kernels.gelu_forward(x)                             # [...]
+    return y, x
 
 
 def gelu_backward(dy, saved):
     """dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u).
 
-    Saved: x and t. dy [...] -> dx [...]"""
-    x, t = saved
-    k = x.dtype.type(_GELU_K)
-    dudx = k * (1 + x.dtype.type(3 * 0.044715) * x * x)     # [...]
-    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx)
+    Saved: x (t is recomputed: one more tanh costs less than keeping an array of them).
+    dy [...] -> dx [...]"""
+    return kernels.gelu_backward(dy, saved)
 
 
 # ----------------------------------------------------------------------------- attention

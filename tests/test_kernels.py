@@ -1,6 +1,7 @@
 """The kernels: each Numba kernel against its NumPy twin, the twins' backward passes against finite
-differences, the causal softmax's shape, the NPGPT_NUMBA switch, the thread setting, and the
-on-disk compile cache when the package directory is read-only."""
+differences, the float32 tanh of the GELU kernel against np.tanh, AdamW against its formulas, the
+causal softmax's shape, the NPGPT_NUMBA switch, the thread setting, and the on-disk compile cache
+when the package directory is read-only."""
 import ctypes
 import json
 import os
@@ -211,6 +212,91 @@ def test_numba_wrappers_reject_mismatched_shapes(call):
         call()
 
 
+@pytest.mark.parametrize("shape", [(5,), (3, 7, 33), (2, 4, 3072)])
+def test_gelu_numba_matches_numpy(shape):
+    r = np.random.default_rng(7)
+    x = (3 * r.standard_normal(shape)).astype(np.float32)
+    x.reshape(-1)[:4] = [-30.0, -9.0, 9.0, 30.0]             # the far tails: tanh is exactly -1 / +1
+    dy = r.standard_normal(shape).astype(np.float32)
+    y, y_np = K.gelu_forward_numba(x), K.gelu_forward_np(x)
+    assert y.dtype == np.float32 and y.shape == shape
+    assert rel_err(y, y_np) <= TOL[np.float32]
+    dx, dx_np = K.gelu_backward_numba(dy, x), K.gelu_backward_np(dy, x)
+    assert dx.dtype == np.float32 and dx.shape == shape
+    assert rel_err(dx, dx_np) <= TOL[np.float32]
+    assert np.all(y.reshape(-1)[:2] == 0) and np.all(dx.reshape(-1)[:2] == 0)   # as np.tanh gives
+    assert np.array_equal(y.reshape(-1)[2:4], x.reshape(-1)[2:4])
+
+
+def test_gelu_tanh_f32_accuracy():
+    """The rational tanh of the GELU kernel: within 3e-7 of tanh everywhere, exactly +-1 beyond
+    |u| = 7.9 (where float32 tanh rounds to +-1), odd, and NaN in gives NaN out."""
+    u = np.linspace(-12, 12, 200_001).astype(np.float32)
+    t = np.array([K._tanh_f32(np.float32(a)) for a in u[::40]], np.float32)
+    want = np.tanh(u[::40].astype(np.float64))
+    assert np.abs(t - want).max() <= 3e-7
+    assert np.all(t[np.abs(u[::40]) >= 7.9053112] == np.sign(u[::40][np.abs(u[::40]) >= 7.9053112]))
+    assert np.array_equal(t, -t[::-1])
+    assert np.isnan(K._tanh_f32(np.float32(np.nan)))
+    x = np.array([1.0, np.nan, -2.0], np.float32)
+    assert np.isnan(K.gelu_forward_numba(x)[1]) and np.isfinite(K.gelu_forward_numba(x)[[0, 2]]).all()
+    assert np.isnan(K.gelu_backward_numba(np.ones(3, np.float32), x)[1])
+
+
+def test_gelu_numba_sends_other_dtypes_to_numpy():
+    """float64 (the gradient checks) is computed by the NumPy twin, to the last bit."""
+    x = 3 * np.random.default_rng(8).standard_normal((4, 9))
+    dy = np.random.default_rng(9).standard_normal((4, 9))
+    assert np.array_equal(K.gelu_forward_numba(x), K.gelu_forward_np(x))
+    assert np.array_equal(K.gelu_backward_numba(dy, x), K.gelu_backward_np(dy, x))
+
+
+def adamw_state(shape, dtype, seed):
+    r = np.random.default_rng(seed)
+    p, g, m = (r.standard_normal(shape) for _ in range(3))
+    v = r.random(shape)                                      # second moments are >= 0
+    return [a.astype(dtype) for a in (p, g, m, v)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_numba_matches_numpy_and_formulas(dtype, weight_decay):
+    shape, lr, b1, b2, eps = (37, 19), 1e-3, 0.9, 0.999, 1e-8
+    a = adamw_state(shape, dtype, seed=10)
+    b = [x.copy() for x in a]
+    p0, g, m0, v0 = (x.astype(np.float64) for x in a)
+    for t in (1, 2, 3):
+        K.adamw_update_np(*a, t, lr, b1, b2, eps, weight_decay)
+        K.adamw_update_numba(*b, t, lr, b1, b2, eps, weight_decay)
+        for name, u, w in zip("pgmv", a, b):
+            assert u.dtype == w.dtype == dtype, name
+            assert rel_err(u, w) <= TOL[dtype], name
+        # the formulas, in float64, from the previous state
+        m1 = b1 * m0 + (1 - b1) * g
+        v1 = b2 * v0 + (1 - b2) * g * g
+        p1 = p0 * (1 - lr * weight_decay) - lr / (1 - b1 ** t) * m1 / (np.sqrt(v1 / (1 - b2 ** t)) + eps)
+        assert rel_err(b[0], p1) <= TOL[dtype] and rel_err(b[2], m1) <= TOL[dtype]
+        assert rel_err(b[3], v1) <= TOL[dtype]
+        assert not np.array_equal(b[0], p0)                  # it did move
+        p0, m0, v0 = (x.astype(np.float64) for x in (b[0], b[2], b[3]))
+    assert np.array_equal(a[1], b[1])                        # the gradient is read, not written
+
+
+def test_adamw_numba_updates_non_contiguous_arrays_in_place():
+    """A strided view cannot be updated through a flat copy: it goes to the NumPy twin."""
+    p, g, m, v = adamw_state((6, 10), np.float32, seed=11)
+    base = p.copy()
+    view = base[:, ::2]                                      # [6,5] strided, part of base
+    want = [x[:, ::2].copy() for x in (p, g, m, v)]
+    K.adamw_update_np(*want, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    gv, mv, vv = (np.ascontiguousarray(x[:, ::2]) for x in (g, m, v))
+    K.adamw_update_numba(view, gv, mv, vv, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    assert np.array_equal(base[:, ::2], want[0]) and np.array_equal(mv, want[2])
+    assert np.array_equal(base[:, 1::2], p[:, 1::2])         # the other columns untouched
+    with pytest.raises(ValueError, match="adamw_update"):
+        K.adamw_update_numba(p, g[:, :5], m, v, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+
+
 # ----------------------------------------------------------------------------- the causal softmax
 
 @pytest.mark.parametrize("forward", [K.attention_forward_numba, K.attention_forward_np])
@@ -293,6 +379,17 @@ def test_attention_query_backward_np_finite_differences():
     assert rel_err(dkv, nkv) <= FD_TOL
 
 
+def test_gelu_backward_np_finite_differences():
+    x = 3 * np.random.default_rng(12).standard_normal((3, 8))
+    dy = np.random.default_rng(13).standard_normal((3, 8))
+
+    def loss():
+        return float((dy * K.gelu_forward_np(x)).sum())
+
+    (num,) = numeric_grad(loss, [x])
+    assert rel_err(K.gelu_backward_np(dy, x), num) <= FD_TOL
+
+
 # ----------------------------------------------------------------------------- switch and threads
 
 def _run(code, env_extra, cwd, **kw):
@@ -306,14 +403,15 @@ def _run(code, env_extra, cwd, **kw):
 @pytest.mark.parametrize("flag,suffix", [(None, "_numba"), ("1", "_numba"), ("0", "_np")])
 def test_npgpt_numba_switch(flag, suffix):
     code = ("import json, npgpt.kernels as K; names = ['layernorm_forward', 'layernorm_backward', "
-            "'attention_forward', 'attention_backward', 'attention_query_forward', "
-            "'attention_query_backward']; print(json.dumps([getattr(K, n).__name__ for n in names]))")
+            "'gelu_forward', 'gelu_backward', 'attention_forward', 'attention_backward', "
+            "'attention_query_forward', 'attention_query_backward', 'adamw_update']; "
+            "print(json.dumps([getattr(K, n).__name__ for n in names]))")
     root = str(Path(K.__file__).resolve().parents[1])
     env = {"PYTHONPATH": root} if flag is None else {"PYTHONPATH": root, "NPGPT_NUMBA": flag}
     r = _run(code, env, cwd=root)
     assert r.returncode == 0, r.stderr
     names = json.loads(r.stdout)
-    assert len(names) == 6 and all(n.endswith(suffix) for n in names), names
+    assert len(names) == 9 and all(n.endswith(suffix) for n in names), names
 
 
 def test_set_num_threads():
@@ -372,9 +470,17 @@ o, a = K.attention_query_forward(q, kv, pos, H)
 errs.append(rel(o, K.attention_query_forward_np(q, kv, pos, H)[0]))
 errs.append(rel(K.attention_query_backward(do[:, 0], q, kv, a, pos, H)[1],
                 K.attention_query_backward_np(do[:, 0], q, kv, a, pos, H)[1]))
-kernels = [K._layernorm_forward_kernel, K._layernorm_backward_kernel, K._attention_forward_kernel,
-           K._attention_backward_kernel, K._attention_query_forward_kernel,
-           K._attention_query_backward_kernel]
+f = 3 * x
+errs.append(rel(K.gelu_forward(f), K.gelu_forward_np(f)))
+errs.append(rel(K.gelu_backward(dy, f), K.gelu_backward_np(dy, f)))
+state = [x.copy(), dy.copy(), x.copy(), np.abs(dy)]
+want = [a.copy() for a in state]
+K.adamw_update(*state, 1, 1e-3, 0.9, 0.999, 1e-8, 0.1)
+K.adamw_update_np(*want, 1, 1e-3, 0.9, 0.999, 1e-8, 0.1)
+errs.append(rel(state[0], want[0]))
+kernels = [K._layernorm_forward_kernel, K._layernorm_backward_kernel, K._gelu_forward_kernel,
+           K._gelu_backward_kernel, K._attention_forward_kernel, K._attention_backward_kernel,
+           K._attention_query_forward_kernel, K._attention_query_backward_kernel, K._adamw_kernel]
 print(json.dumps({
     "file": K.__file__,
     "writable": False,
@@ -432,8 +538,8 @@ def test_kernels_cache_with_read_only_package(tmp_path):
         assert run["max_err"] <= 1e-5
     assert _files(pkg) == before                             # nothing was written into the package
     assert all(p.startswith(str(tmp_path / "xdg" / "numba")) for p in user_wide["cache_paths"])
-    assert user_wide["misses"] == 6 and user_wide["hits"] == 0
-    assert again["hits"] == 6 and again["misses"] == 0       # loaded, not compiled
+    assert user_wide["misses"] == 9 and user_wide["hits"] == 0
+    assert again["hits"] == 9 and again["misses"] == 0       # loaded, not compiled
     assert all(p.startswith(str(tmp_path / "nbcache")) for p in provided["cache_paths"])
     assert any(f.endswith(".nbi") for f in _files(tmp_path / "nbcache"))
     assert any(f.endswith(".nbi") for f in _files(tmp_path / "xdg" / "numba"))
