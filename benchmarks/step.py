@@ -7,10 +7,13 @@ Both sides hold the same 124M weights (npgpt's random init, copied into the PyTo
 benchmarks/torch_gpt2.py), run in float32 on the same number of threads, on identical batches.
 PyTorch runs in a worker process of its own, started with this process's environment as it was
 at launch (npgpt sets OMP_WAIT_POLICY=PASSIVE for itself when imported; PyTorch keeps its
-default). The two sides take turns, after warm-up calls: in each turn a side runs the same call
---inner times in a row and the first call is not counted (it absorbs the other side's threads
-going idle on the shared cores: each library alone never sees them); the turn's time is the median
-of the others. Each row gives the median and min-max over --repeats turns of the same run.
+default). The two sides take turns, after warm-up calls. Before each turn the benchmark sleeps
+--settle seconds, so that the thread pools of whatever ran before stop polling for work (OpenBLAS's
+threads poll for up to ~0.1 s after a matmul, PyTorch's OpenMP threads for some milliseconds: on 2
+cores they would slow the next call, which a library running alone never sees); then the turn
+runs the same call --inner times in a row, the first call is not counted (it wakes the threads
+and the caches), and the turn's time is the median of the others. Each row gives the median and
+min-max over --repeats turns of the same run.
 
   train step, dense    loss and gradients of the last block, ln_f and the head (everything else
                        frozen), then one AdamW step; every position of every block is computed,
@@ -53,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both sides (default: all cores)")
     p.add_argument("--repeats", type=int, default=7, help="turns per variant (after a warm-up turn)")
     p.add_argument("--inner", type=int, default=3, help="calls per turn; the first is not counted")
+    p.add_argument("--settle", type=float, default=0.2, help="seconds of sleep before each turn")
     p.add_argument("--shapes", default="8x120,8x40", help="batch shapes BxT, comma-separated")
     p.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "manual"],
                    help="PyTorch attention: the fused scaled_dot_product_attention, or written out")
@@ -285,14 +289,16 @@ class TorchWorker:
 
 # ----------------------------------------------------------------------------- timing in turns
 
-def in_turns(variants, repeats, warmup=1):
-    """variants: {name: () -> seconds}; each called repeats times, in turns, after warm-up turns."""
+def in_turns(variants, repeats, settle, warmup=1):
+    """variants: {name: () -> seconds}; each called repeats times, in turns, after warm-up turns;
+    `settle` seconds of sleep before each turn."""
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     times = {k: [] for k in variants}
     for _ in range(repeats):
         for k, fn in variants.items():
+            time.sleep(settle)
             times[k].append(fn())
     return {k: summary(v) for k, v in times.items()}
 
@@ -341,7 +347,7 @@ def main(argv=None):
                 variants[f"npgpt {k}"] = timed(ncases[f"{k} {s}"], args.inner)
                 if not k.endswith("default"):
                     variants[f"torch {k}"] = lambda k=k: tw.ask(f"time {k} {s} {args.inner}")
-            ts = in_turns(variants, args.repeats)
+            ts = in_turns(variants, args.repeats, args.settle)
             for k, label in (("step", "train step, dense"), ("eval", "eval forward, dense"),
                              ("step_default", "train step, npgpt default"), ("eval_default", "eval forward, npgpt default")):
                 if f"npgpt {k}" in ts:
@@ -359,10 +365,10 @@ def main(argv=None):
                 tw.ask(f"threads {threads}")
                 names = [(k, f"{k} {B}x{T}", f"{B}x{T}") for B, T in args.shapes for k in KERNELS] + [("adamw", "adamw", "7.09M")]
                 for name, key, shape in names:
-                    inner = max(args.inner, 5)
+                    inner = max(args.inner, 10)
                     variants = {"numba": timed(ncases[f"numba {key}"], inner), "numpy": timed(ncases[f"np {key}"], inner),
                                 "torch": lambda key=key: tw.ask(f"time torch {key} {inner}")}
-                    ts = in_turns(variants, args.repeats)
+                    ts = in_turns(variants, args.repeats, args.settle)
                     krows.append({"kernel": name, "shape": shape, "threads": threads, **{f"{k}_s": v for k, v in ts.items()},
                                   "ratio": ts["numba"]["median"] / ts["torch"]["median"]})
             set_num_threads(args.threads)
