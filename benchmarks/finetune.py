@@ -28,16 +28,19 @@ NumPy at the same thread count (the best of the model's linear-layer shapes at 4
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-from common import REPO, default_data_dir, gemm_peak, machine_info, print_info, set_threads, write_json
+ENV_AT_LAUNCH = dict(os.environ)   # before npgpt is imported: both sides start from this environment
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from common import REPO, default_data_dir, gemm_peak, machine_info, print_info, set_threads, write_json  # noqa: E402
 
 C = 768            # 124M: channels
 L = 12             # blocks
@@ -125,11 +128,12 @@ def count_work(args, work_dir):
 
 # ----------------------------------------------------------------------------- running a side
 
-def run_child(cmd, env=None, log_prefix=""):
-    """Run cmd, echo its output with time stamps; -> wall s, peak RSS MiB, exit code, [(t, line)]."""
+def run_child(cmd, log_prefix=""):
+    """Run cmd in the environment this script was launched with (not the one npgpt's import set
+    up here), echo its output with time stamps; -> wall s, peak RSS MiB, exit code, [(t, line)]."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=str(REPO))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV_AT_LAUNCH, cwd=str(REPO))
     lines = []
     for line in proc.stdout:
         t = time.time() - t0
@@ -195,7 +199,8 @@ def kernel_start_time():
             "K.adamw_update(x, x.copy(), x.copy(), x.copy() ** 2, 1, 1e-3, 0.9, 0.999, 1e-8, 0.1); "
             "print(time.time() - t0)")
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO),
+                       env=ENV_AT_LAUNCH)
     return {"in_process_s": float(r.stdout.strip()) if r.returncode == 0 else None,
             "launch_to_exit_s": time.time() - t0}
 
