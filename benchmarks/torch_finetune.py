@@ -61,7 +61,7 @@ def main(argv=None):
 
     def loader(d, train):
         ids, _ = make_batch(d.tokens, np.arange(len(d)), pad_to=pad_to)
-        tds = TensorDataset(torch.as_tensor(ids), torch.as_tensor(d.labels))
+        tds = TensorDataset(torch.tensor(ids), torch.tensor(d.labels))
         return DataLoader(tds, batch_size=8, shuffle=train, drop_last=train, num_workers=0)
 
     train_loader, val_loader, test_loader = (loader(d, i == 0) for i, d in enumerate(datasets))

@@ -6,5 +6,11 @@ import os as _os
 # cores a kernel + matmul pair measured 50x slower. Sleeping threads cost microseconds to wake.
 # This must be set before the OpenMP runtime loads, so it is set when npgpt is imported.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenBLAS's own threads (NumPy's matmul) poll for work for about 2^28 cycles (~0.1 s) after each
+# matmul, so a Numba kernel that follows one shares its cores with them: the attention kernel
+# right after a matmul measured 2x slower on two cores. 2^8 cycles is enough to catch the next
+# matmul in a row. OpenBLAS reads this when it loads, so it takes effect only if npgpt is
+# imported before NumPy (as `python -m npgpt...` does); otherwise it changes nothing.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "8")
 
 __version__ = "0.1.0"

@@ -10,9 +10,9 @@ Weight decay applies to every array, as torch does by default; `decay_1d=False` 
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from . import kernels
 
 
 class AdamW:
@@ -27,8 +27,6 @@ class AdamW:
         """Update params[name] in place for every name in grads."""
         self.t += 1
         b1, b2 = self.betas
-        step_size = self.lr / (1 - b1 ** self.t)
-        bias2_sqrt = math.sqrt(1 - b2 ** self.t)
         for name, g in grads.items():
             p = params[name]
             if name not in self.m:
@@ -36,15 +34,9 @@ class AdamW:
                 self.v[name] = np.zeros_like(p)
             m, v = self.m[name], self.v[name]
             wd = self.weight_decay if (self.decay_1d or p.ndim > 1) else 0.0
-            if wd:
-                p *= 1 - self.lr * wd
-            m += (1 - b1) * (g - m)                  # = b1 m + (1 - b1) g, as torch's lerp
-            v *= b2
-            v += (1 - b2) * (g * g)
-            denom = np.sqrt(v)
-            denom /= bias2_sqrt
-            denom += self.eps
-            p -= step_size * (m / denom)
+            # The formulas above in one pass over p, g, m, v (kernels.adamw_update_np states
+            # them in NumPy; the Numba kernel computes the same numbers in a single loop).
+            kernels.adamw_update(p, g, m, v, self.t, self.lr, b1, b2, self.eps, wd)
 
     def state_dict(self) -> dict:
         """Arrays keyed 'm/<name>', 'v/<name>' plus the step count, for checkpoints."""
