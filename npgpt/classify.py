@@ -215,13 +215,9 @@ def read_lines(raw: bytes, source: str, skip_empty=False):
 
     A trailing "\\r" and a UTF-8 byte-order mark are dropped. A blank (or whitespace-only) line is
     a DataError naming it unless skip_empty; so is a line that is not UTF-8."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    lines = raw.split(b"\n")
-    if lines[-1] == b"":              # the newline that ends the file does not start another line
-        lines.pop()
+    from .data import split_lines
     texts, numbers = [], []
-    for n, line in enumerate(lines, start=1):
+    for n, line in enumerate(split_lines(raw), start=1):
         if line.endswith(b"\r"):
             line = line[:-1]
         try:

@@ -119,6 +119,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # Parsing
 
 
+def split_lines(raw: bytes) -> list:
+    """The lines of a file's bytes: a UTF-8 byte-order mark (some editors add one) is dropped, and
+    the newline that ends the file does not start another line. ("\r" endings stay on the lines.)"""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    lines = raw.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
 def read_sms_spam(path, skip_bad_lines=False) -> pd.DataFrame:
     """Parse SMSSpamCollection: one message a line, `label<TAB>text`, label ham or spam.
 
@@ -138,11 +149,7 @@ def read_sms_spam(path, skip_bad_lines=False) -> pd.DataFrame:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark some editors add
-        raw = raw[3:]
-    lines = raw.split(b"\n")
-    if lines[-1] == b"":  # the newline that ends the file does not start another line
-        lines.pop()
+    lines = split_lines(raw)
     rows, skipped = [], []
     for n, line in enumerate(lines, start=1):
         row = _parse_line(line)

@@ -79,16 +79,19 @@ def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=4
     last_position pooling: each example padded to the dataset's pad length, since the pooled
     position then is a pad token whose activation depends on the padding.
     Examples of equal length run together, up to max_tokens per call, so no padding is computed.
-    -> list of [T_i, C] float arrays, one per example"""
+    Messages that repeat (the SMS data holds some spam several times) are computed once and share
+    one array. -> list of [T_i, C] float arrays, one per example"""
     if pooling == "last_position":
         if dataset.pad_to is None:
             return None   # per-batch padding: the pooled activations depend on the batch
         lengths = np.full(len(dataset), dataset.pad_to)
     else:
         lengths = dataset.lengths
+    first = {}                                   # token sequence -> the first example holding it
+    same_as = np.array([first.setdefault(tuple(dataset.tokens[r]), r) for r in range(len(dataset))])
     feats = [None] * len(dataset)
     for T in np.unique(lengths):
-        rows = np.flatnonzero(lengths == T)
+        rows = np.flatnonzero((lengths == T) & (same_as == np.arange(len(dataset))))
         step = max(1, max_tokens // int(T))
         for k in range(0, len(rows), step):
             chunk = rows[k:k + step]
@@ -98,6 +101,10 @@ def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=4
                 feats[r] = x[j]
             if progress:
                 progress(len(chunk) * int(T))
+    for r in np.flatnonzero(same_as != np.arange(len(dataset))):
+        feats[r] = feats[same_as[r]]
+        if progress:
+            progress(int(lengths[r]))
     return feats
 
 

@@ -129,17 +129,33 @@ def block_backward(dx2, saved, i, grads, need_dx=True):
     return dx1 + dx_ln                                                                      # [B,T,C]
 
 
+def _seen_rows(B, T, pos):
+    """The rows of a flattened [B*T] batch that the pooled outputs depend on: positions 0..pos[b] of
+    each sequence (causal attention: later positions, padding among them, are never read).
+    -> idx [N] (sorted row numbers b*T + t), qrow [B] (where each pooled row sits within idx)"""
+    seen = np.arange(T)[None, :] <= np.asarray(pos)[:, None]                               # [B,T]
+    idx = np.flatnonzero(seen)                                                             # [N]
+    qrow = np.cumsum(np.asarray(pos) + 1) - 1                                              # [B]
+    return idx, qrow
+
+
 def block_forward_pooled(params, i, x, pos, n_head, save=True):
-    """Block i computed only where the classifier reads: keys and values at every position, the
-    rest (query, attention output, MLP) at position pos[b] of each sequence.
+    """Block i computed only where the classifier reads: keys and values at the positions a pooled
+    query can see (0..pos[b], no padding after it), the rest (query, attention output, MLP) at
+    position pos[b] of each sequence only.
 
     x [B,T,C], pos [B] -> y [B,C] (equal to block_forward(x)[b, pos[b]])"""
     B, T, C = x.shape
     rows = np.arange(B)
+    idx, qrow = _seen_rows(B, T, pos)                                                       # [N], [B]
     w, b = _p(params, i, "attn/c_attn/w"), _p(params, i, "attn/c_attn/b")                  # [C,3C], [3C]
-    h1, ln1 = ops.layernorm_forward(x, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))    # [B,T,C]
-    kv, fc_kv = ops.linear_forward(h1, w[:, C:], b[C:])                                     # [B,T,2C]
-    q, fc_q = ops.linear_forward(h1[rows, pos], w[:, :C], b[:C])                            # [B,C]
+    xs = x.reshape(B * T, C)[idx]                                                           # [N,C]
+    h1, ln1 = ops.layernorm_forward(xs, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))   # [N,C]
+    kv_seen, fc_kv = ops.linear_forward(h1, w[:, C:], b[C:])                                # [N,2C]
+    kv = np.zeros((B * T, 2 * C), kv_seen.dtype)                                            # [B*T,2C]
+    kv[idx] = kv_seen                                        # back in place; unseen rows stay 0
+    kv = kv.reshape(B, T, 2 * C)                                                            # [B,T,2C]
+    q, fc_q = ops.linear_forward(h1[qrow], w[:, :C], b[:C])                                 # [B,C]
     a, attn = ops.attention_query_forward(q, kv, pos, n_head)                               # [B,C]
     o, fc_aproj = ops.linear_forward(a, _p(params, i, "attn/c_proj/w"), _p(params, i, "attn/c_proj/b"))  # [B,C]
     x1 = x[rows, pos] + o                                                                   # [B,C]
@@ -148,16 +164,16 @@ def block_forward_pooled(params, i, x, pos, n_head, save=True):
     gl, gelu = ops.gelu_forward(f)                                                          # [B,4C]
     m, fc_mproj = ops.linear_forward(gl, _p(params, i, "mlp/c_proj/w"), _p(params, i, "mlp/c_proj/b"))  # [B,C]
     x2 = x1 + m                                                                             # [B,C]
-    saved = (x.shape, pos, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) if save else None
+    saved = (x.shape, pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) if save else None
     return x2, saved
 
 
 def block_backward_pooled(dx2, saved, i, grads, need_dx=True):
     """Backward of `block_forward_pooled`: dx2 [B,C] at the pooled rows -> dx [B,T,C].
 
-    c_attn's gradient is the query part (from pooled rows) next to the key/value part (all rows);
-    the residual carries dx1 to x only at the pooled rows."""
-    shape, pos, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj = saved
+    c_attn's gradient is the query part (from pooled rows) next to the key/value part (the seen
+    rows); the residual carries dx1 to x only at the pooled rows; unseen rows get zero gradient."""
+    shape, pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj = saved
     B, T, C = shape
     rows = np.arange(B)
     dgl, grads[f"h{i}/mlp/c_proj/w"], grads[f"h{i}/mlp/c_proj/b"] = ops.linear_backward(dx2, fc_mproj)  # [B,4C]
@@ -168,15 +184,19 @@ def block_backward_pooled(dx2, saved, i, grads, need_dx=True):
     da, grads[f"h{i}/attn/c_proj/w"], grads[f"h{i}/attn/c_proj/b"] = ops.linear_backward(dx1, fc_aproj)  # [B,C]
     dq, dkv = ops.attention_query_backward(da, attn)                                        # [B,C], [B,T,2C]
     dh1_q, dwq, dbq = ops.linear_backward(dq, fc_q)                                         # [B,C]
-    dh1, dwkv, dbkv = ops.linear_backward(dkv, fc_kv)                                       # [B,T,C]
+    dkv_seen = dkv.reshape(B * T, 2 * C)[idx]                                               # [N,2C]
+    dh1, dwkv, dbkv = ops.linear_backward(dkv_seen, fc_kv)                                  # [N,C]
     grads[f"h{i}/attn/c_attn/w"] = np.concatenate([dwq, dwkv], axis=1)                      # [C,3C]
     grads[f"h{i}/attn/c_attn/b"] = np.concatenate([dbq, dbkv])                              # [3C]
-    dh1[rows, pos] += dh1_q                                                                 # [B,T,C]
-    dx_ln, grads[f"h{i}/ln_1/g"], grads[f"h{i}/ln_1/b"] = ops.layernorm_backward(dh1, ln1)  # [B,T,C]
+    dh1[qrow] += dh1_q                                                                      # [N,C]
+    dx_seen, grads[f"h{i}/ln_1/g"], grads[f"h{i}/ln_1/b"] = ops.layernorm_backward(dh1, ln1)  # [N,C]
     if not need_dx:
         return None
-    dx_ln[rows, pos] += dx1                                                                 # residual
-    return dx_ln
+    dx = np.zeros((B * T, C), dx_seen.dtype)                                                # [B*T,C]
+    dx[idx] = dx_seen
+    dx = dx.reshape(B, T, C)                                                                # [B,T,C]
+    dx[rows, pos] += dx1                                                                    # residual
+    return dx
 
 
 # ----------------------------------------------------------------------------- forward
