@@ -13,4 +13,24 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # imported before NumPy (as `python -m npgpt...` does); otherwise it changes nothing.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "8")
 
+
+def _keep_freed_memory():
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of returning them to
+    the OS. Otherwise every large temporary (an activation of 2048 tokens x 3072 is 24 MiB) is a
+    fresh mmap, and its first write page-faults on every page: the frozen blocks measured 5-10%
+    faster with this. Does nothing where glibc is not the C library."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)        # the largest value glibc accepts
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+if _os.environ.get("NPGPT_MALLOC_TUNING", "1") != "0":
+    _keep_freed_memory()
+
 __version__ = "0.1.0"

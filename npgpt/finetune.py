@@ -72,15 +72,15 @@ def cache_start(config, settings: TrainSettings):
     return model.first_trainable_block(config, settings.trainable)
 
 
-def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=4096, progress=None):
+def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=2048, progress=None):
     """The activations entering block `start` for every example, computed once.
 
     last_token pooling: each example at its true length (padding never matters);
     last_position pooling: each example padded to the dataset's pad length, since the pooled
     position then is a pad token whose activation depends on the padding.
-    Examples of equal length run together, up to max_tokens per call, so no padding is computed.
-    Messages that repeat (the SMS data holds some spam several times) are computed once and share
-    one array. -> list of [T_i, C] float arrays, one per example"""
+    Examples run packed along one axis (`model.forward_prefix_packed`), about max_tokens per
+    call, so every matmul is large and no padding is computed. Messages that repeat (the SMS
+    data holds some spam several times) are computed once and share one array. -> list of [T_i, C] float arrays, one per example"""
     if pooling == "last_position":
         if dataset.pad_to is None:
             return None   # per-batch padding: the pooled activations depend on the batch
@@ -89,18 +89,19 @@ def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=4
         lengths = dataset.lengths
     first = {}                                   # token sequence -> the first example holding it
     same_as = np.array([first.setdefault(tuple(dataset.tokens[r]), r) for r in range(len(dataset))])
+    unique = np.flatnonzero(same_as == np.arange(len(dataset)))
     feats = [None] * len(dataset)
-    for T in np.unique(lengths):
-        rows = np.flatnonzero((lengths == T) & (same_as == np.arange(len(dataset))))
-        step = max(1, max_tokens // int(T))
-        for k in range(0, len(rows), step):
-            chunk = rows[k:k + step]
-            ids, _ = _ids(dataset, chunk, int(T))
-            x = model.forward_prefix(params, config, ids, start)                   # [n,T,C]
-            for j, r in enumerate(chunk):
-                feats[r] = x[j]
-            if progress:
-                progress(len(chunk) * int(T))
+    k = 0
+    while k < len(unique):                       # packs of whole examples, about max_tokens each
+        n = np.searchsorted(np.cumsum(lengths[unique[k:]]), max_tokens, side="right")
+        chunk = unique[k:k + max(1, n)]
+        k += len(chunk)
+        ids, _ = _ids(dataset, chunk, int(lengths[chunk].max()))                  # [n,T]
+        seqs = [ids[j, :lengths[r]] for j, r in enumerate(chunk)]
+        for r, x in zip(chunk, model.forward_prefix_packed(params, config, seqs, start)):
+            feats[r] = x                                                           # [T_r,C]
+        if progress:
+            progress(int(lengths[chunk].sum()))
     for r in np.flatnonzero(same_as != np.arange(len(dataset))):
         feats[r] = feats[same_as[r]]
         if progress:

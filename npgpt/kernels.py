@@ -8,6 +8,7 @@ every kernel with its twin. The public names (no suffix) are what the model call
     layernorm_forward(x, g, b, eps=1e-5)      layernorm_backward(dy, x, mean, rstd, g)
     gelu_forward(x)                           gelu_backward(dy, x)
     attention_forward(qkv, n_head)            attention_backward(dout, qkv, att, n_head)
+    attention_packed_forward(qkv, starts, n_head)   (sequences packed along the rows; forward only)
     attention_query_forward(q, kv, pos, n_head)
     attention_query_backward(dout, q, kv, att, pos, n_head)
     adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)   (in place)
@@ -105,6 +106,18 @@ def attention_forward_np(qkv, n_head):
     att = (e / e.sum(axis=-1, keepdims=True)).astype(qkv.dtype)             # [B,H,T,T]
     out = _merge_heads(att @ v)                                             # [B,T,C]
     return out, att
+
+
+def attention_packed_forward_np(qkv, starts, n_head):
+    """`attention_forward_np` for sequences of different lengths packed one after another along
+    the rows (no padding): sequence s is rows starts[s]..starts[s+1]-1 and attends only to itself.
+    Forward only (for frozen blocks): the probabilities are not kept.
+
+    qkv [N,3C], starts [S+1] (0 = starts[0] < ... < starts[S] = N) -> out [N,C]"""
+    out = np.empty((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype)            # [N,C]
+    for s, e in zip(starts[:-1], starts[1:]):
+        out[s:e] = attention_forward_np(qkv[None, s:e], n_head)[0][0]      # [T_s,C]
+    return out
 
 
 def attention_backward_np(dout, qkv, att, n_head):
@@ -465,6 +478,44 @@ def attention_forward_numba(qkv, n_head):
 
 
 @njit(**_JIT)
+def _attention_packed_forward_kernel(qkv, starts, n_head, out):
+    N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    S = starts.shape[0] - 1
+    scale = qkv.dtype.type(1.0 / np.sqrt(D))
+    for sh in prange(S * n_head):                            # (sequence, head) pairs are independent
+        s = sh // n_head
+        h = sh % n_head
+        seq = qkv[starts[s]:starts[s + 1]][None]             # [1,T,3C], a view
+        q = _head(seq, 0, h * D, D)                          # [T,D]
+        k = _head(seq, 0, C + h * D, D)                      # [T,D]
+        v = _head(seq, 0, 2 * C + h * D, D)                  # [T,D]
+        T = q.shape[0]
+        p = np.empty((T, T), qkv.dtype)                      # [T,T] scratch
+        _causal_dots(q, k, scale, p)
+        _causal_softmax_rows(p)
+        o = _lower_matmul(p, v)                              # [T,D]
+        for t in range(T):
+            for d in range(D):
+                out[starts[s] + t, h * D + d] = o[t, d]
+
+
+def attention_packed_forward_numba(qkv, starts, n_head):
+    """Numba twin of `attention_packed_forward_np`. qkv [N,3C], starts [S+1] -> out [N,C]"""
+    dt = _float_dtype(qkv)
+    qkv = _c(qkv, dt)
+    N, C3 = qkv.shape
+    _head_dim("attention_packed_forward", C3 // 3, n_head)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    if starts.ndim != 1 or len(starts) < 2 or starts[0] != 0 or starts[-1] != N or np.any(np.diff(starts) < 1):
+        raise ValueError(f"attention_packed_forward: starts must rise from 0 to {N} (rows), got {starts}")
+    out = np.empty((N, C3 // 3), dt)                         # [N,C]
+    _attention_packed_forward_kernel(qkv, starts, n_head, out)
+    return out
+
+
+@njit(**_JIT)
 def _attention_backward_kernel(dout, qkv, att, n_head, dqkv):
     B, T, C3 = qkv.shape
     C = C3 // 3
@@ -743,6 +794,7 @@ if USE_NUMBA:
     gelu_backward = gelu_backward_numba
     adamw_update = adamw_update_numba
     attention_forward = attention_forward_numba
+    attention_packed_forward = attention_packed_forward_numba
     attention_backward = attention_backward_numba
     attention_query_forward = attention_query_forward_numba
     attention_query_backward = attention_query_backward_numba
@@ -753,6 +805,7 @@ else:
     gelu_backward = gelu_backward_np
     adamw_update = adamw_update_np
     attention_forward = attention_forward_np
+    attention_packed_forward = attention_packed_forward_np
     attention_backward = attention_backward_np
     attention_query_forward = attention_query_forward_np
     attention_query_backward = attention_query_backward_np

@@ -93,11 +93,18 @@ def _p(params, i, name):
     return params[f"h{i}/{name}"]
 
 
-def block_forward(params, i, x, n_head, save=True):
-    """Block i over every position. x [B,T,C] -> x [B,T,C] (and what backward needs, if save)."""
+def block_forward(params, i, x, n_head, save=True, starts=None):
+    """Block i over every position. x [B,T,C] -> x [B,T,C] (and what backward needs, if save).
+
+    With `starts`, x is instead [N,C]: sequences packed one after another along the rows
+    (sequence s is rows starts[s]..starts[s+1]-1), forward only. Every operation but attention
+    works row by row, so only attention needs to know where the sequences begin."""
     h1, ln1 = ops.layernorm_forward(x, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))    # [B,T,C]
     qkv, fc_attn = ops.linear_forward(h1, _p(params, i, "attn/c_attn/w"), _p(params, i, "attn/c_attn/b"))  # [B,T,3C]
-    a, attn = ops.attention_forward(qkv, n_head)                                            # [B,T,C]
+    if starts is not None:
+        a, attn, save = ops.attention_packed_forward(qkv, starts, n_head), None, False      # [N,C]
+    else:
+        a, attn = ops.attention_forward(qkv, n_head)                                        # [B,T,C]
     o, fc_aproj = ops.linear_forward(a, _p(params, i, "attn/c_proj/w"), _p(params, i, "attn/c_proj/b"))  # [B,T,C]
     x1 = x + o                                                                              # [B,T,C]
     h2, ln2 = ops.layernorm_forward(x1, _p(params, i, "ln_2/g"), _p(params, i, "ln_2/b"))   # [B,T,C]
@@ -222,6 +229,24 @@ def forward_prefix(params, config: GPT2Config, ids, stop: int):
     for i in range(stop):
         x, _ = block_forward(params, i, x, config.n_head, save=False)                      # [B,T,C]
     return x
+
+
+def forward_prefix_packed(params, config: GPT2Config, seqs, stop: int):
+    """`forward_prefix` for sequences of different lengths without padding: their tokens are packed
+    along one axis, so each matmul runs over all of them at once, and attention keeps each sequence
+    to itself. seqs: list of 1-D token arrays [T_s] -> list of [T_s,C] arrays (views of one array)"""
+    lengths = np.array([len(s) for s in seqs])
+    if len(seqs) == 0 or lengths.min() < 1 or lengths.max() > config.n_ctx:
+        raise NpgptError(f"packed sequences need lengths in 1..{config.n_ctx}")
+    ids = np.concatenate(seqs)                                                             # [N]
+    if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= config.vocab_size:
+        raise NpgptError(f"token ids must be integers in 0..{config.vocab_size - 1}")
+    starts = np.concatenate([[0], np.cumsum(lengths)])                                     # [S+1]
+    pos = np.arange(len(ids)) - np.repeat(starts[:-1], lengths)                            # [N] position in its sequence
+    x = params["wte"][ids] + params["wpe"][pos]                                            # [N,C]
+    for i in range(stop):
+        x, _ = block_forward(params, i, x, config.n_head, save=False, starts=starts)       # [N,C]
+    return np.split(x, starts[1:-1])
 
 
 def forward_lm(params, config: GPT2Config, ids):

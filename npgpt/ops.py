@@ -124,6 +124,14 @@ def attention_forward(qkv, n_head):
     return out, (qkv, att, n_head)
 
 
+def attention_packed_forward(qkv, starts, n_head):
+    """The same core for sequences packed one after another along the rows, each attending only
+    to itself (rows starts[s]..starts[s+1]-1). Forward only: for frozen blocks, nothing is saved.
+
+    qkv [N,3C], starts [S+1] -> out [N,C]"""
+    return kernels.attention_packed_forward(qkv, starts, n_head)            # [N,C]
+
+
 def attention_backward(dout, saved):
     """Through out = att v and att = softmax(s): datt = dout v^T, dv = att^T dout,
     ds = att * (datt - sum(datt * att)), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D).

@@ -130,6 +130,29 @@ def test_attention_query_numba_matches_numpy(dtype, shape, pos):
             assert np.all(np.abs(d[b, :pos[b] + 1]).sum(axis=-1) > 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths", [[1], [5], [3, 1, 7, 2], [1, 1, 1], [13, 40]])
+def test_attention_packed_numba_matches_numpy_and_each_sequence_alone(dtype, lengths):
+    H, D = 3, 5
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    rng = np.random.default_rng(len(lengths))
+    qkv = rng.standard_normal((starts[-1], 3 * H * D)).astype(dtype)       # [N,3C]
+    out = K.attention_packed_forward_numba(qkv, starts, H)
+    out_np = K.attention_packed_forward_np(qkv, starts, H)
+    assert out.dtype == dtype and out.shape == (starts[-1], H * D)
+    assert rel_err(out, out_np) <= TOL[dtype]
+    for s, e in zip(starts[:-1], starts[1:]):               # no sequence sees another
+        alone, _ = K.attention_forward_np(qkv[None, s:e], H)
+        assert rel_err(out[s:e], alone[0]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("starts", [[0, 3, 3, 6], [1, 6], [0, 5], [0, 7]])
+def test_attention_packed_rejects_bad_starts(starts):
+    qkv = np.zeros((6, 9), np.float32)
+    with pytest.raises(ValueError, match="starts"):
+        K.attention_packed_forward_numba(qkv, np.array(starts), 1)
+
+
 def test_attention_query_is_a_row_of_full_attention():
     """Query attention at pos[b] equals row pos[b] of the full causal attention."""
     B, T, H, D = 3, 7, 3, 5

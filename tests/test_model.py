@@ -92,6 +92,19 @@ def test_unpadded_cache_equals_padded_batch():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_packed_prefix_equals_each_sequence_alone(dtype, tol):
+    p = tiny_params(dtype)
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, CFG.vocab_size, n) for n in (6, 1, 4, 2)]
+    packed = model.forward_prefix_packed(p, CFG, seqs, CFG.n_layer)
+    assert [x.shape for x in packed] == [(len(s), CFG.n_embd) for s in seqs]
+    for s, x in zip(seqs, packed):
+        assert rel_error(x, model.forward_prefix(p, CFG, s[None], CFG.n_layer)[0]) <= tol
+    with pytest.raises(NpgptError):
+        model.forward_prefix_packed(p, CFG, [np.array([CFG.vocab_size])], 1)
+
+
 def test_padding_invariance_last_token():
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=50257, n_ctx=16)
     p = P.init_params(cfg, seed=3, num_classes=2)
