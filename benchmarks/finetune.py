@@ -11,8 +11,9 @@ own process, on the same number of threads; its wall time (launch to exit) and p
 memory (the child's own getrusage maximum) are measured from outside.
 
   npgpt     `python -m npgpt.train --random-init ...` as a user runs it: last-real-token pooling,
-            the frozen blocks 0..10 computed once per message at its true length, batches padded
-            to their longest message, the last block only where the head reads.
+            the frozen blocks 0..10 computed once per distinct message at its true length (many
+            messages packed into each matmul), the last block only where the head reads (keys
+            and values at the real tokens, the rest at the last one).
   PyTorch   benchmarks/torch_finetune.py: the reference's procedure (every message padded to 120
             tokens, the logits at the last position, all 12 blocks every step and every evaluation).
 
@@ -21,8 +22,8 @@ compiled kernels in the on-disk cache, and their start-up time (launch to the li
 training) is reported.
 
 Work and lower bound: the matmul FLOPs of the linear layers each side must do (npgpt: blocks 0..10
-once over every token of train + validation + test at true length, then per step and per
-evaluation the last block's rows; PyTorch: all 12 blocks over 8 x 120 tokens per step and per
+once over every token of the distinct messages of train, validation and test at true length,
+then per step and per evaluation the last block's rows; PyTorch: all 12 blocks over 8 x 120 tokens per step and per
 evaluation batch, plus the last block's backward), divided by a GEMM peak measured here with
 NumPy at the same thread count (the best of the model's linear-layer shapes at 4096 rows).
 """
@@ -91,13 +92,16 @@ def count_work(args, work_dir):
     B, pad = 8, train.pad_to
 
     def last_block(rows, lengths, backward):
-        """The pooled last block over a batch padded to its longest row: keys and values at every
-        position (2 of c_attn's 3 parts), query, c_proj and the MLP at one row per sequence."""
-        T = int(lengths[rows].max())
-        fwd = 2 * len(rows) * T * C * 2 * C + 2 * len(rows) * 10 * C * C
+        """The pooled last block: keys and values (2 of c_attn's 3 parts) at each message's real
+        tokens, the query, c_proj and the MLP at one row per message."""
+        fwd = 2 * int(lengths[rows].sum()) * C * 2 * C + 2 * len(rows) * 10 * C * C
         return 3 * fwd if backward else fwd          # backward: a dW and a dX matmul per forward one
 
-    npg = {"prefix": sum(int(d.lengths.sum()) for d in (train, val, test)) * (L - 1) * LIN,
+    def unique_tokens(d):
+        """Tokens of the distinct messages of a split (a repeated message is computed once)."""
+        return sum(len(t) for t in {tuple(t[:n]) for t, n in zip(d.tokens, d.lengths)})
+
+    npg = {"prefix": sum(unique_tokens(d) for d in (train, val, test)) * (L - 1) * LIN,
            "steps": 0, "evals": 0}
     ref = {"steps": 0, "evals": 0}
     step, eval_rows = -1, []

@@ -30,7 +30,9 @@ min-max over --repeats turns of the same run.
 
 Then the kernels (LayerNorm, attention, GELU, forward and backward; the AdamW update of the 7.09M
 trainable parameters): Numba, its NumPy twin, and the PyTorch operation, at 1 thread and at
---threads. Ratios are npgpt/PyTorch: below 1, npgpt is faster.
+--threads. The row "block matmuls" is the four linear-layer matmuls of one block (no Numba there:
+both npgpt columns are NumPy's matmul, i.e. OpenBLAS, against PyTorch's BLAS): most of a dense
+step's time, and the floor of what npgpt's dense path can reach against PyTorch. Ratios are npgpt/PyTorch: below 1, npgpt is faster.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ import time  # noqa: E402
 
 from common import fmt_ms, machine_info, print_info, summary, write_json  # noqa: E402
 
-KERNELS = ("layernorm fwd", "layernorm bwd", "attention fwd", "attention bwd", "gelu fwd", "gelu bwd")
+KERNELS = ("layernorm fwd", "layernorm bwd", "attention fwd", "attention bwd", "gelu fwd", "gelu bwd", "block matmuls")
 
 
 def parse_args(argv=None):
@@ -93,7 +95,16 @@ def kernel_inputs(B, T, C=768, H=12):
             "b": 0.1 * r.standard_normal(C, dtype=f32), "dy": r.standard_normal((N, C), dtype=f32),
             "qkv": r.standard_normal((B, T, 3 * C), dtype=f32), "dout": r.standard_normal((B, T, C), dtype=f32),
             "f": 2 * r.standard_normal((N, 4 * C), dtype=f32), "df": r.standard_normal((N, 4 * C), dtype=f32),
+            "w": [0.02 * r.standard_normal(s, dtype=f32) for s in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C))],
             "H": H}
+
+
+def block_matmuls(a, matmul):
+    """The four matmuls of a block's linear layers (c_attn, attn c_proj, c_fc, mlp c_proj) on
+    N rows: the GEMM work both sides hand to their BLAS (NumPy: OpenBLAS; PyTorch: its own)."""
+    w1, w2, w3, w4 = a["w"]
+    x, f = a["x"], a["f"]
+    return matmul(x, w1), matmul(x, w2), matmul(x, w3), matmul(f, w4)
 
 
 def adamw_inputs():
@@ -161,6 +172,7 @@ def npgpt_cases(args):
                 a["dout"], a["qkv"], att, a["H"])
             cases[f"{impl} gelu fwd {B}x{T}"] = lambda f=f, a=a: f["gelu_forward"](a["f"])
             cases[f"{impl} gelu bwd {B}x{T}"] = lambda f=f, a=a: f["gelu_backward"](a["df"], a["f"])
+            cases[f"{impl} block matmuls {B}x{T}"] = lambda a=a: block_matmuls(a, np.matmul)
     state = {impl: {n: (pg[0].copy(), pg[1], np.zeros_like(pg[0]), np.zeros_like(pg[0]))
                     for n, pg in adamw_inputs().items()} for impl in ("numba", "np")}
     for impl in ("numba", "np"):
@@ -199,8 +211,9 @@ def torch_cases(args):
                 m(ids)
 
         cases[f"step {B}x{T}"], cases[f"eval {B}x{T}"] = step, evaluate
-        a = {k: torch.tensor(v, requires_grad=k in ("x", "g", "b", "qkv", "f")) if k != "H" else v
+        a = {k: torch.tensor(v, requires_grad=k in ("x", "g", "b", "qkv", "f")) if k not in ("H", "w") else v
              for k, v in kernel_inputs(B, T).items()}
+        a["w"] = [torch.tensor(w) for w in a["w"]]
         C, H = a["x"].shape[1], a["H"]
         y = F.layer_norm(a["x"], (C,), a["g"], a["b"], 1e-5)
         o = _attention(a["qkv"], H, args.torch_attention)
@@ -212,6 +225,7 @@ def torch_cases(args):
         cases[f"torch attention bwd {B}x{T}"] = lambda o=o, a=a: torch.autograd.grad(o, a["qkv"], a["dout"], retain_graph=True)
         cases[f"torch gelu fwd {B}x{T}"] = lambda a=a: _inference(F.gelu, a["f"], approximate="tanh")
         cases[f"torch gelu bwd {B}x{T}"] = lambda gl=gl, a=a: torch.autograd.grad(gl, a["f"], a["df"], retain_graph=True)
+        cases[f"torch block matmuls {B}x{T}"] = lambda a=a: _inference(block_matmuls, a, torch.matmul)
     tparams = []
     for w, g in adamw_inputs().values():
         t = torch.tensor(w, requires_grad=True)
