@@ -106,8 +106,11 @@ def print_info(info: dict, out=sys.stdout) -> None:
     print("\n".join(lines), file=out)
 
 
-def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict:
-    """Time each callable of `variants` (name -> fn) `repeats` times, in turns.
+def interleaved(variants: dict, repeats: int, warmup: int = 1, settle: float = 0.0,
+                self_timed: bool = False) -> dict:
+    """Time each callable of `variants` (name -> fn) `repeats` times, in turns, after `warmup`
+    untimed turns, sleeping `settle` seconds before each call. With self_timed, each fn measures
+    itself and returns its seconds (a turn of several calls, or a call in another process).
 
     -> {name: [seconds, ...]}"""
     for _ in range(warmup):
@@ -116,9 +119,10 @@ def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict:
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
+            time.sleep(settle)
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            r = fn()
+            times[name].append(r if self_timed else time.perf_counter() - t0)
     return times
 
 

@@ -46,7 +46,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from common import fmt_ms, machine_info, print_info, summary, write_json  # noqa: E402
+from common import fmt_ms, interleaved, machine_info, print_info, summary, write_json  # noqa: E402
 
 KERNELS = ("layernorm fwd", "layernorm bwd", "attention fwd", "attention bwd", "gelu fwd", "gelu bwd", "block matmuls")
 
@@ -306,14 +306,7 @@ class TorchWorker:
 def in_turns(variants, repeats, settle, warmup=1):
     """variants: {name: () -> seconds}; each called repeats times, in turns, after warm-up turns;
     `settle` seconds of sleep before each turn."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times = {k: [] for k in variants}
-    for _ in range(repeats):
-        for k, fn in variants.items():
-            time.sleep(settle)
-            times[k].append(fn())
+    times = interleaved(variants, repeats, warmup, settle=settle, self_timed=True)
     return {k: summary(v) for k, v in times.items()}
 
 

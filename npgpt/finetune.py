@@ -80,7 +80,8 @@ def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=2
     position then is a pad token whose activation depends on the padding.
     Examples run packed along one axis (`model.forward_prefix_packed`), about max_tokens per
     call, so every matmul is large and no padding is computed. Messages that repeat (the SMS
-    data holds some spam several times) are computed once and share one array. -> list of [T_i, C] float arrays, one per example"""
+    data holds some spam several times) are computed once and share one array.
+    -> list of [T_i, C] float arrays, one per example"""
     if pooling == "last_position":
         if dataset.pad_to is None:
             return None   # per-batch padding: the pooled activations depend on the batch

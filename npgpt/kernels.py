@@ -443,6 +443,19 @@ def _causal_softmax_rows(p):
             p[t, s] = zero
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _head_attention(x, b, h, C, D, scale, p):
+    """One head's causal attention over sequence b of x [B,T,3C]: copies its q, k, v out of x,
+    fills p [T,T] with the probabilities (scores q k^T / sqrt(D), keys 0..t, then softmax) and
+    returns att v [T,D]."""
+    q = _head(x, b, h * D, D)                                # [T,D]
+    k = _head(x, b, C + h * D, D)                            # [T,D]
+    v = _head(x, b, 2 * C + h * D, D)                        # [T,D]
+    _causal_dots(q, k, scale, p)
+    _causal_softmax_rows(p)
+    return _lower_matmul(p, v)                               # [T,D]
+
+
 @njit(**_JIT)
 def _attention_forward_kernel(qkv, n_head, out, att):
     B, T, C3 = qkv.shape
@@ -452,13 +465,7 @@ def _attention_forward_kernel(qkv, n_head, out, att):
     for bh in prange(B * n_head):                            # (batch, head) pairs are independent
         b = bh // n_head
         h = bh % n_head
-        q = _head(qkv, b, h * D, D)                          # [T,D]
-        k = _head(qkv, b, C + h * D, D)                      # [T,D]
-        v = _head(qkv, b, 2 * C + h * D, D)                  # [T,D]
-        p = att[b, h]                                        # [T,T] filled in place:
-        _causal_dots(q, k, scale, p)                         #   scores q k^T / sqrt(D), keys 0..t
-        _causal_softmax_rows(p)                              #   then the probabilities
-        o = _lower_matmul(p, v)                              # [T,D] att v
+        o = _head_attention(qkv, b, h, C, D, scale, att[b, h])  # [T,D]; att[b,h] filled in place
         for t in range(T):
             for d in range(D):
                 out[b, t, h * D + d] = o[t, d]
@@ -488,14 +495,9 @@ def _attention_packed_forward_kernel(qkv, starts, n_head, out):
         s = sh // n_head
         h = sh % n_head
         seq = qkv[starts[s]:starts[s + 1]][None]             # [1,T,3C], a view
-        q = _head(seq, 0, h * D, D)                          # [T,D]
-        k = _head(seq, 0, C + h * D, D)                      # [T,D]
-        v = _head(seq, 0, 2 * C + h * D, D)                  # [T,D]
-        T = q.shape[0]
-        p = np.empty((T, T), qkv.dtype)                      # [T,T] scratch
-        _causal_dots(q, k, scale, p)
-        _causal_softmax_rows(p)
-        o = _lower_matmul(p, v)                              # [T,D]
+        T = seq.shape[1]
+        p = np.empty((T, T), qkv.dtype)                      # [T,T] scratch: not kept
+        o = _head_attention(seq, 0, h, C, D, scale, p)       # [T,D]
         for t in range(T):
             for d in range(D):
                 out[starts[s] + t, h * D + d] = o[t, d]

@@ -102,7 +102,9 @@ def block_forward(params, i, x, n_head, save=True, starts=None):
     h1, ln1 = ops.layernorm_forward(x, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))    # [B,T,C]
     qkv, fc_attn = ops.linear_forward(h1, _p(params, i, "attn/c_attn/w"), _p(params, i, "attn/c_attn/b"))  # [B,T,3C]
     if starts is not None:
-        a, attn, save = ops.attention_packed_forward(qkv, starts, n_head), None, False      # [N,C]
+        if save:
+            raise ValueError("block_forward: packed sequences (starts) are forward only; pass save=False")
+        a, attn = ops.attention_packed_forward(qkv, starts, n_head), None                   # [N,C]
     else:
         a, attn = ops.attention_forward(qkv, n_head)                                        # [B,T,C]
     o, fc_aproj = ops.linear_forward(a, _p(params, i, "attn/c_proj/w"), _p(params, i, "attn/c_proj/b"))  # [B,T,C]

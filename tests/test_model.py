@@ -103,6 +103,8 @@ def test_packed_prefix_equals_each_sequence_alone(dtype, tol):
         assert rel_error(x, model.forward_prefix(p, CFG, s[None], CFG.n_layer)[0]) <= tol
     with pytest.raises(NpgptError):
         model.forward_prefix_packed(p, CFG, [np.array([CFG.vocab_size])], 1)
+    with pytest.raises(ValueError, match="forward only"):    # nothing is kept for a backward
+        model.block_forward(p, 0, np.zeros((3, CFG.n_embd), dtype), CFG.n_head, starts=[0, 3])
 
 
 def test_padding_invariance_last_token():

@@ -239,6 +239,25 @@ def test_padding_invariance(case):
         assert worst <= PAD_ATOL
 
 
+def test_packed_prefix_path(case):
+    """The training path: the frozen blocks over the messages packed without padding (packed
+    attention kernel), re-padded, then the pooled last block: class logits as PyTorch's."""
+    config, params = case["config"], case["params"]
+    ids, lengths = case["ids"], case["lengths"]
+    first = config.n_layer - 1
+    seqs = [ids[b, :n] for b, n in enumerate(lengths)]
+    x = np.zeros((len(ids), ids.shape[1], config.n_embd), np.float32)            # [B,T,C]
+    for b, xb in enumerate(model.forward_prefix_packed(params, config, seqs, first)):
+        x[b, :len(xb)] = xb
+    got = model.forward_cls(params, config, x_start=x, start=first, lengths=lengths)
+    with torch.no_grad():
+        want = case["tmodel"].forward_cls(torch.as_tensor(ids), lengths=lengths,
+                                          pooling="last_token").numpy()          # [B,2]
+    err = max_abs(got, want)
+    record(f"{case['name']} packed_prefix cls_logits max_abs", err)
+    assert err <= LOGITS_ATOL
+
+
 # ----------------------------------------------------------------------------- AdamW
 
 def test_adamw_training_matches_torch():
