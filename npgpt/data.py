@@ -4,20 +4,33 @@ The pipeline, one function a step:
 
     download_sms_spam / extract_sms_spam   UCI zip -> data/SMSSpamCollection
     read_sms_spam                          file -> DataFrame [Label "ham"/"spam", Text, Line]
+                                           (parse="pandas", the reference's read, or "strict")
     balance_and_split                      undersample ham, shuffle, 70/10/20 -> 3 DataFrames
     prepare_splits                         all of the above, writing/reusing train/validation/test.csv
     make_datasets                          DataFrames -> SpamDataset (token ids, lengths, labels)
     train_batches / eval_batches           index arrays per batch
     make_batch                             ids [B,T] right-padded with 50256, lengths [B]
 
-`Line` is the 1-based line number of a message in SMSSpamCollection. The corpus has duplicate
-messages (5574 lines, 5171 distinct), so Line, not Text, identifies a row.
+`Line` is the 1-based line number where a message starts in SMSSpamCollection. The corpus has
+duplicate messages (5574 lines, 5171 distinct), so Line, not Text, identifies a row.
+
+Two parses of the file:
+- "pandas" (the default): exactly the reference's `pd.read_csv(path, sep="\t", header=None,
+  names=["Label", "Text"])`. Its C parser treats a `"` that opens a field as a quote: UCI's line
+  5082 opens such a quote that closes only on line 5084, so lines 5082-5084 become one message
+  (the quotes removed, the two newlines kept) and the file gives 5572 messages, 4825 ham. This is
+  the parse the reference's splits, and so its published accuracies, come from.
+- "strict": one message a line, the text verbatim after the first tab (5574 messages, 4827 ham),
+  every bad line reported by its number. For a file whose quotes are not CSV quoting (an SMS may
+  well begin with `"`), this is the faithful reading.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -110,9 +123,26 @@ def _find_members(zf: zipfile.ZipFile, names: set, depth: int) -> dict:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with _temporary_beside(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path):
+    """A fresh temporary file name in path's folder, renamed onto `path` when the block ends.
+
+    The name is unique (tempfile), so two processes writing the same target never touch each
+    other's half-written file; os.replace is atomic, so a reader sees the old file or the new one.
+    On an error the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +160,14 @@ def split_lines(raw: bytes) -> list:
     return lines
 
 
-def read_sms_spam(path, skip_bad_lines=False) -> pd.DataFrame:
-    """Parse SMSSpamCollection: one message a line, `label<TAB>text`, label ham or spam.
+PARSES = ("pandas", "strict")
+
+
+def read_sms_spam(path, skip_bad_lines=False, parse="pandas") -> pd.DataFrame:
+    """Read SMSSpamCollection (`label<TAB>text`, label ham or spam) as `parse` says.
+
+    parse="pandas" (default): the reference's read_csv, see `read_sms_spam_pandas`.
+    parse="strict": one message a line, see below.
 
     Returns a DataFrame with columns Label ("ham"/"spam"), Text, Line (1-based line number).
     The text after the first tab is kept verbatim, further tabs included; only a trailing "\\r"
@@ -144,7 +180,11 @@ def read_sms_spam(path, skip_bad_lines=False) -> pd.DataFrame:
     such lines are left out instead: `df.attrs["skipped"]` lists them ("line 7: no tab ...")
     and `df.attrs["warning"]` is a one-line summary to print ("" when nothing was skipped).
     """
+    if parse not in PARSES:
+        raise DataError(f"unknown parse {parse!r} (expected one of {', '.join(PARSES)})")
     path = Path(path)
+    if parse == "pandas":
+        return read_sms_spam_pandas(path, skip_bad_lines)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -165,6 +205,61 @@ def read_sms_spam(path, skip_bad_lines=False) -> pd.DataFrame:
     df.attrs["skipped"] = skipped
     df.attrs["warning"] = skipped_warning(path, skipped)
     return df
+
+
+def read_sms_spam_pandas(path, skip_bad_lines=False) -> pd.DataFrame:
+    """The reference's read: `pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])`.
+
+    Columns Label, Text, Line as `read_sms_spam`. pandas' C parser treats a field that opens with
+    `"` as quoted: the quotes go and the field runs to the closing quote, across newlines. Line is
+    where a row starts: 1 + the lines every earlier row spans (each embedded newline one more;
+    the parser skips blank lines, so rows are counted from the raw bytes only when there are none).
+    A row with a label other than ham/spam, or no text, raises DataError naming its line (or is
+    skipped with skip_bad_lines, as in the strict parse).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8 (byte {e.start}); "
+                        "--parse strict can skip such lines with --skip-bad-lines") from None
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=["Label", "Text"])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise DataError(f"{path}: pandas cannot read it ({str(e).splitlines()[0]}); "
+                        "try --parse strict") from None
+    labels = df["Label"].astype(object).tolist()
+    texts = df["Text"].astype(object).tolist()
+    rows, skipped, line = [], [], 1
+    for label, text in zip(labels, texts):
+        label = label if isinstance(label, str) else ""
+        reason = None
+        if label.strip().lower() in HEADER_WORDS:
+            reason = f"a header line ({label!r}); the file must have none"
+        elif label not in LABELS:
+            reason = f"unknown label {label!r} (expected ham or spam)"
+        elif not isinstance(text, str) or not text:
+            reason = "empty message"
+        if reason is None:
+            rows.append((label, text, line))
+        elif skip_bad_lines:
+            skipped.append(f"line {line}: {reason}")
+        else:
+            raise DataError(f"{path}: line {line}: {reason}")
+        line += 1 + label.count("\n") + (text.count("\n") if isinstance(text, str) else 0)
+    if not rows:
+        raise DataError(f"{path}: no messages")
+    out = pd.DataFrame(rows, columns=["Label", "Text", "Line"])
+    out["Label"] = out["Label"].astype(object)
+    out["Text"] = out["Text"].astype(object)
+    out.attrs["skipped"] = skipped
+    out.attrs["warning"] = skipped_warning(path, skipped)
+    return out
 
 
 def _parse_line(line: bytes):
@@ -226,14 +321,16 @@ def balance_and_split(df: pd.DataFrame, seed=SEED, train_frac=0.7, validation_fr
 
 
 def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=False, seed=SEED,
-                   rebuild=False, urls=None, progress=True):
+                   rebuild=False, urls=None, progress=True, parse="pandas"):
     """The (train, validation, test) DataFrames, with train.csv, validation.csv, test.csv in out_dir.
 
     data_path None: the three CSVs in `out_dir` are reused when all are there; else they are
     built from `out_dir/SMSSpamCollection`, downloaded first if missing. data_path given (the
     SMSSpamCollection file or UCI's zip): the CSVs are always rebuilt from it, as with rebuild.
+    parse: "pandas" (the reference's read, and so its exact splits) or "strict" (`read_sms_spam`).
     Each returned frame carries the parse's `attrs["skipped"]` and `attrs["warning"]`
-    (empty when the CSVs were reused).
+    (empty when the CSVs were reused). Runs sharing out_dir may call this at the same time: each
+    writes through its own temporary files and renames them into place.
     """
     out_dir = Path(out_dir)
     csvs = [out_dir / f"{name}.csv" for name in SPLITS]
@@ -245,15 +342,19 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
             data_path = download_sms_spam(out_dir, urls=urls, progress=progress)
     elif zipfile.is_zipfile(data_path):
         data_path = extract_sms_spam(data_path, out_dir)
-    messages = read_sms_spam(data_path, skip_bad_lines=skip_bad_lines)
+    messages = read_sms_spam(data_path, skip_bad_lines=skip_bad_lines, parse=parse)
     splits = balance_and_split(messages, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, p in zip(splits, csvs):
-        tmp = p.with_name(p.name + ".part")
-        # Every text quoted: a bare "\r" inside a message would otherwise end the CSV row.
-        split.to_csv(tmp, index=False, encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
-        os.replace(tmp, p)
+        write_split_csv(split, p)
     return tuple(_tag(s, messages.attrs["skipped"], messages.attrs["warning"]) for s in splits)
+
+
+def write_split_csv(df: pd.DataFrame, path) -> None:
+    """Write a split atomically, every text quoted (a bare "\r" inside a text would otherwise
+    end the CSV row)."""
+    with _temporary_beside(Path(path)) as tmp:
+        df.to_csv(tmp, index=False, encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _tag(df, skipped, warning=""):

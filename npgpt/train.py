@@ -67,6 +67,9 @@ def build_parser():
                    help="SMSSpamCollection file or UCI zip on disk (default: reuse or download into --data-dir)")
     g.add_argument("--data-dir", default="data", help="where the data and the train/validation/test CSVs live")
     g.add_argument("--skip-bad-lines", action="store_true", help="skip malformed dataset lines and report them")
+    g.add_argument("--parse", default="pandas", choices=["pandas", "strict"],
+                   help="SMS file only: read it as the reference does (pandas' quoting, 5572 messages, its exact "
+                        "splits) or strictly one message a line (5574)")
     g.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
     g.add_argument("--max-length", default="longest", metavar="longest|batch|N",
                    help="pad to the longest training example (reference: 120), per batch, or to N tokens")
@@ -219,7 +222,7 @@ def main(argv=None):
                 "weights": args.weights or os.path.join(DEFAULT_WEIGHTS_DIR, f"gpt2-{args.model_size}.h5"),
                 "download": args.download, "trainable": trainable, "padding": padding,
                 "pooling": args.pooling.replace("-", "_"), "data": args.data, "data_dir": args.data_dir,
-                "skip_bad_lines": args.skip_bad_lines, "bpe_dir": args.bpe_dir,
+                "skip_bad_lines": args.skip_bad_lines, "parse": args.parse, "bpe_dir": args.bpe_dir,
                 "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                 "weight_decay": args.weight_decay, "decay_1d": not args.no_decay_1d,
                 "eval_freq": args.eval_freq, "eval_iter": args.eval_iter, "seed": args.seed,
@@ -236,7 +239,7 @@ def main(argv=None):
     check_output_dir(run_dir, need_bytes=4 * n_params + 3 * 4 * n_train + (16 << 20))
 
     splits = prepare_splits(info["data"], info["data_dir"], skip_bad_lines=info["skip_bad_lines"],
-                            progress=not args.quiet)
+                            progress=not args.quiet, parse=info.get("parse", "pandas"))
     if splits[0].attrs.get("warning"):
         log(splits[0].attrs["warning"])
     tok = get_tokenizer(info["bpe_dir"], weights_dir=os.path.dirname(info["weights"]) or ".")

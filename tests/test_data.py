@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from npgpt import data
+from npgpt import data, download  # noqa: F401  (a broken import must fail, not skip)
 from npgpt.data import (DATA_SHA256, SpamDataset, balance_and_split, eval_batches, extract_sms_spam,
                         make_batch, make_datasets, pad_length, prepare_splits, read_sms_spam,
                         read_split_csv, train_batches)
@@ -25,6 +25,11 @@ def sms_path(shared_data):
 
 @pytest.fixture(scope="module")
 def messages(sms_path):
+    return read_sms_spam(sms_path, parse="strict")
+
+
+@pytest.fixture(scope="module")
+def pandas_messages(sms_path):
     return read_sms_spam(sms_path)
 
 
@@ -65,10 +70,41 @@ def test_parse_is_verbatim(messages, sms_path):
     assert messages["Text"].str.startswith('"').sum() > 0  # the lines pandas' quoting merges
 
 
-def test_pandas_default_quoting_merges_lines(sms_path):
-    # The reason for a parser of our own: the reference book's read_csv sees 5572 messages.
+def test_pandas_default_quoting_merges_lines(sms_path, pandas_messages, messages):
+    # The default parse is the reference book's read_csv: 5572 messages, lines 5082-5084 merged.
     df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"])
-    assert len(df) == 5572
+    assert len(df) == len(pandas_messages) == 5572
+    assert pandas_messages["Label"].value_counts().to_dict() == {"ham": 4825, "spam": 747}
+    assert pandas_messages["Text"].tolist() == df["Text"].tolist()
+    assert pandas_messages["Label"].tolist() == df["Label"].tolist()
+    # Line is where each row starts: every row but the merged one is its line's strict message
+    strict = messages.set_index("Line")
+    lines = pandas_messages["Line"].to_numpy()
+    assert lines[0] == 1 and lines[-1] == 5574 and (np.diff(lines) >= 1).all()
+    merged = np.flatnonzero(np.diff(lines) > 1)
+    assert merged.tolist() == [5081] and lines[5081] == 5082 and lines[5082] == 5085
+    same = np.delete(np.arange(len(lines)), merged)
+    ours, theirs = strict.loc[lines[same], "Text"].to_numpy(), pandas_messages["Text"].to_numpy()[same]
+    quoted = np.array([t.startswith('"') for t in ours])
+    assert (ours[~quoted] == theirs[~quoted]).all()       # only a field opening with a quote changes
+    assert quoted.sum() > 0 and all(t.strip('"') == u or '""' in t for t, u in zip(ours[quoted], theirs[quoted])
+                                    if t.endswith('"'))
+    assert pandas_messages["Text"][5081].count("\n") == 2
+    assert strict.loc[5082, "Text"].startswith('"') and not pandas_messages["Text"][5081].startswith('"')
+
+
+def test_pandas_parse_bad_rows_name_their_line(tmp_path):
+    path = write_lines(tmp_path / "sms", [b"ham\tfine", b'spam\t"two\nlines"', b"eggs\tx", b"ham\tlast"])
+    with pytest.raises(DataError, match=r"line 4: unknown label 'eggs'"):
+        read_sms_spam(path)
+    df = read_sms_spam(path, skip_bad_lines=True)
+    assert df["Line"].tolist() == [1, 2, 5] and df["Text"].tolist() == ["fine", "two\nlines", "last"]
+    assert "line 4" in df.attrs["warning"]
+    path = write_lines(tmp_path / "latin", [b"ham\tfine", b"ham\tcaf\xe9"])
+    with pytest.raises(DataError, match=r"line 2: not valid UTF-8"):
+        read_sms_spam(path)
+    with pytest.raises(DataError, match="unknown parse"):
+        read_sms_spam(path, parse="loose")
 
 
 @pytest.mark.parametrize("bad, line_no, reason", [
@@ -84,8 +120,8 @@ def test_pandas_default_quoting_merges_lines(sms_path):
 def test_bad_line_names_line_number(tmp_path, bad, line_no, reason):
     path = write_lines(tmp_path / "sms", [b"ham\tfine", b"spam\talso fine", bad, b"ham\tlast"])
     with pytest.raises(DataError, match=rf"line {line_no}: .*{reason}"):
-        read_sms_spam(path)
-    df = read_sms_spam(path, skip_bad_lines=True)
+        read_sms_spam(path, parse="strict")
+    df = read_sms_spam(path, skip_bad_lines=True, parse="strict")
     assert df["Line"].tolist() == [1, 2, 4]
     assert len(df.attrs["skipped"]) == 1 and df.attrs["skipped"][0].startswith(f"line {line_no}:")
     assert "skipped 1 bad line" in df.attrs["warning"]
@@ -95,8 +131,8 @@ def test_bad_line_names_line_number(tmp_path, bad, line_no, reason):
 def test_header_line_is_an_error(tmp_path, header):
     path = write_lines(tmp_path / "sms", [header, b"ham\tfine", b"spam\tbuy"])
     with pytest.raises(DataError, match=r"line 1: a header line"):
-        read_sms_spam(path)
-    assert read_sms_spam(path, skip_bad_lines=True)["Text"].tolist() == ["fine", "buy"]
+        read_sms_spam(path, parse="strict")
+    assert read_sms_spam(path, skip_bad_lines=True, parse="strict")["Text"].tolist() == ["fine", "buy"]
 
 
 def test_skip_bad_lines_counts_them_all(tmp_path):
@@ -104,8 +140,8 @@ def test_skip_bad_lines_counts_them_all(tmp_path):
              b"ham\t\xc3", b"ham\tok 3"]
     path = write_lines(tmp_path / "sms", lines)
     with pytest.raises(DataError, match=r"line 1:"):
-        read_sms_spam(path)
-    df = read_sms_spam(path, skip_bad_lines=True)
+        read_sms_spam(path, parse="strict")
+    df = read_sms_spam(path, skip_bad_lines=True, parse="strict")
     assert df["Line"].tolist() == [2, 5, 8]
     assert [s.split(":")[0] for s in df.attrs["skipped"]] == [f"line {n}" for n in (1, 3, 4, 6, 7)]
     assert "skipped 5 bad lines" in df.attrs["warning"]
@@ -113,14 +149,14 @@ def test_skip_bad_lines_counts_them_all(tmp_path):
 
 def test_text_after_first_tab_is_kept(tmp_path):
     path = write_lines(tmp_path / "sms", [b'ham\ta\tb\t "quoted" \r', b"spam\t<|endoftext|> \xc2\x91\r\r"])
-    df = read_sms_spam(path)
+    df = read_sms_spam(path, parse="strict")
     assert df["Text"].tolist() == ['a\tb\t "quoted" ', "<|endoftext|> \x91\r"]  # one trailing \r goes
     assert df["Label"].tolist() == ["ham", "spam"]
 
 
 def test_no_trailing_newline_and_missing_file(tmp_path):
     (tmp_path / "sms").write_bytes(b"ham\tone\nspam\ttwo")
-    assert read_sms_spam(tmp_path / "sms")["Text"].tolist() == ["one", "two"]
+    assert read_sms_spam(tmp_path / "sms", parse="strict")["Text"].tolist() == ["one", "two"]
     with pytest.raises(DataError, match="no such file"):
         read_sms_spam(tmp_path / "absent")
 
@@ -136,7 +172,8 @@ def test_split_sizes_and_balance(splits):
     assert list(train.columns) == ["Label", "Text", "Line"]
 
 
-def test_splits_disjoint_by_line(splits, messages):
+def test_splits_disjoint_by_line(splits, pandas_messages):
+    messages = pandas_messages
     lines = [set(s["Line"]) for s in splits]
     assert sum(len(x) for x in lines) == 1494
     assert not (lines[0] & lines[1]) and not (lines[0] & lines[2]) and not (lines[1] & lines[2])
@@ -150,11 +187,12 @@ def test_splits_disjoint_by_line(splits, messages):
 
 
 def test_split_matches_reference_code(splits, sms_path):
-    # The reference's steps, verbatim, on the same 5574 messages read by pandas without quoting.
-    df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE,
-                     keep_default_na=False, dtype=str)
-    assert len(df) == 5574
+    # The reference's steps (chapter 6), written from their description: pandas' default read,
+    # ham undersampled to the spam count, labels mapped, shuffled, cut 70 / 10 / rest.
+    df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"])
+    assert len(df) == 5572
     num_spam = df[df["Label"] == "spam"].shape[0]
+    assert num_spam == 747
     ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
     balanced_df = pd.concat([ham_subset, df[df["Label"] == "spam"]])
     balanced_df["Label"] = balanced_df["Label"].map({"ham": 0, "spam": 1})
@@ -162,16 +200,40 @@ def test_split_matches_reference_code(splits, sms_path):
     train_end = int(len(df) * 0.7)
     validation_end = train_end + int(len(df) * 0.1)
     ref = df[:train_end], df[train_end:validation_end], df[validation_end:]
+    assert [len(r) for r in ref] == [1045, 149, 300]
     for ours, theirs in zip(splits, ref):
-        assert ours["Text"].tolist() == theirs["Text"].tolist()
+        assert ours["Text"].tolist() == theirs["Text"].tolist()      # same messages, same order
         assert ours["Label"].tolist() == theirs["Label"].tolist()
+
+
+def test_strict_parse_gives_another_split(sms_path, splits, tmp_path):
+    strict = prepare_splits(sms_path, tmp_path, parse="strict")
+    assert [len(s) for s in strict] == [1045, 149, 300]
+    assert [s["Label"].tolist() for s in strict] == [s["Label"].tolist() for s in splits]
+    differ = sum(a != b for a, b in zip(strict[0]["Text"], splits[0]["Text"]))
+    assert differ > 100   # sample() draws from a different set of ham rows
+
+
+def test_concurrent_prepare_splits_into_one_folder(sms_path, tmp_path):
+    # Two runs sharing a data folder rebuild the same CSVs at once; neither may break the other.
+    from concurrent.futures import ThreadPoolExecutor
+    expected = [s["Text"].tolist() for s in prepare_splits(sms_path, tmp_path / "ref")]
+    for attempt in range(6):
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            jobs = [pool.submit(prepare_splits, sms_path, tmp_path / "shared") for _ in range(3)]
+            results = [j.result() for j in jobs]
+        for got in results:
+            assert [s["Text"].tolist() for s in got] == expected
+        for name, texts in zip(data.SPLITS, expected):
+            assert read_split_csv(tmp_path / "shared" / f"{name}.csv")["Text"].tolist() == texts
+        assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted(f"{n}.csv" for n in data.SPLITS)
 
 
 def test_split_is_reproducible(sms_path, splits, tmp_path):
     again = prepare_splits(sms_path, tmp_path)
     for a, b in zip(splits, again):
         pd.testing.assert_frame_equal(a, b)
-    assert splits[0]["Line"].tolist()[:3] == [2088, 3901, 882]
+    assert splits[0]["Line"].tolist()[:3] == [2088, 4695, 882]
     other_seed = balance_and_split(read_sms_spam(sms_path), seed=7)
     assert other_seed[0]["Line"].tolist() != splits[0]["Line"].tolist()
 
@@ -197,7 +259,7 @@ def test_csv_keeps_awkward_texts(tmp_path):
     awkward = [b"NA", b"null", b"nan", b"#N/A", b"None", b"0123", b"1.0", b"  padded  ", b'say "hi", ok',
                b"a\rb", b"\rstart", b"tab\tinside", b'"', b'""', b"a,b,c", b"\xef\xbb\xbfbom", b"\x00nul"]
     lines = [b"spam\t" + t for t in awkward] + [b"ham\t" + t for t in awkward]
-    built = prepare_splits(write_lines(tmp_path / "sms", lines), tmp_path / "out")
+    built = prepare_splits(write_lines(tmp_path / "sms", lines), tmp_path / "out", parse="strict")
     texts = sorted(pd.concat(built)["Text"].tolist())
     assert texts == sorted([t.decode("utf-8") for t in awkward] * 2)
     for name, df in zip(data.SPLITS, built):
@@ -239,9 +301,8 @@ def test_longest_padding_matches_reference(splits, tok):
     train, validation, test = make_datasets(splits, tok)
     assert train.pad_to == validation.pad_to == test.pad_to == 120
     assert train.lengths.max() == 120
-    assert test.lengths.max() == 120   # test messages longer than 120 tokens are cut
     full_test = [len(tok.encode(t, disallowed_special=())) for t in splits[2]["Text"]]
-    assert max(full_test) > 120
+    assert max(full_test) == test.lengths.max() == 92   # the reference's test set: none cut
     assert test.lengths.tolist() == [min(n, 120) for n in full_test]
     assert train.labels.tolist() == splits[0]["Label"].tolist()
     assert train.lines.tolist() == splits[0]["Line"].tolist()
@@ -257,7 +318,9 @@ def test_padding_modes(splits, tok):
     fixed = make_datasets(splits, tok, padding=64)
     assert fixed[0].pad_to == 64 and fixed[0].lengths.max() == 64
     per_batch = make_datasets(splits, tok, padding="batch")
-    assert per_batch[0].pad_to is None and per_batch[2].lengths.max() > 120
+    assert per_batch[0].pad_to is None and per_batch[0].lengths.max() == 120
+    cut = make_datasets(splits, tok, padding=80)
+    assert cut[2].lengths.max() == 80   # longer test messages are cut to the pad length
     ids, lengths, _ = per_batch[0].batch([0, 1, 2])
     assert ids.shape == (3, lengths.max())
     short = make_datasets(splits, tok, padding="longest", context_length=50)
@@ -396,7 +459,6 @@ def local_server(tmp_path, sms_path):
 
 
 def test_download_through_local_server(local_server, tmp_path, sms_path, splits):
-    pytest.importorskip("npgpt.download")
     # the first URL is missing (404), the second is the mirror
     urls = [f"{local_server}/missing.zip", f"{local_server}/sms.zip"]
     got = prepare_splits(None, tmp_path / "data", urls=urls, progress=False)
@@ -407,14 +469,12 @@ def test_download_through_local_server(local_server, tmp_path, sms_path, splits)
 
 
 def test_download_failure_says_what_to_do(local_server, tmp_path):
-    pytest.importorskip("npgpt.download")
     with pytest.raises(NpgptError, match=r"404.*SMSSpamCollection"):
         data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/missing.zip"], progress=False)
     assert not (tmp_path / "data" / "SMSSpamCollection").exists()
 
 
 def test_downloaded_file_that_is_not_a_zip(local_server, tmp_path):
-    pytest.importorskip("npgpt.download")
     (tmp_path / "served" / "page.zip").write_bytes(b"<html>moved</html>")
     with pytest.raises(FormatError, match="not a readable zip"):
         data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/page.zip"], progress=False)
