@@ -392,9 +392,9 @@ def read_split_csv(path) -> pd.DataFrame:
 @dataclass
 class SpamDataset:
     """One split, tokenized. Row i: tokens[i] (unpadded ids), lengths[i], labels[i]."""
-    tokens: list          # N lists of token ids, each already cut to the length limit
+    tokens: object        # TokenRows (or a list of id lists), each row already cut to the length limit
     lengths: np.ndarray   # [N] int64, len(tokens[i])
-    labels: np.ndarray    # [N] int64, 0 ham / 1 spam
+    labels: np.ndarray    # [N] int64, class ids (SMS: 0 ham / 1 spam)
     lines: np.ndarray     # [N] int64, line in SMSSpamCollection (-1 if unknown)
     pad_to: int | None    # batches are padded to this length; None: to each batch's longest
 
@@ -407,14 +407,15 @@ class SpamDataset:
         return ids, lengths, self.labels[np.asarray(indices)]
 
 
-def pad_length(train_tokens, padding="longest", context_length=1024):
+def pad_length(train_lengths, padding="longest", context_length=1024):
     """The length every batch is padded to, or None to pad each batch to its own longest row.
 
     padding: "longest" (the longest training example, cut to context_length: the reference's 120),
     an int (a fixed length), or "batch".
     """
     if padding == "longest":
-        return min(max(len(t) for t in train_tokens), context_length)
+        lengths = [t if np.isscalar(t) else len(t) for t in train_lengths]   # lengths, or token lists
+        return int(min(max(lengths), context_length))
     if padding == "batch":
         return None
     if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
@@ -424,30 +425,93 @@ def pad_length(train_tokens, padding="longest", context_length=1024):
     raise DataError(f"padding must be 'longest', 'batch' or a length, got {padding!r}")
 
 
-def make_datasets(splits, tok, padding="longest", context_length=1024):
+class TokenRows:
+    """Token ids of many texts in one flat array: row i is ids[offsets[i]:offsets[i+1]].
+
+    `rows[i]` is a view of that slice (no Python list per text), `len(rows)` the number of rows,
+    so a TokenRows stands wherever a list of id lists did (make_batch, the prefix cache)."""
+
+    def __init__(self, ids, offsets):
+        self.ids = np.asarray(ids, dtype=np.int64)              # [sum of lengths]
+        self.offsets = np.asarray(offsets, dtype=np.int64)      # [N+1], offsets[0] = 0
+
+    @classmethod
+    def from_lists(cls, lists):
+        lengths = np.array([len(t) for t in lists], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.fromiter((i for t in lists for i in t), dtype=np.int64, count=int(offsets[-1]))
+        return cls(ids, offsets)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)                            # [N]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def cut(self, limit: int) -> "TokenRows":
+        """Every row cut to its first `limit` ids."""
+        lengths = np.minimum(self.lengths, limit)               # [N]
+        keep = np.arange(len(self.ids)) - np.repeat(self.offsets[:-1], self.lengths) < np.repeat(lengths, self.lengths)
+        return TokenRows(self.ids[keep], np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def tokenize(tok, texts, batch_size=1024, progress=None) -> TokenRows:
+    """GPT-2 ids of every text (special tokens as plain text), encoded in batches of
+    `batch_size` (tiktoken's threads) into one flat TokenRows. progress(n) after each batch."""
+    texts = list(texts)
+    ids, offsets = [], [np.zeros(1, np.int64)]
+    end = 0
+    for start in range(0, len(texts), batch_size):
+        lists = tok.encode_batch(texts[start:start + batch_size], disallowed_special=())
+        lengths = np.array([len(t) for t in lists], dtype=np.int64)
+        ids.append(np.fromiter((i for t in lists for i in t), dtype=np.int64, count=int(lengths.sum())))
+        offsets.append(end + np.cumsum(lengths))
+        end += int(lengths.sum())
+        if progress:
+            progress(len(lists))
+    return TokenRows(np.concatenate(ids) if ids else np.zeros(0, np.int64), np.concatenate(offsets))
+
+
+def make_datasets(splits, tok, padding="longest", context_length=1024, progress=False):
     """Tokenize each DataFrame of `splits` (the first is the training set) into a SpamDataset.
 
-    Every split is cut to the same limit: the pad length, or context_length with "batch"
-    padding. So with "longest", validation and test messages longer than the longest training
-    message are truncated to it, as in the reference.
+    Each frame has columns Label (class id) and Text, optionally Line. Every split is cut to the
+    same limit: the pad length, or context_length with "batch" padding. So with "longest",
+    validation and test messages longer than the longest training message are truncated to it,
+    as in the reference. progress: a tqdm bar over the texts when True.
     """
-    encoded = [[encode(tok, text) for text in df["Text"]] for df in splits]
-    pad_to = pad_length(encoded[0], padding, context_length)
+    from tqdm import tqdm
+
+    total = sum(len(df) for df in splits)
+    with tqdm(total=total, unit="text", desc="tokenizing", disable=not progress or total < 5000,
+              leave=False) as bar:
+        encoded = [tokenize(tok, df["Text"].tolist(), progress=bar.update) for df in splits]
+    pad_to = pad_length(encoded[0].lengths, padding, context_length)
     limit = pad_to if pad_to is not None else context_length
     datasets = []
-    for df, token_lists in zip(splits, encoded):
+    for df, rows in zip(splits, encoded):
         lines = df["Line"].to_numpy(np.int64) if "Line" in df.columns else np.full(len(df), -1, np.int64)
-        for i, ids in enumerate(token_lists):
-            if not ids:
-                raise DataError(f"message {i} (line {lines[i]}) has no tokens")
-        tokens = [ids[:limit] for ids in token_lists]
+        empty = np.flatnonzero(rows.lengths == 0)
+        if len(empty):
+            raise DataError(f"message {empty[0]} (line {lines[empty[0]]}) has no tokens")
+        tokens = rows.cut(limit)
         datasets.append(SpamDataset(
             tokens=tokens,
-            lengths=np.array([len(t) for t in tokens], dtype=np.int64),  # [N]
+            lengths=tokens.lengths,                                       # [N]
             labels=df["Label"].to_numpy(np.int64),                        # [N]
             lines=lines,                                                  # [N]
             pad_to=pad_to))
     return tuple(datasets)
+
+
+TextDataset = SpamDataset   # the same tokenized split, for any labelled text
 
 
 def make_batch(token_lists, indices, pad_to=None):
@@ -457,7 +521,7 @@ def make_batch(token_lists, indices, pad_to=None):
     Returns ids [B,T] int64 and lengths [B] int64 (real tokens per row; the last one is at
     lengths-1).
     """
-    rows = [token_lists[i] for i in np.asarray(indices).tolist()]
+    rows = [token_lists[i] for i in np.asarray(indices, dtype=np.int64).tolist()]
     if not rows:
         raise ValueError("make_batch: no rows chosen")
     lengths = np.array([len(r) for r in rows], dtype=np.int64)          # [B]

@@ -95,9 +95,13 @@ def test_saved_classifier_matches_forward_cls_on_test_split(clf, run_dir, data_d
     labels, probs = clf.classify(texts)
     assert labels == [clf.labels[k] for k in expected.argmax(axis=1)]
     np.testing.assert_allclose(probs, expected.max(axis=1), atol=TOL, rtol=0)
-    # the test split has a message longer than the longest training message: cut as in training
+    # a message longer than the longest training message is cut as in training (the reference's
+    # test split has none, so one is made of twenty test messages)
     assert clf.truncated == [i for i, t in enumerate(texts) if len(encode(clf.tok, t)) > 120]
-    assert len(clf.truncated) >= 1
+    long_text = " ".join(texts[:20])
+    assert len(encode(clf.tok, long_text)) > 120
+    clf.predict_proba([texts[0], long_text])
+    assert clf.truncated == [1]
 
 
 def test_evaluate_accuracy_equals_training_metrics(clf, run_dir, test_split):

@@ -1,0 +1,369 @@
+"""A user's labelled text: read a table, choose the classes, split it, write the splits.
+
+    read_table        .csv / .tsv / .jsonl / .parquet -> DataFrame [Text, Label (str), Line]
+    class_names       the classes: the training labels sorted (numerically if all are integers),
+                      or the order the user gives
+    label_ids         class names -> ids, an error naming the first unknown label and its line
+    stratified_split  per class, the same fractions to train / validation / test (seeded)
+    undersample       every class cut to the smallest class's count (seeded)
+    prepare_user_splits   all of the above; the three splits written as CSVs in the run folder
+
+Every row carries `Line`: the 1-based line of the file where the row starts (the row number for
+.parquet), so any error names a place the user can open. CSV and TSV are read by Python's csv
+module (a header row; quoted fields may hold commas, tabs, quotes and newlines), JSONL one object a
+line by the json module, Parquet by pandas.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+
+TABLE_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
+SPLIT_FILES = {"train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
+_INT = re.compile(r"[+-]?\d+\Z")
+
+
+def is_table(path) -> bool:
+    """True for a file npgpt reads as a table (by extension), False for the SMS file or UCI zip."""
+    return Path(path).suffix.lower() in TABLE_EXTENSIONS
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_table(path, text_column="text", label_column="label", skip_bad_lines=False) -> pd.DataFrame:
+    """The rows of a table as a DataFrame with columns Text, Label (a string), Line.
+
+    label_column None: a file of texts only (Label is then ""). A missing column raises DataError
+    listing the file's columns. Bad rows (blank line, wrong number of fields, a repeated header,
+    empty text, empty label, invalid UTF-8, a JSONL line that is not an object) raise DataError
+    naming file and line; with skip_bad_lines they are left out and listed in
+    `df.attrs["skipped"]`, summarised in `df.attrs["warning"]`.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in TABLE_EXTENSIONS:
+        raise DataError(f"{path}: unknown table type {ext or '(no extension)'!r}; "
+                        f"use {', '.join(TABLE_EXTENSIONS)}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    bad = _BadRows(path, skip_bad_lines)
+    if ext == ".parquet":
+        records = _parquet_records(path)
+    else:
+        text = _decode(path, bad)
+        records = _jsonl_records(text, bad) if ext == ".jsonl" else _delimited_records(text, ext, bad)
+    columns, records = records
+    wanted = [text_column] + ([label_column] if label_column is not None else [])
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        which = "a label column" if missing == [label_column] else "a text column"
+        flag = "--label-column" if missing == [label_column] else "--text-column"
+        raise DataError(f"{path}: no column {missing[0]!r} ({which}; choose one with {flag}); "
+                        f"the file's columns: {', '.join(map(str, columns)) or '(none)'}")
+    rows = []
+    for line, rec in records:
+        if isinstance(rec, str):                 # a reason: the row is unusable
+            bad.add(line, rec)
+            continue
+        text = rec.get(text_column)
+        label = rec.get(label_column, "") if label_column is not None else ""
+        if not isinstance(text, str) or not text.strip():
+            bad.add(line, f"empty text in column {text_column!r}" if text in (None, "") or isinstance(text, str)
+                    else f"text in column {text_column!r} is not a string ({type(text).__name__})")
+            continue
+        label = _label_string(label)
+        if label_column is not None and label is None:
+            bad.add(line, f"empty label in column {label_column!r}")
+            continue
+        rows.append((text, label, line))
+    if not rows:
+        raise DataError(f"{path}: no usable rows" + (f" ({bad.summary()})" if bad.skipped else ""))
+    df = pd.DataFrame(rows, columns=["Text", "Label", "Line"])
+    df["Text"] = df["Text"].astype(object)
+    df["Label"] = df["Label"].astype(object)
+    df.attrs["skipped"] = list(bad.skipped)
+    df.attrs["warning"] = bad.warning()
+    df.attrs["source"] = str(path)
+    return df
+
+
+class _BadRows:
+    """Collects (or raises on) unusable rows."""
+
+    def __init__(self, path, skip):
+        self.path, self.skip, self.skipped = path, skip, []
+
+    def add(self, line, reason):
+        what = f"row {line}" if self.path.suffix.lower() == ".parquet" else f"line {line}"
+        if not self.skip:
+            raise DataError(f"{self.path}: {what}: {reason} (--skip-bad-lines skips such rows)")
+        self.skipped.append(f"{what}: {reason}")
+
+    def summary(self):
+        first = "; ".join(self.skipped[:3]) + ("; ..." if len(self.skipped) > 3 else "")
+        return f"skipped {len(self.skipped)} bad row{'s' if len(self.skipped) > 1 else ''}: {first}"
+
+    def warning(self):
+        return f"warning: {self.path}: {self.summary()}" if self.skipped else ""
+
+
+def _decode(path: Path, bad: _BadRows) -> str:
+    """The file as text: UTF-8 (a byte-order mark dropped). A line that is not UTF-8 is an error,
+    or, when skipping, becomes an empty line (so later line numbers stay right) and is counted."""
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = raw.split(b"\n")
+    for n, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.add(n, f"not valid UTF-8 (byte {e.start} of the line)")
+            lines[n - 1] = b""
+    return b"\n".join(lines).decode("utf-8")
+
+
+def _delimited_records(text: str, ext: str, bad: _BadRows):
+    """(header, [(line, {column: value} or reason)]) of a CSV (comma) or TSV (tab) file."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
+    header, records, start = None, [], 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if header is None:
+                if not row or not any(c.strip() for c in row):
+                    continue                      # blank lines before the header
+                header = [c.strip() for c in row]
+                if len(set(header)) != len(header):
+                    dup = next(c for c in header if header.count(c) > 1)
+                    raise DataError(f"{bad.path}: line {line}: the header names column {dup!r} twice")
+                continue
+            if not row or not any(c.strip() for c in row):
+                records.append((line, "blank line"))
+            elif [c.strip() for c in row] == header:
+                records.append((line, "a repeated header row"))
+            elif len(row) != len(header):
+                records.append((line, f"{len(row)} fields, the header has {len(header)}"))
+            else:
+                records.append((line, dict(zip(header, row))))
+    except csv.Error as e:
+        raise DataError(f"{bad.path}: line {reader.line_num}: not readable as "
+                        f"{'TSV' if ext == '.tsv' else 'CSV'} ({e})") from None
+    if header is None:
+        raise DataError(f"{bad.path}: empty file (a header row naming the columns comes first)")
+    return header, records
+
+
+def _jsonl_records(text: str, bad: _BadRows):
+    """(columns seen, [(line, object or reason)]) of a JSON Lines file."""
+    columns, records = {}, []
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            records.append((n, "blank line"))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            records.append((n, f"not JSON ({e.msg}, column {e.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            records.append((n, f"a JSON {type(obj).__name__}, not an object"))
+            continue
+        columns.update(dict.fromkeys(obj))
+        records.append((n, obj))
+    return list(columns), records
+
+
+def _parquet_records(path: Path):
+    try:
+        df = pd.read_parquet(path)
+    except ImportError as e:
+        raise DataError(f"{path}: reading Parquet needs pyarrow or fastparquet ({e})") from None
+    except Exception as e:  # noqa: BLE001  (pandas raises engine-specific errors)
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    records = [(i + 1, {k: (None if _isna(v) else v) for k, v in rec.items()})
+               for i, rec in enumerate(df.to_dict("records"))]
+    return [str(c) for c in df.columns], records
+
+
+def _isna(v) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _label_string(label):
+    """A label as the class name it stands for: strings stripped, integers (1, 1.0, True: no)
+    written in decimal; None for a blank or missing label."""
+    if label is None or isinstance(label, bool):
+        return None if label is None else str(label)
+    if isinstance(label, (int, np.integer)):
+        return str(int(label))
+    if isinstance(label, (float, np.floating)):
+        if not np.isfinite(label):
+            return None
+        return str(int(label)) if float(label).is_integer() else str(label)
+    s = str(label).strip()
+    return s or None
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def class_names(train_labels, given=None) -> list:
+    """The class names in id order: `given` (e.g. from --labels a,b,c) if set, else the distinct
+    training labels sorted, numerically when every one is an integer ("2" before "10")."""
+    if given:
+        names = [str(s).strip() for s in given]
+        if any(not s for s in names) or len(set(names)) != len(names):
+            raise DataError(f"--labels must name each class once, got {','.join(names)!r}")
+        return names
+    distinct = set(train_labels)
+    if all(_INT.match(s) for s in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def label_ids(df: pd.DataFrame, names: list, where: str) -> np.ndarray:
+    """Label id of every row [N] int64; DataError naming the first label not among `names`."""
+    index = {s: i for i, s in enumerate(names)}
+    ids = np.array([index.get(s, -1) for s in df["Label"]], dtype=np.int64)   # [N]
+    if (ids < 0).any():
+        i = int(np.flatnonzero(ids < 0)[0])
+        raise DataError(f"{where}: line {df['Line'].iloc[i]}: label {df['Label'].iloc[i]!r} is not one of "
+                        f"the training data's classes ({', '.join(names)})")
+    return ids
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def parse_split(value) -> tuple:
+    """'0.7,0.1' -> (0.7, 0.1): the train and validation fractions, the rest is test."""
+    if isinstance(value, str):
+        try:
+            parts = tuple(float(x) for x in value.split(","))
+        except ValueError:
+            parts = ()
+    else:
+        parts = tuple(float(x) for x in value)
+    if len(parts) != 2 or parts[0] <= 0 or parts[1] < 0 or parts[0] + parts[1] > 1:
+        raise DataError(f"--split must be two fractions TRAIN,VALIDATION with TRAIN > 0 and a sum "
+                        f"of at most 1 (the rest is test), got {value!r}")
+    return parts
+
+
+def undersample(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Every class cut to the count of the smallest, by pandas' seeded `sample`, in file order."""
+    smallest = int(df["Label"].value_counts().min())
+    parts = [g.sample(smallest, random_state=seed) if len(g) > smallest else g
+             for _, g in df.groupby("Label", sort=True)]
+    return pd.concat(parts).sort_index()
+
+
+def stratified_split(df: pd.DataFrame, fractions, seed: int) -> list:
+    """Split df into len(fractions) frames (fractions sum to 1) class by class.
+
+    Each class's rows are shuffled (numpy's generator seeded by `seed`) and cut at
+    round(n_c * cumulative fraction), so every part holds each class within one example of its
+    exact share. Each part is then shuffled again, so classes are interleaved."""
+    rng = np.random.default_rng(seed)
+    bounds = np.cumsum(fractions)
+    parts = [[] for _ in fractions]
+    for _, g in df.groupby("Label", sort=True):
+        idx = g.index.to_numpy()[rng.permutation(len(g))]
+        cuts = [0] + [int(round(len(g) * b)) for b in bounds[:-1]] + [len(g)]
+        for k in range(len(fractions)):
+            parts[k].append(idx[cuts[k]:cuts[k + 1]])
+    out = []
+    for chunks in parts:
+        idx = np.concatenate(chunks)
+        out.append(df.loc[idx[rng.permutation(len(idx))]].reset_index(drop=True))
+    return out
+
+
+def prepare_user_splits(data, validation=None, test=None, *, text_column="text", label_column="label",
+                        labels=None, split=(0.7, 0.1), balance="none", seed=123, skip_bad_lines=False,
+                        out_dir=None):
+    """(train, validation, test) DataFrames [Label id, Text, Line, Name] and the class names.
+
+    data: the training file. validation / test: files given explicitly; a split not given is cut
+    off the training file (stratified, `split` = train and validation fractions, rescaled when
+    only one is missing). balance "undersample" cuts each class of the training file to the
+    smallest first. out_dir: where train/validation/test.csv are written (the run folder).
+    Each frame's attrs["warning"] joins the skipped-rows warnings of the files read."""
+    if balance not in ("none", "undersample"):
+        raise DataError(f"--balance must be none or undersample, got {balance!r}")
+    opts = dict(text_column=text_column, label_column=label_column, skip_bad_lines=skip_bad_lines)
+    source = read_table(data, **opts)
+    warnings = [source.attrs["warning"]]
+    names = class_names(source["Label"], labels)
+    label_ids(source, names, str(data))                      # every training label is a class
+    if len(set(source["Label"])) < 2:
+        raise DataError(f"{data}: only one class ({source['Label'].iloc[0]!r}); a classifier needs at least two")
+    if balance == "undersample":
+        source = undersample(source, seed)
+    given = {}
+    for name, path in (("validation", validation), ("test", test)):
+        if path is not None:
+            given[name] = read_table(path, **opts)
+            warnings.append(given[name].attrs["warning"])
+            label_ids(given[name], names, str(path))
+    f_train, f_val = parse_split(split)
+    f_test = 1.0 - f_train - f_val
+    wanted = [("train", f_train)] + [(n, f) for n, f in (("validation", f_val), ("test", f_test)) if n not in given]
+    total = sum(f for _, f in wanted)
+    fractions = [f / total for _, f in wanted]
+    cut = stratified_split(source, fractions, seed) if len(wanted) > 1 else [source.reset_index(drop=True)]
+    parts = dict(zip([n for n, _ in wanted], cut))
+    parts.update(given)
+    splits = []
+    for name in ("train", "validation", "test"):
+        df = parts[name]
+        if len(df) == 0:
+            raise DataError(f"{data}: the {name} split is empty ({len(source)} rows; give more data, "
+                            f"another --split, or --{name} FILE)")
+        out = pd.DataFrame({"Label": label_ids(df, names, name), "Text": df["Text"].to_numpy(object),
+                            "Line": df["Line"].to_numpy(np.int64), "Name": df["Label"].to_numpy(object)})
+        out.attrs["warning"] = "\n".join(w for w in warnings if w)
+        out.attrs["skipped"] = []
+        splits.append(out)
+    if out_dir is not None:
+        from .data import write_split_csv
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, df in zip(SPLIT_FILES, splits):
+            write_split_csv(df, out_dir / SPLIT_FILES[name])
+    return tuple(splits), names
+
+
+def read_user_splits(run_dir, names) -> tuple:
+    """The three split CSVs a run wrote (prepare_user_splits) -> (train, validation, test)."""
+    out = []
+    for name, file in SPLIT_FILES.items():
+        path = Path(run_dir) / file
+        try:
+            df = pd.read_csv(path, keep_default_na=False, dtype={"Text": str, "Name": str}, encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file (the run's {name} split)") from None
+        df["Label"] = label_ids(df.rename(columns={"Label": "Id", "Name": "Label"}), names, str(path))
+        df.attrs["warning"], df.attrs["skipped"] = "", []
+        out.append(df)
+    return tuple(out)
