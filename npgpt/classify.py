@@ -71,17 +71,12 @@ class Classifier:
         """Token ids of each text, cut to `limit` -> (list of id lists, indices of the cut texts).
 
         Raises DataError naming the first text that is not a string, empty or only whitespace."""
-        from .tokenizer import encode
+        from .data import tokenize
 
         texts = check_texts(texts)
-        tokens, truncated = [], []
-        for i, text in enumerate(texts):
-            ids = encode(self.tok, text)
-            if len(ids) > self.limit:
-                truncated.append(i)
-                ids = ids[:self.limit]
-            tokens.append(ids)
-        return tokens, truncated
+        rows = tokenize(self.tok, texts)
+        truncated = np.flatnonzero(rows.lengths > self.limit).tolist()
+        return rows.cut(self.limit), truncated
 
     def batches(self, tokens):
         """Row indices of each batch: sorted by length where padding cannot change a result."""
@@ -92,22 +87,40 @@ class Classifier:
             order = np.arange(len(tokens))                                      # [N]
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def logits_of_tokens(self, tokens) -> np.ndarray:
-        """Class logits [N,K] of already encoded (and cut) texts."""
+    def logits_of_tokens(self, tokens, progress=False) -> np.ndarray:
+        """Class logits [N,K] of already encoded (and cut) texts; a tqdm bar when progress."""
+        from tqdm import tqdm
         from .data import make_batch
         from .model import forward_cls
 
         logits = np.zeros((len(tokens), len(self.labels)), np.float32)          # [N,K]
         pad_to = self.max_length if self.pooling == "last_position" else None
-        for rows in self.batches(tokens):
-            ids, lengths = make_batch(tokens, rows, pad_to)                     # [B,T], [B]
-            logits[rows] = forward_cls(self.params, self.config, ids, lengths, self.pooling)  # [B,K]
+        with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False) as bar:
+            for rows in self.batches(tokens):
+                ids, lengths = make_batch(tokens, rows, pad_to)                 # [B,T], [B]
+                logits[rows] = forward_cls(self.params, self.config, ids, lengths, self.pooling)  # [B,K]
+                bar.update(len(rows))
         return logits
 
-    def predict_proba(self, texts) -> np.ndarray:
+    def predict_proba(self, texts, progress=False) -> np.ndarray:
         """Class probabilities [N, num_classes] (columns in the order of `labels`)."""
         tokens, self.truncated = self.encode(texts)
-        return softmax(self.logits_of_tokens(tokens))                          # [N,K]
+        return softmax(self.logits_of_tokens(tokens, progress))                # [N,K]
+
+    def predict(self, texts, progress=False) -> list:
+        """The most probable class name of each text."""
+        P = self.predict_proba(texts, progress)                                 # [N,K]
+        return [self.labels[k] for k in np.argmax(P, axis=1)]
+
+    def save(self, path) -> str:
+        """Write the classifier (parameters, config, labels, settings) to an HDF5 file."""
+        from .params import save_params
+        path = os.fspath(path)
+        meta = dict(self.meta, kind=KIND, labels=list(self.labels), pooling=self.pooling,
+                    max_length=self.max_length,
+                    id2label={str(i): s for i, s in enumerate(self.labels)})
+        save_params(path, self.params, self.config, meta)
+        return path
 
     def classify(self, texts):
         """(labels: list of N class names, probabilities [N] of those labels)."""
@@ -253,13 +266,18 @@ def truncation_note(names: list, limit: int) -> str:
 
 def build_parser():
     p = make_parser("python -m npgpt.classify",
-                    "Label texts (ham or spam) with a classifier trained by python -m npgpt.train.")
+                    "Label texts (with the classes the model was trained on: ham/spam, or your own) "
+                    "with a classifier trained by python -m npgpt.train.")
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to classify; none, or '-', reads stdin, one text per line")
     p.add_argument("--model", required=True, help="the classifier, runs/<name>/classifier.h5")
     p.add_argument("--file", default=None, help="read the texts from this file, one per line ('-': stdin)")
     p.add_argument("--skip-empty", action="store_true", help="skip blank lines of --file or stdin")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per text")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list (each text's label and every class's probability by name)")
+    p.add_argument("--top", type=int, default=1, metavar="K",
+                   help="show the K most probable classes of each text (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="texts per forward pass")
     p.add_argument("--width", type=int, default=60, help="characters of each text shown")
@@ -273,6 +291,8 @@ def main(argv=None):
         parser.error("--batch-size must be at least 1")
     if args.width < 4:
         parser.error("--width must be at least 4")
+    if args.top < 1:
+        parser.error("--top must be at least 1")
     if args.texts and args.file is not None:
         parser.error("give texts as arguments or with --file, not both")
     if "-" in args.texts and len(args.texts) > 1:
@@ -299,29 +319,36 @@ def main(argv=None):
         names = [f"text {i + 1}" for i in range(len(texts))]
 
     clf = load_classifier(args.model, args.bpe_dir, args.batch_size)
-    P = clf.predict_proba(texts)                                                # [N,K]
+    P = clf.predict_proba(texts, progress=not args.quiet and len(texts) >= 100)   # [N,K]
     if clf.truncated:
         print(truncation_note([names[i] for i in clf.truncated], clf.limit), file=sys.stderr)
     try:
-        print_results(texts, clf.labels, P, set(clf.truncated), args.json, args.width)
+        print_results(texts, clf.labels, P, set(clf.truncated), args.json, args.width, args.top)
     except BrokenPipeError:           # the reader stopped early (`... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
-def print_results(texts, labels, P, cut: set, as_json: bool, width: int):
-    """One line per text (label, its probability, the text shortened), or a JSON list."""
-    k = np.argmax(P, axis=1)                                                    # [N]
+def print_results(texts, labels, P, cut: set, as_json: bool, width: int, top: int = 1):
+    """One line per text (label, its probability, the text shortened; with top K > 1 the K most
+    probable labels, each with its probability), or a JSON list."""
+    top = min(top, len(labels))
+    order = np.argsort(-P, axis=1, kind="stable")[:, :top]                      # [N,top]
+    k = order[:, 0]                                                             # [N]
     if as_json:
         out = [{"text": text, "label": labels[k[i]], "probability": float(P[i, k[i]]),
                 "probabilities": {name: float(P[i, j]) for j, name in enumerate(labels)},
                 "truncated": i in cut}
                for i, text in enumerate(texts)]
+        if top > 1:
+            for i, item in enumerate(out):
+                item["top"] = [{"label": labels[j], "probability": float(P[i, j])} for j in order[i]]
         print(json.dumps(out, indent=1))
     else:
         w = max(len(s) for s in labels)
         for i, text in enumerate(texts):
-            print(f"{labels[k[i]]:<{w}}  {P[i, k[i]]:.3f}  {shorten(text, width)}")
+            best = "  ".join(f"{labels[j]:<{w}}  {P[i, j]:.3f}" for j in order[i])
+            print(f"{best}  {shorten(text, width)}")
     sys.stdout.flush()
 
 

@@ -64,7 +64,20 @@ def build_parser():
                    help="train the head, ln_f and the last K blocks; 'all' trains everything, 'head' the head alone")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
-                   help="SMSSpamCollection file or UCI zip on disk (default: reuse or download into --data-dir)")
+                   help="your labelled texts (.csv, .tsv with a header row; .jsonl; .parquet), or the "
+                        "SMSSpamCollection file or UCI zip (default: SMS data, reused or downloaded into --data-dir)")
+    g.add_argument("--text-column", default="text", help="column of --data holding the texts")
+    g.add_argument("--label-column", default="label", help="column of --data holding the labels")
+    g.add_argument("--labels", default=None, metavar="A,B,C",
+                   help="the classes in this order (default: the training labels sorted)")
+    g.add_argument("--validation", default=None, metavar="FILE", help="validation texts (default: split off --data)")
+    g.add_argument("--test", default=None, metavar="FILE", help="test texts (default: split off --data)")
+    g.add_argument("--split", default="0.7,0.1", metavar="TRAIN,VAL",
+                   help="fractions of --data for train and validation, the rest test, stratified by label "
+                        "(rescaled when --validation or --test is given)")
+    g.add_argument("--balance", default=None, choices=["none", "undersample"],
+                   help="undersample every class to the smallest (default: none for your data; the SMS "
+                        "data is always undersampled, as in the reference)")
     g.add_argument("--data-dir", default="data", help="where the data and the train/validation/test CSVs live")
     g.add_argument("--skip-bad-lines", action="store_true", help="skip malformed dataset lines and report them")
     g.add_argument("--parse", default="pandas", choices=["pandas", "strict"],
@@ -117,6 +130,16 @@ def check_args(args, parser):
         parser.error(str(e))
     if args.tiny and args.random_init:
         parser.error("--tiny and --random-init exclude each other")
+    from .tabular import is_table, parse_split
+    table = args.data is not None and is_table(args.data)
+    if not table and (args.validation or args.test or args.labels):
+        parser.error("--validation, --test and --labels need --data FILE.csv|.tsv|.jsonl|.parquet")
+    if not table and args.balance == "none":
+        parser.error("the SMS data is always undersampled (--balance none needs --data FILE.csv|...)")
+    try:
+        parse_split(args.split)
+    except NpgptError as e:
+        parser.error(str(e))
 
 
 def check_output_dir(run_dir, need_bytes: int):
@@ -142,13 +165,14 @@ def load_base_model(info: dict, log):
     from .config import preset
     from .params import add_classifier_head, init_params, load_params
 
+    K = len(info.get("labels") or ("ham", "spam"))
     if info["tiny"]:
         config = preset("tiny")
-        return init_params(config, seed=info["seed"], num_classes=2), config
+        return init_params(config, seed=info["seed"], num_classes=K), config
     config = preset(info["model_size"])
     if info["random_init"]:
         log(f"random {info['model_size']}-shaped weights (no pretrained weights: accuracy will be low)")
-        return init_params(config, seed=info["seed"], num_classes=2), config
+        return init_params(config, seed=info["seed"], num_classes=K), config
     path = info["weights"]
     if not os.path.exists(path):
         if info.get("download") or (sys.stdin.isatty() and _ask(f"No weights at {path}. Download GPT-2 "
@@ -159,7 +183,7 @@ def load_base_model(info: dict, log):
             raise NpgptError(f"no weights at {path}: run `python -m npgpt.weights download {info['model_size']}` "
                              f"(or pass --download, --weights PATH, or --tiny for a small random model)")
     params, config, _ = load_params(path, config=config)
-    return add_classifier_head(params, 2, seed=info["seed"]), config
+    return add_classifier_head(params, K, seed=info["seed"]), config
 
 
 def _ask(question) -> bool:
@@ -173,7 +197,10 @@ def save_outputs(run_dir, params, config, state, info, feats_summary, log, plots
     from .params import save_params
     from .finetune import _write_json
 
-    meta = {"kind": "npgpt-classifier", "labels": ["ham", "spam"], "pooling": info["pooling"],
+    labels = list(info.get("labels") or ("ham", "spam"))
+    meta = {"kind": "npgpt-classifier", "labels": labels, "id2label": {str(i): s for i, s in enumerate(labels)},
+            "text_column": info.get("text_column"), "label_column": info.get("label_column"),
+            "pooling": info["pooling"],
             "max_length": info["pad_to"], "context_length": config.n_ctx, "pad_id": 50256,
             "tokenizer": "gpt2", "trainable": info["trainable"], "train_args": info,
             "final": state.metrics.get("final", {})}
@@ -214,7 +241,10 @@ def main(argv=None):
         trainable = parse_trainable(args.trainable_blocks)
         padding = parse_padding(args.max_length)
         size = "tiny" if args.tiny else args.model_size
-        run_dir = args.out or os.path.join("runs", f"spam-{size}-{time.strftime('%Y%m%d-%H%M%S')}")
+        from .tabular import is_table
+        table = args.data is not None and is_table(args.data)
+        stem = os.path.splitext(os.path.basename(args.data))[0] if table else "spam"
+        run_dir = args.out or os.path.join("runs", f"{stem}-{size}-{time.strftime('%Y%m%d-%H%M%S')}")
         if os.path.exists(os.path.join(run_dir, "checkpoint.h5")):
             raise NpgptError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                              "or choose another --out")
@@ -226,7 +256,15 @@ def main(argv=None):
                 "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                 "weight_decay": args.weight_decay, "decay_1d": not args.no_decay_1d,
                 "eval_freq": args.eval_freq, "eval_iter": args.eval_iter, "seed": args.seed,
-                "cache": not args.no_cache, "dense": args.dense}
+                "cache": not args.no_cache, "dense": args.dense, "table": table,
+                "text_column": args.text_column if table else None,
+                "label_column": args.label_column if table else None,
+                "labels": None if table else ["ham", "spam"],
+                "validation": args.validation, "test": args.test, "split": args.split,
+                "balance": args.balance or ("none" if table else "undersample"),
+                "user_labels": args.labels.split(",") if args.labels else None}
+        if table:   # the data before the model: the head needs the number of classes
+            splits, info["labels"] = prepare_run_splits(info, run_dir)
         if not args.tiny and not args.random_init:
             from .config import preset
             preset(args.model_size)   # a bad size fails here, before any work
@@ -238,13 +276,24 @@ def main(argv=None):
     n_train = sum(params[n].size for n in trainable_names(config, info["trainable"]))
     check_output_dir(run_dir, need_bytes=4 * n_params + 3 * 4 * n_train + (16 << 20))
 
-    splits = prepare_splits(info["data"], info["data_dir"], skip_bad_lines=info["skip_bad_lines"],
-                            progress=not args.quiet, parse=info.get("parse", "pandas"))
+    if info.get("table"):
+        from .tabular import read_user_splits
+        if args.resume:
+            splits = read_user_splits(run_dir, info["labels"])
+    else:
+        splits = prepare_splits(info["data"], info["data_dir"], skip_bad_lines=info["skip_bad_lines"],
+                                progress=not args.quiet, parse=info.get("parse", "pandas"))
+        from .data import write_split_csv
+        for name, df in zip(("train", "validation", "test"), splits):
+            write_split_csv(df, os.path.join(run_dir, f"{name}.csv"))   # the splits this run used
     if splits[0].attrs.get("warning"):
         log(splits[0].attrs["warning"])
     tok = get_tokenizer(info["bpe_dir"], weights_dir=os.path.dirname(info["weights"]) or ".")
-    datasets = make_datasets(splits, tok, info["padding"], context_length=config.n_ctx)
+    datasets = make_datasets(splits, tok, info["padding"], context_length=config.n_ctx, progress=not args.quiet)
     info["pad_to"] = datasets[0].pad_to
+    if info.get("table"):
+        counts = np.bincount(datasets[0].labels, minlength=len(info["labels"]))
+        log(f"classes: " + ", ".join(f"{s} ({c})" for s, c in zip(info["labels"], counts)) + " in train")
     log(f"data: {len(datasets[0])} train / {len(datasets[1])} validation / {len(datasets[2])} test messages, "
         f"padding {info['padding']} ({datasets[0].pad_to or 'per batch'}), mean length "
         f"{np.mean(datasets[0].lengths):.1f} tokens")
@@ -272,6 +321,15 @@ def main(argv=None):
     log(f"Training completed in {(time.time() - t_start) / 60:.2f} minutes "
         f"({state.train_time:.1f} s in training steps)")
     return 0
+
+
+def prepare_run_splits(info: dict, run_dir):
+    """A user's table split as info says, the three CSVs written into run_dir -> (splits, labels)."""
+    from .tabular import prepare_user_splits
+    return prepare_user_splits(info["data"], info["validation"], info["test"], text_column=info["text_column"],
+                               label_column=info["label_column"], labels=info["user_labels"],
+                               split=info["split"], balance=info["balance"], seed=info["seed"],
+                               skip_bad_lines=info["skip_bad_lines"], out_dir=run_dir)
 
 
 def _read_run_info(run_dir) -> dict:
