@@ -34,3 +34,15 @@ if _os.environ.get("NPGPT_MALLOC_TUNING", "1") != "0":
     _keep_freed_memory()
 
 __version__ = "0.1.0"
+
+
+def fit(*args, **kwargs):
+    """Fine-tune a classifier on texts and labels: see `npgpt.api.fit`."""
+    from .api import fit as _fit
+    return _fit(*args, **kwargs)
+
+
+def load_classifier(path, bpe_dir=None, batch_size=8):
+    """Read a classifier file written by `fit`, `Classifier.save` or `python -m npgpt.train`."""
+    from .classify import load_classifier as _load
+    return _load(path, bpe_dir, batch_size)

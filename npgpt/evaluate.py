@@ -231,17 +231,17 @@ def load_labelled(args, clf):
             df = read_sms_spam(args.data, skip_bad_lines=args.skip_bad_lines, parse=args.parse)
         if df.attrs.get("warning"):
             print(df.attrs["warning"], file=sys.stderr)
-        return df["Text"].tolist(), df["Label"].tolist(), df["Line"].to_numpy(), f"{args.data}: whole file"
+        return df["Text"].tolist(), df["Label"].tolist(), df["Line"].to_numpy(), f"{args.data} (whole file)"
     run_csv = os.path.join(os.path.dirname(os.path.abspath(clf.path)), f"{args.split}.csv")
     if os.path.isfile(run_csv):
         import pandas as pd
         df = pd.read_csv(run_csv, keep_default_na=False, dtype={"Text": str}, encoding="utf-8")
         labels = df["Name"].astype(str).tolist() if "Name" in df.columns else df["Label"].to_numpy()
         lines = df["Line"].to_numpy() if "Line" in df.columns else None
-        return df["Text"].tolist(), labels, lines, f"{run_csv} ({args.split} split of the run)"
+        return df["Text"].tolist(), labels, lines, f"{args.split} split"
     splits = prepare_splits(None, args.data_dir, progress=not args.quiet, parse=args.parse)
     df = splits[SPLITS.index(args.split)]
-    return df["Text"].tolist(), df["Label"].to_numpy(), df["Line"].to_numpy(), f"{args.split} split in {args.data_dir}"
+    return df["Text"].tolist(), df["Label"].to_numpy(), df["Line"].to_numpy(), f"{args.split} split"
 
 
 def main(argv=None):
@@ -264,7 +264,8 @@ def main(argv=None):
     texts, labels, lines, what = load_labelled(args, clf)
     result = evaluate_classifier(clf, texts, labels, threshold=args.threshold, errors=args.errors,
                                  progress=not args.quiet, lines=lines)
-    result.update(model=clf.path, data=what, pooling=clf.pooling, max_length=clf.max_length)
+    result.update(model=clf.path, data=args.data, split=None if args.data else args.split,
+                  pooling=clf.pooling, max_length=clf.max_length)
     if args.out:
         from .finetune import _write_json
         _write_json(args.out, result)
@@ -273,7 +274,7 @@ def main(argv=None):
     else:
         cut = f", {result['truncated']} cut to {clf.limit} tokens" if result["truncated"] else ""
         print(f"{clf.path}: pooling {clf.pooling}, texts cut to {clf.limit} tokens")
-        print(f"{what}: {result['n']} texts{cut}")
+        print(f"{what}: {result['n']} messages{cut}")
         print(format_report(result))
     return 0
 

@@ -72,7 +72,8 @@ def read_table(path, text_column="text", label_column="label", skip_bad_lines=Fa
     rows = []
     for line, rec in records:
         if isinstance(rec, str):                 # a reason: the row is unusable
-            bad.add(line, rec)
+            if line not in bad.dropped:
+                bad.add(line, rec)
             continue
         text = rec.get(text_column)
         label = rec.get(label_column, "") if label_column is not None else ""
@@ -101,6 +102,7 @@ class _BadRows:
 
     def __init__(self, path, skip):
         self.path, self.skip, self.skipped = path, skip, []
+        self.dropped = set()          # lines blanked for not being UTF-8 (already counted)
 
     def add(self, line, reason):
         what = f"row {line}" if self.path.suffix.lower() == ".parquet" else f"line {line}"
@@ -132,6 +134,7 @@ def _decode(path: Path, bad: _BadRows) -> str:
             line.decode("utf-8")
         except UnicodeDecodeError as e:
             bad.add(n, f"not valid UTF-8 (byte {e.start} of the line)")
+            bad.dropped.add(n)
             lines[n - 1] = b""
     return b"\n".join(lines).decode("utf-8")
 
