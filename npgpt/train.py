@@ -50,8 +50,8 @@ def parse_padding(value: str):
 
 def build_parser():
     p = make_parser("python -m npgpt.train",
-                    "Fine-tune GPT-2 into an SMS spam classifier on the CPU (defaults: the reference's "
-                    "setting, last-real-token pooling).")
+                    "Fine-tune GPT-2 into a text classifier on the CPU: on your labelled texts (--data FILE.csv), "
+                    "or on the SMS Spam Collection (defaults: the reference's setting, last-real-token pooling).")
     g = p.add_argument_group("model")
     g.add_argument("--model-size", default="124M", help="GPT-2 size: 124M, 355M, 774M or 1558M")
     g.add_argument("--weights", default=None, help="converted weights (default: weights/gpt2-<size>.h5)")
