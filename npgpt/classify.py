@@ -93,8 +93,12 @@ class Classifier:
         from .data import make_batch
         from .model import forward_cls
 
-        logits = np.zeros((len(tokens), len(self.labels)), np.float32)          # [N,K]
         pad_to = self.max_length if self.pooling == "last_position" else None
+        if self.pooling == "last_token" or pad_to is not None:   # results independent of grouping
+            from .infer import packed_logits                      # deduplicated, sorted, packed
+            return packed_logits(self.params, self.config, tokens, self.pooling, pad_to,
+                                 progress=bool(progress))                        # [N,K]
+        logits = np.zeros((len(tokens), len(self.labels)), np.float32)          # [N,K]
         with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False) as bar:
             for rows in self.batches(tokens):
                 ids, lengths = make_batch(tokens, rows, pad_to)                 # [B,T], [B]

@@ -47,6 +47,9 @@ class TrainSettings:
     trainable: object = 1          # "head", K, or "all"
     pooling: str = "last_token"    # or "last_position"
     cache: bool = True             # compute the frozen prefix once
+    cache_disk: bool = True        # keep it in the disk cache (npgpt.prefix_cache) for later runs
+    cache_dir: str | None = None   # the disk cache folder (None: $NPGPT_CACHE_DIR or ~/.cache/npgpt/prefix)
+    cache_memory: int | None = None  # bytes of prefix held in memory; above: on disk (None: half of free RAM)
     dense: bool = False            # run every position of the last block (the textbook forward)
 
 
@@ -72,42 +75,51 @@ def cache_start(config, settings: TrainSettings):
     return model.first_trainable_block(config, settings.trainable)
 
 
-def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=2048, progress=None):
-    """The activations entering block `start` for every example, computed once.
+def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=2048, progress=None,
+                 store=None, digests=None):
+    """The activations entering block `start` for every example of one dataset (see `prefix_caches`).
+    -> list of [T_i, C] float arrays, one per example"""
+    return prefix_caches(params, config, [dataset], start, pooling, max_tokens, progress, store, digests)[0]
+
+
+def prefix_caches(params, config, datasets, start: int, pooling: str, max_tokens=2048, progress=None,
+                  store=None, digests=None):
+    """The activations entering block `start` for every example of every dataset, computed once.
 
     last_token pooling: each example at its true length (padding never matters);
     last_position pooling: each example padded to the dataset's pad length, since the pooled
     position then is a pad token whose activation depends on the padding.
-    Examples run packed along one axis (`model.forward_prefix_packed`), about max_tokens per
-    call, so every matmul is large and no padding is computed. Messages that repeat (the SMS
-    data holds some spam several times) are computed once and share one array.
-    -> list of [T_i, C] float arrays, one per example"""
-    if pooling == "last_position":
-        if dataset.pad_to is None:
-            return None   # per-batch padding: the pooled activations depend on the batch
-        lengths = np.full(len(dataset), dataset.pad_to)
-    else:
-        lengths = dataset.lengths
-    first = {}                                   # token sequence -> the first example holding it
-    same_as = np.array([first.setdefault(tuple(dataset.tokens[r]), r) for r in range(len(dataset))])
-    unique = np.flatnonzero(same_as == np.arange(len(dataset)))
-    feats = [None] * len(dataset)
-    k = 0
-    while k < len(unique):                       # packs of whole examples, about max_tokens each
-        n = np.searchsorted(np.cumsum(lengths[unique[k:]]), max_tokens, side="right")
-        chunk = unique[k:k + max(1, n)]
-        k += len(chunk)
-        ids, _ = _ids(dataset, chunk, int(lengths[chunk].max()))                  # [n,T]
-        seqs = [ids[j, :lengths[r]] for j, r in enumerate(chunk)]
-        for r, x in zip(chunk, model.forward_prefix_packed(params, config, seqs, start)):
-            feats[r] = x                                                           # [T_r,C]
-        if progress:
-            progress(int(lengths[chunk].sum()))
-    for r in np.flatnonzero(same_as != np.arange(len(dataset))):
-        feats[r] = feats[same_as[r]]
-        if progress:
-            progress(int(lengths[r]))
-    return feats
+    The distinct token sequences of all the datasets (the SMS data holds some spam several times)
+    go to `npgpt.prefix_cache`, which runs them packed along one axis, about max_tokens per
+    matmul, with no padding computed, and keeps the result in its disk cache (store: a
+    `prefix_cache.PrefixCache`; None: computed in memory, no disk). Repeated sequences share rows.
+    -> per dataset, a list of [T_i, C] arrays (views of one array), or None for a dataset whose
+       pooled activations depend on the batch (last_position with per-batch padding)"""
+    from .prefix_cache import PrefixCache
+
+    store = store or PrefixCache(use_disk=False, max_tokens=max_tokens)
+    first, seqs, where, mode = {}, [], [], pooling
+    for d in datasets:
+        if pooling == "last_position":
+            if d.pad_to is None:
+                where.append(None)
+                continue
+            mode = f"last_position:{d.pad_to}"
+            lengths = np.full(len(d), d.pad_to)
+        else:
+            lengths = d.lengths
+        rows = []
+        for r in range(len(d)):
+            ids = tuple(d.tokens[r][:lengths[r]]) + (model.PAD_ID,) * int(lengths[r] - min(len(d.tokens[r]), lengths[r]))
+            if ids not in first:                  # token sequence -> its row in seqs
+                first[ids] = len(seqs)
+                seqs.append(np.array(ids, dtype=np.int64))
+            rows.append(first[ids])
+        where.append(rows)
+    if not seqs:
+        return [None] * len(datasets)
+    flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress)
+    return [None if rows is None else [flat[offsets[u]:offsets[u + 1]] for u in rows] for rows in where]
 
 
 def _ids(dataset, rows, T):
@@ -223,12 +235,15 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
     feats = [None, None, None]
     if start is not None:
         t0 = time.time()
+        from .prefix_cache import PrefixCache
         total = sum(int(d.lengths.sum()) if settings.pooling == "last_token" else len(d) * (d.pad_to or 0)
                     for d in datasets)
-        with tqdm(total=total, unit="tok", desc=f"frozen blocks 0..{start - 1}" if start else "embeddings",
+        store = PrefixCache(settings.cache_dir, use_disk=settings.cache_disk, memory_limit=settings.cache_memory,
+                            spill_dir=run_dir, log=log)
+        with tqdm(unit="tok", desc=f"frozen blocks 0..{start - 1}" if start else "embeddings",
                   disable=not progress, leave=False) as bar:
-            feats = [prefix_cache(params, config, d, start, settings.pooling, progress=bar.update)
-                     for d in datasets]
+            feats = prefix_caches(params, config, datasets, start, settings.pooling, progress=bar.update,
+                                  store=store)
         if feats[0] is not None:
             log(f"cached the frozen prefix (blocks 0..{start - 1}) of {total} tokens in {time.time() - t0:.1f} s")
     fstart = start if feats[0] is not None else 0

@@ -98,6 +98,13 @@ def build_parser():
     g.add_argument("--eval-iter", type=int, default=5, help="batches per periodic evaluation")
     g.add_argument("--seed", type=int, default=123)
     g.add_argument("--no-cache", action="store_true", help="recompute the frozen blocks at every step")
+    g.add_argument("--cache-dir", default=None,
+                   help="disk cache of frozen-prefix activations (default: $NPGPT_CACHE_DIR or ~/.cache/npgpt/prefix)")
+    g.add_argument("--no-cache-disk", action="store_true",
+                   help="do not read or write the disk cache (the prefix is still computed once per run)")
+    g.add_argument("--cache-memory", default=None, metavar="SIZE",
+                   help="frozen-prefix bytes held in memory, e.g. 512M or 2G; a larger prefix stays on disk "
+                        "and is streamed (default: half of the free memory)")
     g.add_argument("--dense", action="store_true",
                    help="compute every position of every block (the textbook forward; slower, same numbers)")
     g.add_argument("--threads", type=int, default=None, help="threads for Numba and BLAS (default: all cores)")
@@ -140,6 +147,12 @@ def check_args(args, parser):
         parse_split(args.split)
     except NpgptError as e:
         parser.error(str(e))
+    if args.cache_memory is not None:
+        from .prefix_cache import parse_size
+        try:
+            parse_size(args.cache_memory)
+        except (ValueError, IndexError):
+            parser.error(f"--cache-memory must be a size such as 512M or 2G, got {args.cache_memory!r}")
 
 
 def check_output_dir(run_dir, need_bytes: int):
@@ -304,7 +317,7 @@ def main(argv=None):
                              weight_decay=info["weight_decay"], decay_1d=info["decay_1d"], seed=info["seed"],
                              eval_freq=info["eval_freq"], eval_iter=info["eval_iter"],
                              trainable=info["trainable"], pooling=info["pooling"],
-                             cache=info["cache"], dense=info["dense"])
+                             cache=info["cache"], dense=info["dense"], **cache_settings(args))
     try:
         state, feats = fit(params, config, datasets, settings, run_dir, info, resume=bool(args.resume),
                            log=log, progress=not args.quiet)
@@ -330,6 +343,13 @@ def prepare_run_splits(info: dict, run_dir):
                                label_column=info["label_column"], labels=info["user_labels"],
                                split=info["split"], balance=info["balance"], seed=info["seed"],
                                skip_bad_lines=info["skip_bad_lines"], out_dir=run_dir)
+
+
+def cache_settings(args) -> dict:
+    """The disk-cache flags as TrainSettings fields (per invocation, not part of the run's identity)."""
+    from .prefix_cache import parse_size
+    return {"cache_disk": not args.no_cache_disk, "cache_dir": args.cache_dir,
+            "cache_memory": None if args.cache_memory is None else parse_size(args.cache_memory)}
 
 
 def _read_run_info(run_dir) -> dict:

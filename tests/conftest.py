@@ -27,6 +27,18 @@ def shared_data() -> pathlib.Path:
 _skipped = []
 
 
+def pytest_configure(config):
+    """Every test, and every process a test starts, uses a fresh prefix cache folder, never the
+    user's ~/.cache/npgpt/prefix."""
+    import tempfile
+    os.environ["NPGPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="npgpt-test-prefix-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+    shutil.rmtree(os.environ.get("NPGPT_CACHE_DIR", ""), ignore_errors=True)
+
+
 def pytest_runtest_logreport(report):
     if report.skipped:
         _skipped.append(report.nodeid)

@@ -1,0 +1,97 @@
+"""Fast inference for many texts: deduplicated, sorted by length, packed without padding.
+
+    logits = packed_logits(params, config, tokens)          # tokens: list of id lists -> [N,K]
+
+What a batch of padded texts would compute, without the padding:
+- Repeated texts (the same token ids) are computed once.
+- The distinct sequences are sorted by length and packed one after another along one axis, about
+  `max_tokens` rows per pack, so every matmul of blocks 0..L-2 is one large GEMM over real tokens
+  only; attention keeps each sequence to itself (`model.block_forward(..., starts=...)`).
+- The last block runs only where the head reads (`model.block_forward_pooled`: keys and values
+  at every real token, the rest at the pooled one), on the pack laid out as a [B,T,C] batch;
+  sorted lengths make that batch nearly free of padding.
+
+Pooling: last_token reads each sequence's last real token, so the result does not depend on which
+texts share a pack: a text gets the same logits as `model.forward_cls` on it alone (to float32
+round-off). last_position with a pad length reads position pad_len-1: each sequence is padded to
+pad_len with 50256 first, as in training (its pads are then real rows of the pack).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import model, ops
+from .prefix_cache import packs
+
+
+def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max_tokens=2048, progress=None):
+    """Class logits [N,K] of N token sequences (lists or arrays of ids, each 1..n_ctx long).
+
+    pooling "last_position" needs pad_to (every sequence is padded to it first).
+    progress: None (a tqdm bar on stderr when there are 1000 texts or more and stderr is a
+    terminal), True / False, or a function called with a number of tokens done."""
+    if pooling == "last_position" and pad_to is None:
+        raise ValueError("packed_logits: last_position pooling needs pad_to")
+    first, seqs, where = {}, [], []
+    for t in tokens:                                   # dedupe: token sequence -> its row in seqs
+        ids = tuple(int(i) for i in t)
+        if pooling == "last_position":
+            ids = ids[:pad_to] + (model.PAD_ID,) * (pad_to - min(len(ids), pad_to))
+        if ids not in first:
+            first[ids] = len(seqs)
+            seqs.append(np.array(ids, dtype=np.int64))
+        where.append(first[ids])
+    K = params["cls/w"].shape[1]
+    if not seqs:
+        return np.zeros((0, K), np.float32)
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)                 # [S]
+    if lengths.min() < 1 or lengths.max() > config.n_ctx:
+        raise ValueError(f"packed_logits: sequence lengths must be in 1..{config.n_ctx}")
+    order = np.argsort(lengths, kind="stable")                                  # [S] shortest first
+    out = np.zeros((len(seqs), K), np.float32)                                  # [S,K]
+    bar, update = _progress(progress, len(tokens), int(lengths.sum()))
+    try:
+        for a, b in packs(lengths[order], max_tokens):
+            rows = order[a:b]
+            out[rows] = _pack_logits(params, config, [seqs[r] for r in rows])
+            update(int(lengths[rows].sum()))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out[np.array(where)]                                                 # [N,K]
+
+
+def _pack_logits(params, config, seqs):
+    """Logits [S,K] of one pack of sequences: blocks 0..L-2 packed, the last block pooled."""
+    L = config.n_layer
+    lengths = np.array([len(s) for s in seqs])                                  # [S]
+    starts = np.concatenate([[0], np.cumsum(lengths)])                          # [S+1]
+    ids = np.concatenate(seqs)                                                  # [N]
+    pos = np.arange(len(ids)) - np.repeat(starts[:-1], lengths)                 # [N]
+    x = params["wte"][ids] + params["wpe"][pos]                                 # [N,C]
+    for i in range(L - 1):
+        x, _ = model.block_forward(params, i, x, config.n_head, save=False, starts=starts)  # [N,C]
+    S, T, C = len(seqs), int(lengths.max()), x.shape[1]
+    last = lengths - 1                                                          # [S] pooled positions
+    if L == 0:
+        h = x[starts[1:] - 1]                                                   # [S,C]
+    else:
+        xb = np.zeros((S, T, C), x.dtype)                                       # [S,T,C]
+        xb[np.repeat(np.arange(S), lengths), pos] = x                           # unpacked; pads stay 0
+        h, _ = model.block_forward_pooled(params, L - 1, xb, last, config.n_head, save=False)  # [S,C]
+    h, _ = ops.layernorm_forward(h, params["ln_f/g"], params["ln_f/b"])         # [S,C]
+    logits, _ = ops.linear_forward(h, params["cls/w"], params["cls/b"])         # [S,K]
+    return logits
+
+
+def _progress(progress, n_texts, n_tokens):
+    if callable(progress):
+        return None, progress
+    if progress is None:
+        import sys
+        progress = n_texts >= 1000 and sys.stderr.isatty()
+    if not progress:
+        return None, lambda n: None
+    from tqdm import tqdm
+    bar = tqdm(total=n_tokens, unit="tok", desc=f"classifying {n_texts} texts", leave=False)
+    return bar, bar.update

@@ -1,0 +1,324 @@
+"""The frozen prefix, computed once per (weights, tokens, depth): activations kept on disk.
+
+With blocks 0..d-1 frozen, the activations entering block d are a fixed function of the weights
+that feed them (wte, wpe, blocks 0..d-1) and of the token ids. This module computes them for many
+sequences packed along one axis (no padding: attention keeps each sequence to itself) and keeps
+the result in a cache folder, so a later run on the same data reuses it:
+
+    cache folder   `--cache-dir`, else $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix
+    one entry      <key>.npy   the activations, one [N,C] array (sequence s is rows off[s]..off[s+1]-1)
+                   <key>.json  what it holds: depth, rows, columns, dtype, the sha256 of the array's bytes
+    key            sha256 of: the sha256 of each array feeding it (embeddings, blocks < depth), the
+                   token ids and lengths, the depth, the pooling mode, the packing (max_tokens) and
+                   the kernels (Numba or NumPy). A content hash: never a path or a time.
+
+Reuse: an entry at depth d serves a run whose first trainable block is s >= d, by computing
+blocks d..s-1 from it (a cache at depth 10 serves `--trainable-blocks 1` and `2`). Sequences go
+through the blocks in the same packs whichever depth they start from, so the numbers are the
+same bits as a computation from the embeddings.
+
+Safety: an entry is written to a temporary name and renamed (the .npy first, the .json last,
+so a .json always describes a complete array), and verified on every read (shape, dtype,
+checksum); a corrupt or partial entry is removed and recomputed, never trusted.
+
+Memory: the prefix takes rows x C x 4 bytes (45.7k tokens x 768 = 140 MB for SMS at 124M). Above
+`memory_limit` bytes the array is not held in memory: it is written to a file as it is computed
+(the cache entry, or a file in the run folder with the disk cache off) and read back memory-mapped,
+so training streams it from disk page by page.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from . import kernels, model
+
+VERSION = 1
+ENV = "NPGPT_CACHE_DIR"
+
+
+def default_dir() -> str:
+    """The cache folder: $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix."""
+    return os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "npgpt", "prefix")
+
+
+def free_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux; 4 GiB when unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def default_memory_limit() -> int:
+    """Half of the memory available now: the default of `--cache-memory`."""
+    return free_memory() // 2
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GiB', '100000' (bytes) -> bytes."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in "KMGT" and t else t
+    value = float(number)
+    if value < 0:
+        raise ValueError(text)
+    return int(value * mult)
+
+
+def weight_digests(params, depth: int) -> list:
+    """sha256 of the arrays feeding the activations entering block `depth`:
+    [embeddings (wte, wpe), block 0, ..., block depth-1], each over names, shapes, dtypes, bytes."""
+    def digest(names):
+        h = hashlib.sha256()
+        for name in names:
+            a = np.ascontiguousarray(params[name])
+            h.update(f"{name}|{a.shape}|{a.dtype.str}|".encode())
+            h.update(memoryview(a).cast("B"))
+        return h.hexdigest()
+    out = [digest(["wte", "wpe"])]
+    for i in range(depth):
+        out.append(digest(sorted(n for n in params if n.startswith(f"h{i}/"))))
+    return out
+
+
+def packs(lengths, max_tokens: int) -> list:
+    """Consecutive sequences grouped into packs of about max_tokens rows (at least one sequence each).
+    lengths [S] -> list of (first, stop) sequence index ranges"""
+    out, k = [], 0
+    csum = np.cumsum(lengths)
+    while k < len(lengths):
+        base = csum[k - 1] if k else 0
+        n = int(np.searchsorted(csum[k:] - base, max_tokens, side="right"))
+        out.append((k, k + max(1, n)))
+        k += max(1, n)
+    return out
+
+
+class PrefixCache:
+    """The cache folder (or no folder, with use_disk=False) and how the prefix is computed.
+
+    log: a function of one string for what the user should see (sizes, hits, corrupt entries)."""
+
+    def __init__(self, cache_dir=None, use_disk=True, memory_limit=None, spill_dir=None,
+                 max_tokens=2048, log=None):
+        self.dir = cache_dir or default_dir()
+        self.use_disk = use_disk
+        self.memory_limit = default_memory_limit() if memory_limit is None else int(memory_limit)
+        self.spill_dir = spill_dir
+        self.max_tokens = max_tokens
+        self.log = log or (lambda msg: None)
+
+    # ------------------------------------------------------------------ keys and entries
+
+    def key(self, digests, seqs_digest: str, depth: int, mode: str) -> str:
+        parts = [f"npgpt-prefix-v{VERSION}", *digests[:depth + 1], seqs_digest, f"depth={depth}",
+                 f"mode={mode}", f"max_tokens={self.max_tokens}", f"numba={int(kernels.USE_NUMBA)}"]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def _paths(self, key):
+        return os.path.join(self.dir, key + ".npy"), os.path.join(self.dir, key + ".json")
+
+    def read(self, key, rows: int, cols: int, dtype):
+        """The verified array of an entry, or None (missing; a corrupt entry is removed)."""
+        npy, meta_path = self._paths(key)
+        if not os.path.exists(meta_path):
+            return None
+        try:
+            with open(meta_path) as fh:
+                meta = json.load(fh)
+            arr = np.load(npy, mmap_mode="r")
+            problem = None
+            if arr.shape != (rows, cols) or meta.get("rows") != rows or meta.get("cols") != cols:
+                problem = f"shape {arr.shape}, expected {(rows, cols)}"
+            elif arr.dtype != np.dtype(dtype) or meta.get("dtype") != np.dtype(dtype).str:
+                problem = f"dtype {arr.dtype}, expected {np.dtype(dtype)}"
+            elif checksum(arr) != meta.get("sha256"):
+                problem = "checksum mismatch"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"unreadable ({e})"
+        if problem:
+            self.log(f"prefix cache entry {key[:16]} is damaged ({problem}): recomputing it")
+            remove_entry(self.dir, key)
+            return None
+        if rows * cols * arr.dtype.itemsize <= self.memory_limit:
+            return np.array(arr)                       # small enough: into memory
+        return arr                                     # memory-mapped, read-only
+
+    def _new_array(self, key, rows, cols, dtype):
+        """Where a new prefix is written: memory, or a file when it exceeds the memory limit."""
+        nbytes = rows * cols * np.dtype(dtype).itemsize
+        if nbytes <= self.memory_limit:
+            return np.empty((rows, cols), dtype), None
+        folder = self.dir if self.use_disk else (self.spill_dir or self.dir)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f".{key[:32]}.{os.getpid()}.tmp.npy")
+        self.log(f"frozen prefix ({nbytes / 2**20:.0f} MiB) exceeds the cache memory limit "
+                 f"({self.memory_limit / 2**20:.0f} MiB): kept on disk in {folder}")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, cols)), path
+
+    def write(self, key, arr, meta: dict, tmp_path=None):
+        """Store arr as entry `key`, atomically. -> the array to use (memory-mapped if it was)."""
+        os.makedirs(self.dir, exist_ok=True)
+        npy, meta_path = self._paths(key)
+        if tmp_path is None:
+            tmp_path = os.path.join(self.dir, f".{key[:32]}.{os.getpid()}.tmp.npy")
+            np.save(tmp_path, arr)
+        else:
+            arr.flush()
+        meta = dict(meta, version=VERSION, key=key, rows=int(arr.shape[0]), cols=int(arr.shape[1]),
+                    dtype=arr.dtype.str, bytes=int(arr.nbytes), sha256=checksum(arr),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        _fsync(tmp_path)
+        os.replace(tmp_path, npy)
+        tmp_meta = meta_path + f".{os.getpid()}.tmp"
+        with open(tmp_meta, "w") as fh:
+            json.dump(meta, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_meta, meta_path)
+        return arr if not isinstance(arr, np.memmap) else np.load(npy, mmap_mode="r")
+
+    # ------------------------------------------------------------------ the computation
+
+    def activations(self, params, config, seqs, depth: int, mode: str, digests=None, progress=None):
+        """The activations entering block `depth` for each token sequence in seqs.
+
+        seqs: list of 1-D int arrays (distinct sequences); mode: a string naming how they were
+        made (pooling and pad length), part of the key. digests: `weight_digests(params, depth)`
+        (computed here when None). progress: called with a number of tokens done.
+        -> (flat [N,C] array, offsets [S+1]): sequence s is flat[offsets[s]:offsets[s+1]]"""
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)                 # [S]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])                         # [S+1]
+        rows, cols = int(offsets[-1]), config.n_embd
+        dtype = params["wte"].dtype
+        nbytes = rows * cols * np.dtype(dtype).itemsize
+        if digests is None:
+            digests = weight_digests(params, depth)
+        h = hashlib.sha256()
+        h.update(lengths.tobytes())
+        h.update(np.concatenate(seqs).astype(np.int64).tobytes())
+        seqs_digest = h.hexdigest()
+        meta = {"depth": depth, "sequences": len(seqs), "mode": mode, "weights": digests[0][:16]}
+
+        start_depth, src = 0, None
+        if self.use_disk:
+            for d in range(depth, 0, -1):                 # the deepest cached depth <= depth
+                src = self.read(self.key(digests, seqs_digest, d, mode), rows, cols, dtype)
+                if src is not None:
+                    start_depth = d
+                    break
+        key = self.key(digests, seqs_digest, depth, mode)
+        if start_depth == depth:
+            self.log(f"frozen prefix (blocks 0..{depth - 1}, {rows} tokens, {nbytes / 2**20:.0f} MiB) "
+                     f"read from the cache {self.dir}")
+            if progress:
+                progress(rows)
+            return src, offsets
+        what = f"blocks {start_depth}..{depth - 1}" + (f" from the cached depth {start_depth}" if start_depth else "")
+        self.log(f"computing the frozen prefix: {what}, {rows} tokens x {cols} = {nbytes / 2**20:.0f} MiB")
+        out, tmp_path = self._new_array(key, rows, cols, dtype)
+        for a, b in packs(lengths, self.max_tokens):
+            lo, hi = offsets[a], offsets[b]
+            starts = offsets[a:b + 1] - lo                                             # [n+1]
+            if src is None:
+                ids = np.concatenate(seqs[a:b])                                        # [n_tok]
+                pos = np.arange(hi - lo) - np.repeat(starts[:-1], lengths[a:b])        # [n_tok]
+                x = params["wte"][ids] + params["wpe"][pos]                            # [n_tok,C]
+            else:
+                x = np.array(src[lo:hi])                                               # [n_tok,C]
+            for i in range(start_depth, depth):
+                x, _ = model.block_forward(params, i, x, config.n_head, save=False, starts=starts)  # [n_tok,C]
+            out[lo:hi] = x
+            if progress:
+                progress(int(hi - lo))
+        if self.use_disk:
+            try:
+                out = self.write(key, out, meta, tmp_path)
+                self.log(f"saved the frozen prefix ({nbytes / 2**20:.0f} MiB) to the cache {self.dir}")
+            except OSError as e:
+                self.log(f"could not save the frozen prefix to {self.dir} ({e.strerror or e}); continuing")
+                if tmp_path and os.path.exists(tmp_path):
+                    out = np.load(tmp_path, mmap_mode="r")
+        elif tmp_path is not None:                       # no disk cache: a file for this run only
+            out.flush()
+            out = np.load(tmp_path, mmap_mode="r")
+            os.remove(tmp_path)                          # the mapping keeps the data until the run ends
+        return out, offsets
+
+
+def checksum(arr) -> str:
+    """sha256 of an array's bytes, read 64 MiB at a time (works on memory-mapped arrays)."""
+    h = hashlib.sha256()
+    flat = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+    step = max(1, (64 << 20) // max(1, flat[0:1].nbytes))
+    for i in range(0, flat.shape[0], step):
+        h.update(memoryview(np.ascontiguousarray(flat[i:i + step])).cast("B"))
+    return h.hexdigest()
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- listing and clearing
+
+def entries(cache_dir=None) -> list:
+    """The entries of a cache folder: dicts from their .json, plus 'files_bytes'; sorted by time."""
+    d = cache_dir or default_dir()
+    out = []
+    if not os.path.isdir(d):
+        return out
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".json"):
+            continue
+        key = name[:-5]
+        try:
+            with open(os.path.join(d, name)) as fh:
+                meta = json.load(fh)
+        except (OSError, ValueError):
+            meta = {"key": key, "damaged": True}
+        npy = os.path.join(d, key + ".npy")
+        meta["files_bytes"] = (os.path.getsize(npy) if os.path.exists(npy) else 0) + \
+            os.path.getsize(os.path.join(d, name))
+        meta.setdefault("key", key)
+        out.append(meta)
+    return sorted(out, key=lambda m: str(m.get("created", "")))
+
+
+def remove_entry(cache_dir, key):
+    for suffix in (".json", ".npy"):
+        try:
+            os.remove(os.path.join(cache_dir, key + suffix))
+        except FileNotFoundError:
+            pass
+
+
+def clear(cache_dir=None) -> tuple:
+    """Remove every entry (and leftover temporary files). -> (entries removed, bytes freed)"""
+    d = cache_dir or default_dir()
+    if not os.path.isdir(d):
+        return 0, 0
+    n, freed = 0, 0
+    for name in os.listdir(d):
+        path = os.path.join(d, name)
+        if name.endswith(".json") or name.endswith(".npy") or ".tmp" in name:
+            n += name.endswith(".json")
+            freed += os.path.getsize(path)
+            os.remove(path)
+    return n, freed

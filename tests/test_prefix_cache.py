@@ -1,0 +1,161 @@
+"""The disk cache of frozen-prefix activations (npgpt.prefix_cache): a run from the cache ends with
+exactly the parameters of a run that computed the prefix; a deeper prefix computed from a cached
+shallower one is the same bits; damaged or partial entries are recomputed; a prefix above the
+memory limit stays on disk and trains the same; `python -m npgpt.cache ls|clear`."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from npgpt import cache as cache_cli, finetune, model, params as P, prefix_cache
+from npgpt.config import GPT2Config, preset
+from npgpt.data import make_datasets, prepare_splits
+from npgpt.tokenizer import get_tokenizer
+
+
+@pytest.fixture(scope="module")
+def datasets(shared_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    splits = prepare_splits(shared_data / "sms_spam_collection" / "SMSSpamCollection", d)
+    return make_datasets(splits, get_tokenizer(shared_data / "gpt2_bpe"))
+
+
+def _fit(datasets, run_dir, **kw):
+    cfg = preset("tiny")
+    params = P.init_params(cfg, seed=123, num_classes=2)
+    settings = finetune.TrainSettings(epochs=1, eval_freq=40, **kw)
+    logs = []
+    os.makedirs(run_dir, exist_ok=True)
+    state, _ = finetune.fit(params, cfg, datasets, settings, str(run_dir), {}, progress=False, log=logs.append)
+    return params, state.metrics, logs
+
+
+def _random_seqs(n, seed=0, vocab=50257, max_len=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=int(rng.integers(1, max_len))) for _ in range(n)]
+
+
+def test_cached_run_ends_with_the_same_parameters(datasets, tmp_path):
+    cdir = str(tmp_path / "cache")
+    p0, m0, _ = _fit(datasets, tmp_path / "nodisk", cache_disk=False)             # computed, no disk
+    p1, m1, logs1 = _fit(datasets, tmp_path / "first", cache_dir=cdir)             # computed, written
+    assert any("saved the frozen prefix" in s for s in logs1)
+    p2, m2, logs2 = _fit(datasets, tmp_path / "second", cache_dir=cdir)            # read from disk
+    assert any("read from the cache" in s for s in logs2) and not any("computing" in s for s in logs2)
+    for name in p0:
+        assert np.array_equal(p0[name], p1[name]) and np.array_equal(p0[name], p2[name]), name
+    assert m0 == m1 == m2
+
+
+def test_a_shallower_entry_serves_a_deeper_run_bit_for_bit(tmp_path):
+    cfg = GPT2Config(n_layer=4, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=1, num_classes=2)
+    seqs = _random_seqs(60)
+    digests = prefix_cache.weight_digests(params, 3)
+    fresh, off = prefix_cache.PrefixCache(use_disk=False, max_tokens=256).activations(
+        params, cfg, seqs, 3, "last_token", digests)
+    logs = []
+    store = prefix_cache.PrefixCache(str(tmp_path), max_tokens=256, log=logs.append)
+    store.activations(params, cfg, seqs, 1, "last_token", digests)                 # depth 1 on disk
+    from_1, off_1 = store.activations(params, cfg, seqs, 3, "last_token", digests)  # blocks 1..2 from it
+    assert any("from the cached depth 1" in s for s in logs)
+    assert np.array_equal(off, off_1) and np.array_equal(fresh, from_1)
+    # and the packed prefix equals the per-sequence forward (to float32 round-off)
+    for s in (0, 17, 59):
+        ref = model.forward_prefix(params, cfg, seqs[s][None], 3)[0]
+        np.testing.assert_allclose(fresh[off[s]:off[s + 1]], ref, rtol=1e-4, atol=1e-5)
+    # another depth, other tokens or other weights: other keys
+    keys = {store.key(digests, "a", 3, "last_token"), store.key(digests, "a", 2, "last_token"),
+            store.key(digests, "b", 3, "last_token"), store.key(digests, "a", 3, "last_position:120")}
+    params["h0/mlp/c_fc/w"][0, 0] += 1
+    keys.add(store.key(prefix_cache.weight_digests(params, 3), "a", 3, "last_token"))
+    assert len(keys) == 5
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_meta", "bad_meta", "shape"])
+def test_damaged_entries_are_recomputed(tmp_path, damage):
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=2, num_classes=2)
+    seqs = _random_seqs(30, seed=3)
+    store = prefix_cache.PrefixCache(str(tmp_path), max_tokens=128)
+    good, _ = store.activations(params, cfg, seqs, 2, "last_token")
+    (entry,) = prefix_cache.entries(str(tmp_path))
+    npy, meta = tmp_path / (entry["key"] + ".npy"), tmp_path / (entry["key"] + ".json")
+    if damage == "flip":                       # one byte of the activations changed
+        raw = bytearray(npy.read_bytes())
+        raw[-7] ^= 0x40
+        npy.write_bytes(bytes(raw))
+    elif damage == "truncate":                 # a partial array
+        npy.write_bytes(npy.read_bytes()[:-512])
+    elif damage == "no_meta":                  # interrupted before the description was written
+        meta.unlink()
+    elif damage == "bad_meta":
+        meta.write_text("{not json")
+    else:                                      # a well-formed array of the wrong shape
+        np.save(npy, np.zeros((3, 64), np.float32))
+    logs = []
+    store.log = logs.append
+    again, _ = store.activations(params, cfg, seqs, 2, "last_token")
+    assert np.array_equal(again, good)
+    assert any("computing" in s for s in logs)
+    if damage != "no_meta":
+        assert any("damaged" in s for s in logs)
+    # the recomputed entry is whole again and is read next time
+    logs.clear()
+    store.activations(params, cfg, seqs, 2, "last_token")
+    assert any("read from the cache" in s for s in logs)
+
+
+def test_above_the_memory_limit_the_prefix_stays_on_disk(datasets, tmp_path):
+    p0, m0, _ = _fit(datasets, tmp_path / "mem", cache_disk=False)
+    p1, m1, logs = _fit(datasets, tmp_path / "disk", cache_disk=False, cache_memory=0)   # spilled, run folder
+    assert any("exceeds the cache memory limit" in s for s in logs)
+    assert not [f for f in os.listdir(tmp_path / "disk") if f.endswith(".npy")]        # removed at once
+    cdir = str(tmp_path / "cache")
+    p2, m2, _ = _fit(datasets, tmp_path / "c1", cache_dir=cdir, cache_memory=0)          # written to the cache
+    p3, m3, logs3 = _fit(datasets, tmp_path / "c2", cache_dir=cdir, cache_memory=0)      # memory-mapped from it
+    assert any("read from the cache" in s for s in logs3)
+    for name in p0:
+        for p in (p1, p2, p3):
+            assert np.array_equal(p0[name], p[name]), name
+    assert m0 == m1 == m2 == m3
+
+
+def test_memory_mapped_read(tmp_path):
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=4, num_classes=2)
+    seqs = _random_seqs(20, seed=5)
+    a, _ = prefix_cache.PrefixCache(str(tmp_path)).activations(params, cfg, seqs, 2, "last_token")
+    b, _ = prefix_cache.PrefixCache(str(tmp_path), memory_limit=0).activations(params, cfg, seqs, 2, "last_token")
+    assert isinstance(b, np.memmap) and not isinstance(a, np.memmap) and np.array_equal(a, b)
+
+
+def test_parse_size():
+    assert prefix_cache.parse_size("512M") == 512 << 20
+    assert prefix_cache.parse_size("2G") == 2 << 30
+    assert prefix_cache.parse_size("1.5GiB") == 3 << 29
+    assert prefix_cache.parse_size("1000") == 1000
+    with pytest.raises(ValueError):
+        prefix_cache.parse_size("lots")
+
+
+def test_cache_cli_ls_and_clear(tmp_path, capsys):
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=6, num_classes=2)
+    store = prefix_cache.PrefixCache(str(tmp_path))
+    store.activations(params, cfg, _random_seqs(10), 1, "last_token")
+    store.activations(params, cfg, _random_seqs(10), 2, "last_token")
+    assert cache_cli.main(["ls", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 entries" in out and "depth 1" in out and "depth 2" in out
+    assert cache_cli.main(["clear", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out
+    assert prefix_cache.entries(str(tmp_path)) == [] and os.listdir(tmp_path) == []
+
+
+def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NPGPT_CACHE_DIR", str(tmp_path / "x"))
+    assert prefix_cache.default_dir() == str(tmp_path / "x")
+    monkeypatch.delenv("NPGPT_CACHE_DIR")
+    assert prefix_cache.default_dir().endswith(os.path.join(".cache", "npgpt", "prefix"))
