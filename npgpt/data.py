@@ -1,4 +1,6 @@
-"""The SMS Spam Collection: fetch, parse, balance, split, tokenize, batch.
+"""The SMS Spam Collection: fetch, parse, balance, split; and, for any labelled text, tokenize, batch.
+
+(A user's own tables are read and split by `npgpt.tabular`; from there on both take this path.)
 
 The pipeline, one function a step:
 
@@ -7,6 +9,7 @@ The pipeline, one function a step:
                                            (parse="pandas", the reference's read, or "strict")
     balance_and_split                      undersample ham, shuffle, 70/10/20 -> 3 DataFrames
     prepare_splits                         all of the above, writing/reusing train/validation/test.csv
+    tokenize                               texts -> TokenRows (all ids in one flat array, with offsets)
     make_datasets                          DataFrames -> SpamDataset (token ids, lengths, labels)
     train_batches / eval_batches           index arrays per batch
     make_batch                             ids [B,T] right-padded with 50256, lengths [B]
