@@ -1,4 +1,6 @@
-"""The SMS Spam Collection: fetch, parse, balance, split, tokenize, batch.
+"""The SMS Spam Collection: fetch, parse, balance, split; and, for any labelled text, tokenize, batch.
+
+(A user's own tables are read and split by `npgpt.tabular`; from there on both take this path.)
 
 The pipeline, one function a step:
 
@@ -7,6 +9,7 @@ The pipeline, one function a step:
                                            (parse="pandas", the reference's read, or "strict")
     balance_and_split                      undersample ham, shuffle, 70/10/20 -> 3 DataFrames
     prepare_splits                         all of the above, writing/reusing train/validation/test.csv
+    tokenize                               texts -> TokenRows (all ids in one flat array, with offsets)
     make_datasets                          DataFrames -> SpamDataset (token ids, lengths, labels)
     train_batches / eval_batches           index arrays per batch
     make_batch                             ids [B,T] right-padded with 50256, lengths [B]
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import tempfile
 import zipfile
@@ -44,6 +48,7 @@ from .tokenizer import PAD_ID, encode
 
 LABELS = ("ham", "spam")             # label id 0, 1
 SPLITS = ("train", "validation", "test")
+SPLITS_RECIPE = "splits.json"       # beside the CSVs: the parse and seed they were made with
 DATA_FILE = "SMSSpamCollection"
 DATA_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # UCI's file
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -324,8 +329,9 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
                    rebuild=False, urls=None, progress=True, parse="pandas"):
     """The (train, validation, test) DataFrames, with train.csv, validation.csv, test.csv in out_dir.
 
-    data_path None: the three CSVs in `out_dir` are reused when all are there; else they are
-    built from `out_dir/SMSSpamCollection`, downloaded first if missing. data_path given (the
+    data_path None: the three CSVs in `out_dir` are reused when all are there and `splits.json`
+    says they were made with this parse and seed; else they are built from
+    `out_dir/SMSSpamCollection`, downloaded first if missing. data_path given (the
     SMSSpamCollection file or UCI's zip): the CSVs are always rebuilt from it, as with rebuild.
     parse: "pandas" (the reference's read, and so its exact splits) or "strict" (`read_sms_spam`).
     Each returned frame carries the parse's `attrs["skipped"]` and `attrs["warning"]`
@@ -334,7 +340,9 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
     """
     out_dir = Path(out_dir)
     csvs = [out_dir / f"{name}.csv" for name in SPLITS]
-    if data_path is None and not rebuild and all(p.is_file() for p in csvs):
+    recipe = {"parse": parse, "seed": int(seed)}
+    if (data_path is None and not rebuild and all(p.is_file() for p in csvs)
+            and _read_recipe(out_dir) == recipe):
         return tuple(_tag(read_split_csv(p), []) for p in csvs)
     if data_path is None:
         data_path = out_dir / DATA_FILE
@@ -347,7 +355,17 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, p in zip(splits, csvs):
         write_split_csv(split, p)
+    _write_atomic(out_dir / SPLITS_RECIPE, json.dumps(recipe).encode())
     return tuple(_tag(s, messages.attrs["skipped"], messages.attrs["warning"]) for s in splits)
+
+
+def _read_recipe(out_dir: Path):
+    """How the CSVs in out_dir were made ({"parse", "seed"}), or None (made before the record
+    was kept, or unreadable: they are rebuilt)."""
+    try:
+        return json.loads((out_dir / SPLITS_RECIPE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_split_csv(df: pd.DataFrame, path) -> None:

@@ -226,7 +226,8 @@ def test_concurrent_prepare_splits_into_one_folder(sms_path, tmp_path):
             assert [s["Text"].tolist() for s in got] == expected
         for name, texts in zip(data.SPLITS, expected):
             assert read_split_csv(tmp_path / "shared" / f"{name}.csv")["Text"].tolist() == texts
-        assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted(f"{n}.csv" for n in data.SPLITS)
+        assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted(
+            [f"{n}.csv" for n in data.SPLITS] + ["splits.json"])
 
 
 def test_split_is_reproducible(sms_path, splits, tmp_path):
@@ -253,6 +254,11 @@ def test_csvs_round_trip_and_are_reused(sms_path, tmp_path, monkeypatch):
     reused = prepare_splits(None, tmp_path)  # no SMSSpamCollection in tmp_path: must read the CSVs
     for a, b in zip(built, reused):
         assert a["Text"].tolist() == b["Text"].tolist() and a["Line"].tolist() == b["Line"].tolist()
+    with pytest.raises(AssertionError, match="reused"):   # made by another parse: rebuilt, not reused
+        prepare_splits(None, tmp_path, parse="strict")
+    (tmp_path / "splits.json").unlink()                    # CSVs of unknown making: rebuilt
+    with pytest.raises(AssertionError, match="reused"):
+        prepare_splits(None, tmp_path)
 
 
 def test_csv_keeps_awkward_texts(tmp_path):

@@ -271,6 +271,13 @@ def test_fit_agrees_with_the_cli(tmp_path, bpe_dir):
     clf2 = npgpt.fit(frame, text_column="body", label_column="tag", model="tiny", epochs=2, seed=7,
                      out=str(tmp_path / "api2"), bpe_dir=bpe_dir, no_plots=True)
     np.testing.assert_array_equal(clf2.predict_proba(probe), cli.predict_proba(probe))
+    held = npgpt.fit(texts[:90], labels[:90], validation=(texts[90:100], labels[90:100]),
+                     test=(texts[100:], labels[100:]), model="tiny", epochs=1, out=str(tmp_path / "api3"),
+                     bpe_dir=bpe_dir, no_plots=True)
+    run3 = tmp_path / "api3"
+    assert pd.read_csv(run3 / "validation.csv")["Text"].tolist() == texts[90:100]
+    assert pd.read_csv(run3 / "test.csv")["Text"].tolist() == texts[100:] and len(pd.read_csv(run3 / "train.csv")) == 90
+    assert held.labels == sorted(KEYS)
     with pytest.raises(DataError, match="2 texts but 1 labels"):
         npgpt.fit(["a", "b"], ["x"], model="tiny", out=str(tmp_path / "bad"))
 

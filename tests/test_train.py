@@ -189,7 +189,8 @@ def test_disk_full_keeps_previous_checkpoint(data_args, tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is unchanged"):
         train.main(["--tiny", "--epochs", "2", "--out", str(out), "--quiet", "--no-plots", *data_args])
     monkeypatch.setattr(h5py, "File", real_file)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.h5", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.h5", "metrics.json", "test.csv", "train.csv",
+                                                     "validation.csv"]   # the splits the run used
     with h5py.File(out / "checkpoint.h5", "r") as f:
         state = json.loads(f.attrs["state"])["run_state"]
     assert state["epoch"] == 1 and state["batch"] == 0
