@@ -81,7 +81,7 @@ class Classifier:
     def batches(self, tokens):
         """Row indices of each batch: sorted by length where padding cannot change a result."""
         lengths = np.array([len(t) for t in tokens], dtype=np.int64)            # [N]
-        if self.pooling == "last_token" or self.max_length is not None:
+        if self.pooling != "last_position" or self.max_length is not None:
             order = np.argsort(lengths, kind="stable")                          # [N]
         else:
             order = np.arange(len(tokens))                                      # [N]
@@ -91,18 +91,22 @@ class Classifier:
         """Class logits [N,K] of already encoded (and cut) texts; a tqdm bar when progress."""
         from tqdm import tqdm
         from .data import make_batch
+        from .lora import spec_of
         from .model import forward_cls
 
-        pad_to = self.max_length if self.pooling == "last_position" else None
-        if self.pooling == "last_token" or pad_to is not None:   # results independent of grouping
-            from .infer import packed_logits                      # deduplicated, sorted, packed
+        lora, causal = spec_of(self.meta), self.meta.get("causal_mask", True)  # as in training
+        pad_to = self.max_length if self.pooling == "last_position" or not causal else None
+        if lora is None and causal and (self.pooling == "last_token" or
+                                        (self.pooling == "last_position" and pad_to is not None)):
+            from .infer import packed_logits        # grouping cannot matter: deduplicated, sorted, packed
             return packed_logits(self.params, self.config, tokens, self.pooling, pad_to,
                                  progress=bool(progress))                        # [N,K]
         logits = np.zeros((len(tokens), len(self.labels)), np.float32)          # [N,K]
         with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False) as bar:
             for rows in self.batches(tokens):
                 ids, lengths = make_batch(tokens, rows, pad_to)                 # [B,T], [B]
-                logits[rows] = forward_cls(self.params, self.config, ids, lengths, self.pooling)  # [B,K]
+                logits[rows] = forward_cls(self.params, self.config, ids, lengths, self.pooling,
+                                           lora=lora, causal=causal)            # [B,K]
                 bar.update(len(rows))
         return logits
 
@@ -181,8 +185,9 @@ def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classi
     if not isinstance(labels, list) or not all(isinstance(s, str) for s in labels) or len(labels) != K:
         raise FormatError(f"{path}: meta labels {labels!r} do not name the {K} classes of the head")
     pooling = meta.get("pooling")
-    if pooling not in ("last_token", "last_position"):
-        raise FormatError(f"{path}: unknown pooling {pooling!r} in meta (expected last_token or last_position)")
+    from .model import POOLINGS
+    if pooling not in POOLINGS:
+        raise FormatError(f"{path}: unknown pooling {pooling!r} in meta (expected one of {', '.join(POOLINGS)})")
     max_length = meta.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or not 1 <= max_length <= config.n_ctx):
         raise FormatError(f"{path}: meta max_length {max_length!r} is not a length in 1..{config.n_ctx}")

@@ -51,6 +51,9 @@ class TrainSettings:
     cache_dir: str | None = None   # the disk cache folder (None: $NPGPT_CACHE_DIR or ~/.cache/npgpt/prefix)
     cache_memory: int | None = None  # bytes of prefix held in memory; above: on disk (None: half of free RAM)
     dense: bool = False            # run every position of the last block (the textbook forward)
+    lora: object = None            # npgpt.lora.LoraSpec, with trainable="lora"
+    causal: bool = True            # False: attention without the causal mask
+    accumulate: int = 1            # batches whose mean gradient makes one optimizer step
 
 
 @dataclass
@@ -72,18 +75,19 @@ def cache_start(config, settings: TrainSettings):
     """The block index whose input is cached, or None when nothing can be cached."""
     if not settings.cache or settings.dense or settings.trainable == "all":
         return None
-    return model.first_trainable_block(config, settings.trainable)
+    return model.first_trainable_block(config, settings.trainable, settings.lora)
 
 
 def prefix_cache(params, config, dataset, start: int, pooling: str, max_tokens=2048, progress=None,
-                 store=None, digests=None):
+                 store=None, digests=None, lora=None, causal=True):
     """The activations entering block `start` for every example of one dataset (see `prefix_caches`).
     -> list of [T_i, C] float arrays, one per example"""
-    return prefix_caches(params, config, [dataset], start, pooling, max_tokens, progress, store, digests)[0]
+    return prefix_caches(params, config, [dataset], start, pooling, max_tokens, progress, store, digests,
+                         lora, causal)[0]
 
 
 def prefix_caches(params, config, datasets, start: int, pooling: str, max_tokens=2048, progress=None,
-                  store=None, digests=None):
+                  store=None, digests=None, lora=None, causal=True):
     """The activations entering block `start` for every example of every dataset, computed once.
 
     last_token pooling: each example at its true length (padding never matters);
@@ -94,17 +98,19 @@ def prefix_caches(params, config, datasets, start: int, pooling: str, max_tokens
     matmul, with no padding computed, and keeps the result in its disk cache (store: a
     `prefix_cache.PrefixCache`; None: computed in memory, no disk). Repeated sequences share rows.
     -> per dataset, a list of [T_i, C] arrays (views of one array), or None for a dataset whose
-       pooled activations depend on the batch (last_position with per-batch padding)"""
+       pooled activations depend on the batch (last_position with per-batch padding)
+    Without the causal mask (causal=False) every token sees the padding, so examples are padded to
+    the pad length as for last_position."""
     from .prefix_cache import PrefixCache
 
     store = store or PrefixCache(use_disk=False, max_tokens=max_tokens)
     first, seqs, where, mode = {}, [], [], pooling
     for d in datasets:
-        if pooling == "last_position":
+        if pooling == "last_position" or not causal:   # the padding is read: pad to pad_to
             if d.pad_to is None:
                 where.append(None)
                 continue
-            mode = f"last_position:{d.pad_to}"
+            mode = f"{pooling}:{d.pad_to}" + ("" if causal else ":no-causal-mask")
             lengths = np.full(len(d), d.pad_to)
         else:
             lengths = d.lengths
@@ -118,7 +124,8 @@ def prefix_caches(params, config, datasets, start: int, pooling: str, max_tokens
         where.append(rows)
     if not seqs:
         return [None] * len(datasets)
-    flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress)
+    flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress,
+                                      lora=lora, causal=causal)
     return [None if rows is None else [flat[offsets[u]:offsets[u + 1]] for u in rows] for rows in where]
 
 
@@ -127,7 +134,7 @@ def _ids(dataset, rows, T):
     return make_batch(dataset.tokens, rows, pad_to=T)
 
 
-def batch_inputs(dataset, feats, rows, pooling):
+def batch_inputs(dataset, feats, rows, pooling, causal=True):
     """Keyword arguments for model.loss_and_grads / forward_cls for the chosen rows."""
     rows = np.asarray(rows)
     labels = dataset.labels[rows]
@@ -135,7 +142,7 @@ def batch_inputs(dataset, feats, rows, pooling):
         ids, lengths = dataset.batch(rows)[:2]
         return dict(ids=ids, lengths=lengths), labels
     lengths = dataset.lengths[rows]
-    if pooling == "last_position":
+    if pooling == "last_position" or (not causal and pooling != "mean"):
         lengths = np.full(len(rows), dataset.pad_to)
     T = int(max(feats[r].shape[0] for r in rows))
     C = feats[rows[0]].shape[1]
@@ -157,9 +164,10 @@ def evaluate(params, config, dataset, settings: TrainSettings, feats=None, start
     losses, correct, total, preds = [], 0, 0, []
     from .ops import cross_entropy_forward
     for rows in batches:
-        inputs, labels = batch_inputs(dataset, feats, rows, settings.pooling)
+        inputs, labels = batch_inputs(dataset, feats, rows, settings.pooling, settings.causal)
         logits = model.forward_cls(params, config, pooling=settings.pooling, dense=settings.dense,
-                                   start=start if feats is not None else 0, **inputs)
+                                   start=start if feats is not None else 0, lora=settings.lora,
+                                   causal=settings.causal, **inputs)
         losses.append(cross_entropy_forward(logits, labels)[0])
         p = np.argmax(logits, axis=-1)
         preds.append(p)
@@ -171,7 +179,7 @@ def evaluate(params, config, dataset, settings: TrainSettings, feats=None, start
 def full_eval_batches(dataset, batch_size, pooling):
     """All rows, sorted by length where that is harmless (results then do not depend on how rows
     are grouped: last-token pooling, or a fixed pad length), so each batch pads little."""
-    sort = pooling == "last_token" or dataset.pad_to is not None
+    sort = pooling in ("last_token", "first_token", "mean") or dataset.pad_to is not None
     order = np.argsort(dataset.lengths, kind="stable") if sort else np.arange(len(dataset))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -223,7 +231,7 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
     from tqdm import tqdm
 
     train, val, test = datasets
-    names = model.trainable_names(config, settings.trainable)
+    names = model.trainable_names(config, settings.trainable, lora=settings.lora)
     opt = AdamW(lr=settings.lr, weight_decay=settings.weight_decay, decay_1d=settings.decay_1d)
     state = RunState()
     if resume:
@@ -243,9 +251,10 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
         with tqdm(unit="tok", desc=f"frozen blocks 0..{start - 1}" if start else "embeddings",
                   disable=not progress, leave=False) as bar:
             feats = prefix_caches(params, config, datasets, start, settings.pooling, progress=bar.update,
-                                  store=store)
+                                  store=store, lora=settings.lora, causal=settings.causal)
         if feats[0] is not None:
-            log(f"cached the frozen prefix (blocks 0..{start - 1}) of {total} tokens in {time.time() - t0:.1f} s")
+            what = f"the frozen prefix (blocks 0..{start - 1})" if start else "the embeddings"
+            log(f"cached {what} of {total} tokens in {time.time() - t0:.1f} s")
     fstart = start if feats[0] is not None else 0
     m = state.metrics
     eval_train = eval_batches(len(train), settings.batch_size)[:settings.eval_iter]
@@ -258,9 +267,10 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
         return path
 
     def step_loss(rows):
-        inputs, labels = batch_inputs(train, feats[0], rows, settings.pooling)
+        inputs, labels = batch_inputs(train, feats[0], rows, settings.pooling, settings.causal)
         return model.loss_and_grads(params, config, labels=labels, trainable=settings.trainable,
-                                    pooling=settings.pooling, dense=settings.dense, **inputs)
+                                    pooling=settings.pooling, dense=settings.dense, lora=settings.lora,
+                                    causal=settings.causal, **inputs)
 
     with _StopFlag() as stop:
         for epoch in range(state.epoch, settings.epochs):
@@ -268,6 +278,7 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
             bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
                        disable=not progress, unit="batch", dynamic_ncols=True, mininterval=0.5)
             t_epoch, n_epoch = time.time(), 0
+            acc, n_acc, seen = None, 0, 0        # gradients summed over the accumulated batches
             for bi in range(state.batch, len(batches)):
                 t0 = time.time()
                 loss, grads, _ = step_loss(batches[bi])
@@ -276,12 +287,22 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
                     raise TrainingError(
                         f"non-finite loss or gradient at step {state.step + 1} (epoch {epoch + 1}, "
                         f"batch {bi + 1}); training stopped, the last good checkpoint in {run_dir} is kept")
+                n_epoch += len(batches[bi])
+                seen += len(batches[bi])
+                bar.update(1)
+                if settings.accumulate > 1:
+                    acc, n_acc = accumulate_grads(acc, grads), n_acc + 1
+                    if n_acc < settings.accumulate and bi + 1 < len(batches):
+                        state.train_time += time.time() - t0
+                        continue
+                    grads = {k: g / g.dtype.type(n_acc) for k, g in acc.items()}
+                    acc, n_acc = None, 0
                 opt.step(params, grads)
                 state.step += 1
                 state.batch = bi + 1
-                state.examples_seen += len(batches[bi])
+                state.examples_seen += seen
+                seen = 0
                 state.train_time += time.time() - t0
-                n_epoch += len(batches[bi])
                 if state.step % settings.eval_freq == 0:
                     tl = evaluate(params, config, train, settings, feats[0], fstart, eval_train)[0]
                     vl = evaluate(params, config, val, settings, feats[1], fstart, eval_val)[0]
@@ -291,7 +312,6 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
                     m["val_loss"].append(vl)
                     bar.write(f"Ep {epoch + 1} (Step {state.step:06d}): Train loss {tl:.3f}, Val loss {vl:.3f}")
                 bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{n_epoch / max(time.time() - t_epoch, 1e-9):.0f}")
-                bar.update(1)
                 if stop.signum is not None:
                     bar.close()
                     raise Interrupted(stop.signum, checkpoint(np.concatenate(batches)))
@@ -313,6 +333,16 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
         final[f"{name}_loss"], final[f"{name}_accuracy"], _ = evaluate(params, config, d, settings, f, fstart, batches)
     m["final"] = final
     return state, feats
+
+
+def accumulate_grads(acc, grads):
+    """acc + grads, name by name (acc None: a copy of grads). The mean over N equal batches of
+    their mean-loss gradients is the gradient of one batch N times larger."""
+    if acc is None:
+        return {k: g.copy() for k, g in grads.items()}
+    for k, g in grads.items():
+        acc[k] += g
+    return acc
 
 
 def _write_json(path, obj):

@@ -7,8 +7,9 @@ every kernel with its twin. The public names (no suffix) are what the model call
 
     layernorm_forward(x, g, b, eps=1e-5)      layernorm_backward(dy, x, mean, rstd, g)
     gelu_forward(x)                           gelu_backward(dy, x)
-    attention_forward(qkv, n_head)            attention_backward(dout, qkv, att, n_head)
-    attention_packed_forward(qkv, starts, n_head)   (sequences packed along the rows; forward only)
+    attention_forward(qkv, n_head, causal=True)   attention_backward(dout, qkv, att, n_head, causal=True)
+    attention_packed_forward(qkv, starts, n_head, causal=True)   (packed along the rows; forward only)
+    (causal=False: no mask, every query sees every key: the `--no-causal-mask` experiment)
     attention_query_forward(q, kv, pos, n_head)
     attention_query_backward(dout, q, kv, att, pos, n_head)
     adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)   (in place)
@@ -87,11 +88,12 @@ def _merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)                    # [B,T,C]
 
 
-def attention_forward_np(qkv, n_head):
+def attention_forward_np(qkv, n_head, causal=True):
     """Causal multi-head attention core.
 
     q, k, v = split(qkv, 3) (in that order); per head:
     att = softmax(q k^T / sqrt(D) + causal mask); out = att v.
+    causal=False: no mask, every query sees every key.
 
     qkv [B,T,3C] -> out [B,T,C], att [B,H,T,T] (softmax probabilities, zero above the diagonal)"""
     B, T, C3 = qkv.shape
@@ -100,7 +102,8 @@ def attention_forward_np(qkv, n_head):
     scale = 1.0 / np.sqrt(C // n_head)
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale                          # [B,H,T,T]
     mask = np.triu(np.ones((T, T), dtype=bool), k=1)                        # [T,T] True above diagonal
-    scores = np.where(mask, -np.inf, scores)
+    if causal:
+        scores = np.where(mask, -np.inf, scores)
     scores = scores - scores.max(axis=-1, keepdims=True)
     e = np.exp(scores)
     att = (e / e.sum(axis=-1, keepdims=True)).astype(qkv.dtype)             # [B,H,T,T]
@@ -108,7 +111,7 @@ def attention_forward_np(qkv, n_head):
     return out, att
 
 
-def attention_packed_forward_np(qkv, starts, n_head):
+def attention_packed_forward_np(qkv, starts, n_head, causal=True):
     """`attention_forward_np` for sequences of different lengths packed one after another along
     the rows (no padding): sequence s is rows starts[s]..starts[s+1]-1 and attends only to itself.
     Forward only (for frozen blocks): the probabilities are not kept.
@@ -116,12 +119,14 @@ def attention_packed_forward_np(qkv, starts, n_head):
     qkv [N,3C], starts [S+1] (0 = starts[0] < ... < starts[S] = N) -> out [N,C]"""
     out = np.empty((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype)            # [N,C]
     for s, e in zip(starts[:-1], starts[1:]):
-        out[s:e] = attention_forward_np(qkv[None, s:e], n_head)[0][0]      # [T_s,C]
+        out[s:e] = attention_forward_np(qkv[None, s:e], n_head, causal)[0][0]  # [T_s,C]
     return out
 
 
-def attention_backward_np(dout, qkv, att, n_head):
+def attention_backward_np(dout, qkv, att, n_head, causal=True):
     """Backward of `attention_forward_np`, from the saved qkv and softmax probabilities att.
+    (The mask needs no special case: masked entries of att are 0, so their gradients are too;
+    `causal` is accepted for symmetry with the Numba kernel.)
 
     datt = dout v^T; dv = att^T dout; dscores = att * (datt - sum(datt * att)) (softmax);
     dq = dscores k / sqrt(D); dk = dscores^T q / sqrt(D).
@@ -383,13 +388,13 @@ def _head(x, b, start, D):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _causal_dots(x, y, scale, r):
-    """r[i,j] = scale * (x[i] . y[j]) for j <= i; r above the diagonal is left as it was.
-    x [T,D], y [T,D], r [T,T]"""
+def _causal_dots(x, y, scale, r, causal=True):
+    """r[i,j] = scale * (x[i] . y[j]) for j <= i; r above the diagonal is left as it was
+    (causal=False: for every j). x [T,D], y [T,D], r [T,T]"""
     T, D = x.shape
     zero = x.dtype.type(0)
     for i in range(T):
-        for j in range(i + 1):
+        for j in range(i + 1 if causal else T):
             acc = zero
             for d in range(D):                               # a dot product along two rows
                 acc += x[i, d] * y[j, d]
@@ -397,12 +402,13 @@ def _causal_dots(x, y, scale, r):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _lower_matmul(L, y):
-    """r = L y for lower-triangular L: r[i] = sum_{j<=i} L[i,j] y[j].  L [T,T], y [T,D] -> r [T,D]"""
+def _lower_matmul(L, y, causal=True):
+    """r = L y for lower-triangular L: r[i] = sum_{j<=i} L[i,j] y[j] (causal=False: a full L).
+    L [T,T], y [T,D] -> r [T,D]"""
     T, D = y.shape
     r = np.zeros((T, D), y.dtype)                            # [T,D]
     for i in range(T):
-        for j in range(i + 1):
+        for j in range(i + 1 if causal else T):
             a = L[i, j]
             for d in range(D):                               # along rows of r and y
                 r[i, d] += a * y[j, d]
@@ -410,12 +416,13 @@ def _lower_matmul(L, y):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _lower_t_matmul(L, y):
-    """r = L^T y for lower-triangular L: r[j] = sum_{i>=j} L[i,j] y[i].  L [T,T], y [T,D] -> r [T,D]"""
+def _lower_t_matmul(L, y, causal=True):
+    """r = L^T y for lower-triangular L: r[j] = sum_{i>=j} L[i,j] y[i] (causal=False: a full L).
+    L [T,T], y [T,D] -> r [T,D]"""
     T, D = y.shape
     r = np.zeros((T, D), y.dtype)                            # [T,D]
     for i in range(T):
-        for j in range(i + 1):
+        for j in range(i + 1 if causal else T):
             a = L[i, j]
             for d in range(D):                               # along rows of r and y
                 r[j, d] += a * y[i, d]
@@ -423,41 +430,43 @@ def _lower_t_matmul(L, y):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _causal_softmax_rows(p):
-    """Row t of p [T,T] becomes softmax(p[t, 0..t]), and zero past t, in place."""
+def _causal_softmax_rows(p, causal=True):
+    """Row t of p [T,T] becomes softmax(p[t, 0..t]), and zero past t, in place
+    (causal=False: softmax over the whole row)."""
     T = p.shape[0]
     zero, one = p.dtype.type(0), p.dtype.type(1)
     for t in range(T):
+        n = t + 1 if causal else T                           # keys 0..n-1 are visible
         mx = p[t, 0]
-        for s in range(1, t + 1):
+        for s in range(1, n):
             mx = max(mx, p[t, s])
         z = zero
-        for s in range(t + 1):
+        for s in range(n):
             e = np.exp(p[t, s] - mx)
             p[t, s] = e
             z += e
         rz = one / z
-        for s in range(t + 1):
+        for s in range(n):
             p[t, s] *= rz
-        for s in range(t + 1, T):
+        for s in range(n, T):
             p[t, s] = zero
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _head_attention(x, b, h, C, D, scale, p):
+def _head_attention(x, b, h, C, D, scale, p, causal=True):
     """One head's causal attention over sequence b of x [B,T,3C]: copies its q, k, v out of x,
     fills p [T,T] with the probabilities (scores q k^T / sqrt(D), keys 0..t, then softmax) and
-    returns att v [T,D]."""
+    returns att v [T,D]. causal=False: every key, no mask."""
     q = _head(x, b, h * D, D)                                # [T,D]
     k = _head(x, b, C + h * D, D)                            # [T,D]
     v = _head(x, b, 2 * C + h * D, D)                        # [T,D]
-    _causal_dots(q, k, scale, p)
-    _causal_softmax_rows(p)
-    return _lower_matmul(p, v)                               # [T,D]
+    _causal_dots(q, k, scale, p, causal)
+    _causal_softmax_rows(p, causal)
+    return _lower_matmul(p, v, causal)                       # [T,D]
 
 
 @njit(**_JIT)
-def _attention_forward_kernel(qkv, n_head, out, att):
+def _attention_forward_kernel(qkv, n_head, causal, out, att):
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
@@ -465,13 +474,13 @@ def _attention_forward_kernel(qkv, n_head, out, att):
     for bh in prange(B * n_head):                            # (batch, head) pairs are independent
         b = bh // n_head
         h = bh % n_head
-        o = _head_attention(qkv, b, h, C, D, scale, att[b, h])  # [T,D]; att[b,h] filled in place
+        o = _head_attention(qkv, b, h, C, D, scale, att[b, h], causal)  # [T,D]; att[b,h] filled in place
         for t in range(T):
             for d in range(D):
                 out[b, t, h * D + d] = o[t, d]
 
 
-def attention_forward_numba(qkv, n_head):
+def attention_forward_numba(qkv, n_head, causal=True):
     """Numba twin of `attention_forward_np`. qkv [B,T,3C] -> out [B,T,C], att [B,H,T,T]"""
     dt = _float_dtype(qkv)
     qkv = _c(qkv, dt)
@@ -480,12 +489,12 @@ def attention_forward_numba(qkv, n_head):
     _check_shapes("attention_forward", qkv=(qkv, (B, T, C3 // 3 * 3)))
     out = np.empty((B, T, C3 // 3), dt)                      # [B,T,C]
     att = np.empty((B, n_head, T, T), dt)                    # [B,H,T,T]
-    _attention_forward_kernel(qkv, n_head, out, att)
+    _attention_forward_kernel(qkv, n_head, bool(causal), out, att)
     return out, att
 
 
 @njit(**_JIT)
-def _attention_packed_forward_kernel(qkv, starts, n_head, out):
+def _attention_packed_forward_kernel(qkv, starts, n_head, causal, out):
     N, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
@@ -497,13 +506,13 @@ def _attention_packed_forward_kernel(qkv, starts, n_head, out):
         seq = qkv[starts[s]:starts[s + 1]][None]             # [1,T,3C], a view
         T = seq.shape[1]
         p = np.empty((T, T), qkv.dtype)                      # [T,T] scratch: not kept
-        o = _head_attention(seq, 0, h, C, D, scale, p)       # [T,D]
+        o = _head_attention(seq, 0, h, C, D, scale, p, causal)  # [T,D]
         for t in range(T):
             for d in range(D):
                 out[starts[s] + t, h * D + d] = o[t, d]
 
 
-def attention_packed_forward_numba(qkv, starts, n_head):
+def attention_packed_forward_numba(qkv, starts, n_head, causal=True):
     """Numba twin of `attention_packed_forward_np`. qkv [N,3C], starts [S+1] -> out [N,C]"""
     dt = _float_dtype(qkv)
     qkv = _c(qkv, dt)
@@ -513,12 +522,12 @@ def attention_packed_forward_numba(qkv, starts, n_head):
     if starts.ndim != 1 or len(starts) < 2 or starts[0] != 0 or starts[-1] != N or np.any(np.diff(starts) < 1):
         raise ValueError(f"attention_packed_forward: starts must rise from 0 to {N} (rows), got {starts}")
     out = np.empty((N, C3 // 3), dt)                         # [N,C]
-    _attention_packed_forward_kernel(qkv, starts, n_head, out)
+    _attention_packed_forward_kernel(qkv, starts, n_head, bool(causal), out)
     return out
 
 
 @njit(**_JIT)
-def _attention_backward_kernel(dout, qkv, att, n_head, dqkv):
+def _attention_backward_kernel(dout, qkv, att, n_head, causal, dqkv):
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
@@ -533,16 +542,17 @@ def _attention_backward_kernel(dout, qkv, att, n_head, dqkv):
         do = _head(dout, b, h * D, D)                        # [T,D]
         p = att[b, h]                                        # [T,T]
         ds = np.empty((T, T), qkv.dtype)                     # [T,T]
-        _causal_dots(do, v, one, ds)                         # datt = do v^T, keys 0..t
+        _causal_dots(do, v, one, ds, causal)                 # datt = do v^T, keys 0..t
         for t in range(T):                                   # softmax backward, row by row,
-            w = qkv.dtype.type(0)                            # with the 1/sqrt(D) folded in
-            for s in range(t + 1):
+            n = t + 1 if causal else T                       # with the 1/sqrt(D) folded in
+            w = qkv.dtype.type(0)
+            for s in range(n):
                 w += ds[t, s] * p[t, s]
-            for s in range(t + 1):
+            for s in range(n):
                 ds[t, s] = p[t, s] * (ds[t, s] - w) * scale
-        dq = _lower_matmul(ds, k)                            # [T,D] dscores k
-        dk = _lower_t_matmul(ds, q)                          # [T,D] dscores^T q
-        dv = _lower_t_matmul(p, do)                          # [T,D] att^T dout
+        dq = _lower_matmul(ds, k, causal)                    # [T,D] dscores k
+        dk = _lower_t_matmul(ds, q, causal)                  # [T,D] dscores^T q
+        dv = _lower_t_matmul(p, do, causal)                  # [T,D] att^T dout
         for t in range(T):
             for d in range(D):
                 dqkv[b, t, h * D + d] = dq[t, d]
@@ -550,7 +560,7 @@ def _attention_backward_kernel(dout, qkv, att, n_head, dqkv):
                 dqkv[b, t, 2 * C + h * D + d] = dv[t, d]
 
 
-def attention_backward_numba(dout, qkv, att, n_head):
+def attention_backward_numba(dout, qkv, att, n_head, causal=True):
     """Numba twin of `attention_backward_np`.
 
     dout [B,T,C], qkv [B,T,3C], att [B,H,T,T] -> dqkv [B,T,3C]"""
@@ -561,7 +571,7 @@ def attention_backward_numba(dout, qkv, att, n_head):
     _check_shapes("attention_backward", qkv=(qkv, (B, T, C3 // 3 * 3)),
                   dout=(dout, (B, T, C3 // 3)), att=(att, (B, n_head, T, T)))
     dqkv = np.empty(qkv.shape, dt)                           # [B,T,3C]
-    _attention_backward_kernel(dout, qkv, att, n_head, dqkv)
+    _attention_backward_kernel(dout, qkv, att, n_head, bool(causal), dqkv)
     return dqkv
 
 

@@ -96,6 +96,41 @@ def linear_backward(dy, saved, need_dx=True, need_dw=True):
     return dx, dw, db
 
 
+def lora_linear_forward(x, w, b, A, B, scale):
+    """y = x @ w + b + scale * (x @ A) @ B   (LoRA: w, b frozen, a low-rank update A B trains;
+    scale = alpha / r).
+
+    x [...,Cin], w [Cin,Cout], b [Cout], A [Cin,r], B [r,Cout] -> y [...,Cout]"""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])                         # [N,Cin]
+    xa = x2 @ A                                             # [N,r]
+    y = x2 @ w                                              # [N,Cout]
+    y += b
+    y += (xa * xa.dtype.type(scale)) @ B                    # [N,Cout] the low-rank update
+    return y.reshape(*lead, w.shape[1]), (x2, w, A, B, scale, xa)
+
+
+def lora_linear_backward(dy, saved, need_dx=True):
+    """With g = scale * dy:  dB = (x A)^T g,  dA = x^T (g B^T),  dx = dy w^T + (g B^T) A^T.
+    No gradient for the frozen w and b.
+
+    Saved: x (as [N,Cin]), w, A, B, scale, x A [N,r].
+    dy [...,Cout] -> dx [...,Cin] | None, dA [Cin,r], dB [r,Cout]"""
+    x2, w, A, B, scale, xa = saved
+    lead = dy.shape[:-1]
+    dy2 = dy.reshape(-1, dy.shape[-1])                      # [N,Cout]
+    g = dy2 * dy2.dtype.type(scale)                         # [N,Cout]
+    dB = xa.T @ g                                           # [r,Cout]
+    gb = g @ B.T                                            # [N,r]
+    dA = x2.T @ gb                                          # [Cin,r]
+    dx = None
+    if need_dx:
+        dx = dy2 @ w.T                                      # [N,Cin] through the frozen w
+        dx += gb @ A.T                                      # and through the update
+        dx = dx.reshape(*lead, w.shape[0])                  # [...,Cin]
+    return dx, dA, dB
+
+
 # ----------------------------------------------------------------------------- GELU
 
 def gelu_forward(x):
@@ -116,29 +151,32 @@ def gelu_backward(dy, saved):
 
 # ----------------------------------------------------------------------------- attention
 
-def attention_forward(qkv, n_head):
+def attention_forward(qkv, n_head, causal=True):
     """Causal self-attention core: q, k, v = split(qkv); per head softmax(q k^T / sqrt(D), causal) v.
+    causal=False: every query sees every key (no mask; padding is then seen too).
 
     qkv [B,T,3C] -> out [B,T,C]"""
-    out, att = kernels.attention_forward(qkv, n_head)       # [B,T,C], [B,H,T,T]
-    return out, (qkv, att, n_head)
+    out, att = kernels.attention_forward(qkv, n_head, causal=causal)  # [B,T,C], [B,H,T,T]
+    return out, (qkv, att, n_head, causal)
 
 
-def attention_packed_forward(qkv, starts, n_head):
+def attention_packed_forward(qkv, starts, n_head, causal=True):
     """The same core for sequences packed one after another along the rows, each attending only
     to itself (rows starts[s]..starts[s+1]-1). Forward only: for frozen blocks, nothing is saved.
 
     qkv [N,3C], starts [S+1] -> out [N,C]"""
-    return kernels.attention_packed_forward(qkv, starts, n_head)            # [N,C]
+    return kernels.attention_packed_forward(qkv, starts, n_head, causal=causal)  # [N,C]
 
 
 def attention_backward(dout, saved):
     """Through out = att v and att = softmax(s): datt = dout v^T, dv = att^T dout,
     ds = att * (datt - sum(datt * att)), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D).
 
+    The same formulas without the mask when causal=False (att then has no zeros above the diagonal).
+
     Saved: qkv and the softmax probabilities att. dout [B,T,C] -> dqkv [B,T,3C]"""
-    qkv, att, n_head = saved
-    return kernels.attention_backward(dout, qkv, att, n_head)
+    qkv, att, n_head, causal = saved
+    return kernels.attention_backward(dout, qkv, att, n_head, causal=causal)
 
 
 def attention_query_forward(q, kv, pos, n_head):

@@ -115,6 +115,7 @@ def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None
 
     path = os.fspath(path)
     expected = param_shapes(config, num_classes_of(params))
+    expected.update(_lora_shapes(meta, config, num_classes_of(params)))
     if set(expected) != set(params):
         extra = sorted(set(params) - set(expected))
         missing = sorted(set(expected) - set(params))
@@ -139,6 +140,17 @@ def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _lora_shapes(meta, config, num_classes) -> dict:
+    """The LoRA arrays (`npgpt.lora`) a file holds when its meta has LoRA settings, else none."""
+    if not isinstance(meta, dict) or not meta.get("lora"):
+        return {}
+    from . import lora
+    try:
+        return lora.lora_shapes(config, lora.LoraSpec.from_dict(meta["lora"]), num_classes or 2)
+    except Exception as e:
+        raise FormatError(f"bad LoRA settings in meta ({e})") from None
 
 
 def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
@@ -170,6 +182,7 @@ def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
             if config is not None and config != file_config:
                 raise FormatError(f"{path}: config {file_config} does not match the expected {config}")
             expected = param_shapes(file_config, num_classes)
+            expected.update(_lora_shapes(meta, file_config, num_classes))
             found = []
             f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
             extra = sorted(set(found) - set(expected))

@@ -192,12 +192,14 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ the computation
 
-    def activations(self, params, config, seqs, depth: int, mode: str, digests=None, progress=None):
+    def activations(self, params, config, seqs, depth: int, mode: str, digests=None, progress=None,
+                    lora=None, causal=True):
         """The activations entering block `depth` for each token sequence in seqs.
 
         seqs: list of 1-D int arrays (distinct sequences); mode: a string naming how they were
         made (pooling and pad length), part of the key. digests: `weight_digests(params, depth)`
-        (computed here when None). progress: called with a number of tokens done.
+        (computed here when None). progress: called with a number of tokens done. lora, causal: as
+        for `model.block_forward` (mode must name a causal=False run: the key does not see it).
         -> (flat [N,C] array, offsets [S+1]): sequence s is flat[offsets[s]:offsets[s+1]]"""
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)                 # [S]
         offsets = np.concatenate([[0], np.cumsum(lengths)])                         # [S+1]
@@ -239,7 +241,8 @@ class PrefixCache:
             else:
                 x = np.array(src[lo:hi])                                               # [n_tok,C]
             for i in range(start_depth, depth):
-                x, _ = model.block_forward(params, i, x, config.n_head, save=False, starts=starts)  # [n_tok,C]
+                x, _ = model.block_forward(params, i, x, config.n_head, save=False, starts=starts,
+                                           lora=lora, causal=causal)                     # [n_tok,C]
             out[lo:hi] = x
             if progress:
                 progress(int(hi - lo))

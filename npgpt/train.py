@@ -86,12 +86,13 @@ def build_parser():
     g.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
     g.add_argument("--max-length", default="longest", metavar="longest|batch|N",
                    help="pad to the longest training example (reference: 120), per batch, or to N tokens")
-    g.add_argument("--pooling", default="last-token", choices=["last-token", "last-position"],
-                   help="read the logits at the last real token, or at the last position (the reference)")
+    g.add_argument("--pooling", default="last-token", choices=["last-token", "last-position", "first-token", "mean"],
+                   help="read the logits at the last real token, at the last position (the reference), at "
+                        "the first token, or average ln_f's output over the real tokens (mean)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-5; 8e-4 with --lora)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     g.add_argument("--no-decay-1d", action="store_true", help="exempt 1-D arrays (biases, gains) from weight decay")
     g.add_argument("--eval-freq", type=int, default=50, help="evaluate every N steps")
@@ -108,6 +109,18 @@ def build_parser():
     g.add_argument("--dense", action="store_true",
                    help="compute every position of every block (the textbook forward; slower, same numbers)")
     g.add_argument("--threads", type=int, default=None, help="threads for Numba and BLAS (default: all cores)")
+    g = p.add_argument_group("LoRA and the book's bonus experiments")
+    g.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="LoRA of rank R on every linear layer (appendix E); only the LoRA pairs train")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default: R)")
+    g.add_argument("--lora-targets", default="attn,mlp,head", metavar="LIST",
+                   help="comma-separated layers that get LoRA pairs: attn, mlp, head")
+    g.add_argument("--lora-train-head", action="store_true",
+                   help="train the classifier head's own weights fully (then it gets no LoRA pair)")
+    g.add_argument("--accumulate", type=int, default=1, metavar="N",
+                   help="one optimizer step per N batches, with their mean gradient")
+    g.add_argument("--no-causal-mask", action="store_true",
+                   help="attention without the causal mask (every token sees every token, padding included)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default: runs/spam-<size>-<time>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
@@ -120,6 +133,22 @@ def check_args(args, parser):
     for name in ("epochs", "batch_size", "eval_freq", "eval_iter"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr is None:
+        args.lr = 8e-4 if args.lora else 5e-5
+    if args.accumulate < 1:
+        parser.error("--accumulate must be at least 1")
+    if args.lora is not None:
+        if args.lora < 1:
+            parser.error("--lora must be a rank of at least 1")
+        if args.lora_alpha is not None and args.lora_alpha <= 0:
+            parser.error("--lora-alpha must be positive")
+        bad = [t for t in args.lora_targets.split(",") if t not in ("attn", "mlp", "head")]
+        if bad:
+            parser.error(f"--lora-targets takes attn, mlp, head; got {','.join(bad)}")
+        if args.trainable_blocks != "1":
+            parser.error("--lora and --trainable-blocks exclude each other (LoRA trains its pairs only)")
+    elif args.lora_alpha is not None or args.lora_train_head:
+        parser.error("--lora-alpha and --lora-train-head need --lora R")
     if args.lr <= 0 or args.weight_decay < 0:
         parser.error("--lr must be positive and --weight-decay non-negative")
     if args.threads is not None and args.threads < 1:
@@ -155,6 +184,14 @@ def check_args(args, parser):
             parser.error(f"--cache-memory must be a size such as 512M or 2G, got {args.cache_memory!r}")
 
 
+def _lora_info(args):
+    if args.lora is None:
+        return None
+    from .lora import LoraSpec
+    return LoraSpec(rank=args.lora, alpha=args.lora_alpha or float(args.lora),
+                    targets=tuple(args.lora_targets.split(",")), train_head=args.lora_train_head).to_dict()
+
+
 def check_output_dir(run_dir, need_bytes: int):
     """Fail before training if the run folder cannot be written or the disk is too full."""
     try:
@@ -181,11 +218,11 @@ def load_base_model(info: dict, log):
     K = len(info.get("labels") or ("ham", "spam"))
     if info["tiny"]:
         config = preset("tiny")
-        return init_params(config, seed=info["seed"], num_classes=K), config
+        return _with_lora(init_params(config, seed=info["seed"], num_classes=K), config, info)
     config = preset(info["model_size"])
     if info["random_init"]:
         log(f"random {info['model_size']}-shaped weights (no pretrained weights: accuracy will be low)")
-        return init_params(config, seed=info["seed"], num_classes=K), config
+        return _with_lora(init_params(config, seed=info["seed"], num_classes=K), config, info)
     path = info["weights"]
     if not os.path.exists(path):
         if info.get("download") or (sys.stdin.isatty() and _ask(f"No weights at {path}. Download GPT-2 "
@@ -196,7 +233,17 @@ def load_base_model(info: dict, log):
             raise NpgptError(f"no weights at {path}: run `python -m npgpt.weights download {info['model_size']}` "
                              f"(or pass --download, --weights PATH, or --tiny for a small random model)")
     params, config, _ = load_params(path, config=config)
-    return add_classifier_head(params, K, seed=info["seed"]), config
+    return _with_lora(add_classifier_head(params, K, seed=info["seed"]), config, info)
+
+
+def _with_lora(params, config, info):
+    """Add fresh LoRA pairs when the run uses LoRA (info["lora"], a LoraSpec dict)."""
+    if info.get("lora"):
+        from .lora import LoraSpec, add_lora
+        spec = LoraSpec.from_dict(info["lora"])
+        add_lora(params, config, spec.rank, spec.alpha, seed=info["seed"], targets=spec.targets,
+                 train_head=spec.train_head)
+    return params, config
 
 
 def _ask(question) -> bool:
@@ -216,6 +263,7 @@ def save_outputs(run_dir, params, config, state, info, feats_summary, log, plots
             "pooling": info["pooling"],
             "max_length": info["pad_to"], "context_length": config.n_ctx, "pad_id": 50256,
             "tokenizer": "gpt2", "trainable": info["trainable"], "train_args": info,
+            "lora": info.get("lora"), "causal_mask": info.get("causal", True),
             "final": state.metrics.get("final", {})}
     path = os.path.join(run_dir, "classifier.h5")
     save_params(path, params, config, meta)
@@ -275,7 +323,10 @@ def main(argv=None):
                 "labels": None if table else ["ham", "spam"],
                 "validation": args.validation, "test": args.test, "split": args.split,
                 "balance": args.balance or ("none" if table else "undersample"),
-                "user_labels": args.labels.split(",") if args.labels else None}
+                "user_labels": args.labels.split(",") if args.labels else None,
+                "lora": _lora_info(args), "causal": not args.no_causal_mask, "accumulate": args.accumulate}
+        if args.lora:
+            info["trainable"] = "lora"
         if table:   # the data before the model: the head needs the number of classes
             splits, info["labels"] = prepare_run_splits(info, run_dir)
         if not args.tiny and not args.random_init:
@@ -285,8 +336,10 @@ def main(argv=None):
     # the model first: a missing weights file is the likeliest problem and needs no data
     params, config = load_base_model(info, log)
     n_params = sum(a.size for a in params.values())
+    from .lora import spec_of
     from .model import trainable_names
-    n_train = sum(params[n].size for n in trainable_names(config, info["trainable"]))
+    spec = spec_of(info)
+    n_train = sum(params[n].size for n in trainable_names(config, info["trainable"], lora=spec))
     check_output_dir(run_dir, need_bytes=4 * n_params + 3 * 4 * n_train + (16 << 20))
 
     if info.get("table"):
@@ -312,12 +365,17 @@ def main(argv=None):
         f"{np.mean(datasets[0].lengths):.1f} tokens")
     log(f"model: {'tiny' if info['tiny'] else info['model_size']} ({n_params / 1e6:.1f}M parameters, "
         f"{n_train / 1e6:.2f}M trainable: {info['trainable']}), pooling {info['pooling']}, run folder {run_dir}")
+    if spec is not None:
+        log(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets) or 'no layer'}"
+            f"{' + the full head' if spec.train_head else ''}: {n_train:,} trainable parameters")
 
     settings = TrainSettings(epochs=info["epochs"], batch_size=info["batch_size"], lr=info["lr"],
                              weight_decay=info["weight_decay"], decay_1d=info["decay_1d"], seed=info["seed"],
                              eval_freq=info["eval_freq"], eval_iter=info["eval_iter"],
                              trainable=info["trainable"], pooling=info["pooling"],
-                             cache=info["cache"], dense=info["dense"], **cache_settings(args))
+                             cache=info["cache"], dense=info["dense"], lora=spec,
+                             causal=info.get("causal", True), accumulate=info.get("accumulate", 1),
+                             **cache_settings(args))
     try:
         state, feats = fit(params, config, datasets, settings, run_dir, info, resume=bool(args.resume),
                            log=log, progress=not args.quiet)
