@@ -70,14 +70,17 @@ def _fit(datasets, settings, run_dir, steps_per_epoch=None):
     return params, state.metrics
 
 
-def test_cached_unpadded_pooled_training_equals_dense(data_args, tmp_path):
+@pytest.mark.parametrize("pooling", ["last_token", "last_position"])
+def test_cached_unpadded_pooled_training_equals_dense(data_args, tmp_path, pooling):
     """One epoch through fit(): the default fast path (prefix cache, batches padded only to their
-    longest message, last block at the pooled position) against the dense path (every block and
-    every position from the ids, padded to 120). Same losses and parameters to float32 round-off."""
+    longest message with last_token, to 120 with last_position, last block at the pooled position)
+    against the dense path (every block and every position from the ids, padded to 120). Same
+    losses and parameters to float32 round-off."""
     splits = prepare_splits(None, data_args[3])
     datasets = make_datasets(splits, get_tokenizer(data_args[5]))
-    fast = finetune.TrainSettings(epochs=1, eval_freq=40)
-    dense = finetune.TrainSettings(epochs=1, eval_freq=40, cache=False, dense=True)
+    fast = finetune.TrainSettings(epochs=1, eval_freq=40, pooling=pooling)
+    dense = finetune.TrainSettings(epochs=1, eval_freq=40, cache=False, dense=True, pooling=pooling)
+    assert finetune.cache_start(preset("tiny"), fast) == 1        # the fast path does use the cache
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     pa, ma = _fit(datasets, fast, tmp_path / "a")
