@@ -181,10 +181,17 @@ def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
                 raise FormatError(f"{path}: bad config attributes ({e})") from None
             if config is not None and config != file_config:
                 raise FormatError(f"{path}: config {file_config} does not match the expected {config}")
-            expected = param_shapes(file_config, num_classes)
-            expected.update(_lora_shapes(meta, file_config, num_classes))
             found = []
             f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
+            # The names are built from n_layer: check it against the datasets present first, so
+            # that a corrupt attribute (n_layer 2**56) cannot make param_shapes build names
+            # without bound.
+            blocks = {name.split("/", 1)[0] for name in found if name.startswith("h") and "/" in name}
+            if file_config.n_layer != len(blocks):
+                raise FormatError(f"{path}: n_layer is {file_config.n_layer} but the file holds "
+                                  f"{len(blocks)} blocks")
+            expected = param_shapes(file_config, num_classes)
+            expected.update(_lora_shapes(meta, file_config, num_classes))
             extra = sorted(set(found) - set(expected))
             if extra:
                 raise FormatError(f"{path}: unexpected array {extra[0]!r}")

@@ -123,7 +123,15 @@ def test_module_level_classify(clf, run_dir, bpe_dir):
     ref_labels, ref_probs = clf.classify(texts)
     assert labels == ref_labels
     np.testing.assert_allclose(probs, ref_probs, atol=TOL, rtol=0)
-    assert all(0.5 <= p <= 1 for p in probs)
+    # each probability is the softmax of the model's own logits at the label it names
+    tokens = [encode(clf.tok, t) for t in texts]
+    ids, lengths = make_batch(tokens, np.arange(len(texts)))
+    logits = forward_cls(clf.params, clf.config, ids, lengths, clf.pooling).astype(np.float64)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want = e / e.sum(axis=1, keepdims=True)
+    k = [clf.labels.index(name) for name in labels]
+    np.testing.assert_allclose(probs, want[np.arange(len(texts)), k], atol=TOL, rtol=0)
+    assert list(np.argmax(want, axis=1)) == k
 
 
 def test_single_string_is_one_text(clf):
@@ -200,7 +208,11 @@ def test_unusual_characters_work(clf):
              "<|endoftext|> is plain text here", "\u200b", "e\u0301"]
     labels, probs = clf.classify(texts)
     assert set(labels) <= {"ham", "spam"}
-    assert np.all((probs >= 0.5) & (probs <= 1)) and np.isfinite(probs).all()
+    # the probabilities are those of the chosen labels, in full predict_proba's rows
+    P = clf.predict_proba(texts)
+    np.testing.assert_allclose(P.sum(axis=1), 1, atol=1e-12)
+    np.testing.assert_array_equal(probs, P[np.arange(len(texts)), [clf.labels.index(n) for n in labels]])
+    assert np.isfinite(probs).all()
     assert clf.truncated == []
 
 

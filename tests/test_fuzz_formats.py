@@ -19,16 +19,19 @@ What "the original arrays" means depends on what the format can detect:
   keep what load_params promises: the expected names and shapes, float32, finite values.
 """
 import contextlib
+import functools
 import json
 import os
 import pathlib
+import random
 import shutil
 import struct
 import tempfile
 import tracemalloc
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
@@ -41,11 +44,27 @@ from test_safetensors import CONFIG, hf_gpt2_arrays
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "tiny_tf_checkpoint"
 MAX_PEAK_BYTES = 64 << 20          # the files are < 1 MB; a corrupt size must not turn into GBs
-# Fixed examples by default (the same run in CI every time); NPGPT_FUZZ_EXAMPLES=5000 for a
-# deeper, random search.
-_EXAMPLES = os.environ.get("NPGPT_FUZZ_EXAMPLES")
-FUZZ = settings(max_examples=int(_EXAMPLES or 150), deadline=None, derandomize=_EXAMPLES is None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# A random search seeded afresh on every run (NPGPT_FUZZ_SEED=N repeats one; the seed is added to
+# every failure's message), NPGPT_FUZZ_EXAMPLES examples per test (150 by default; 5000 for a
+# deeper search).
+_EXAMPLES = int(os.environ.get("NPGPT_FUZZ_EXAMPLES") or 150)
+SEED = int(os.environ.get("NPGPT_FUZZ_SEED") or random.SystemRandom().randrange(2 ** 32))
+_SETTINGS = settings(max_examples=_EXAMPLES, deadline=None, database=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def FUZZ(test):
+    """Hypothesis settings and seed for a fuzz test; a failure names the seed that repeats it."""
+    inner = _SETTINGS(seed(SEED)(test))
+
+    @functools.wraps(inner)
+    def run(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except BaseException as e:
+            e.add_note(f"fuzz seed: NPGPT_FUZZ_SEED={SEED} NPGPT_FUZZ_EXAMPLES={_EXAMPLES} repeats this run")
+            raise
+    return run
 
 
 @contextlib.contextmanager
@@ -363,11 +382,19 @@ def test_hdf5_truncated(data):
         assert_exact(params, H5_REF)
 
 
-# Open issue in load_params: it builds the parameter names from the file's n_layer attribute
-# before comparing them with the file's datasets, so a flip in that attribute's bytes (n_layer 2
-# becoming 2**56) makes it build names until memory runs out. Under address_space_cap that is a
-# MemoryError and this test fails on the tracemalloc peak; without the cap the process is killed.
-# The fixed examples below do not hit it; NPGPT_FUZZ_EXAMPLES=2000 usually does.
+# load_params checks the file's n_layer against the blocks present before it builds any name
+# from it: a flip in that attribute's bytes (n_layer 2 becoming 2**56) is a FormatError.
+def test_hdf5_huge_n_layer_is_a_format_error(tmp_path):
+    import h5py
+    path = tmp_path / "m.h5"
+    path.write_bytes(H5_FILE)
+    with h5py.File(path, "r+") as f:
+        f.attrs["n_layer"] = 2 ** 56
+    with pytest.raises(NpgptError, match="n_layer"):
+        with address_space_cap():
+            load_params(path)
+
+
 @FUZZ
 @given(flips(len(H5_FILE)))
 def test_hdf5_byte_flips(changes):

@@ -557,3 +557,123 @@ def test_kernels_cache_with_read_only_package(tmp_path):
     assert any(f.endswith(".nbi") for f in _files(tmp_path / "nbcache"))
     assert any(f.endswith(".nbi") for f in _files(tmp_path / "xdg" / "numba"))
 
+
+
+# ----------------------------------------------------------------------------- against float64 formulas
+# Each float32 kernel against the formula evaluated in float64, element by element:
+# |got - want| <= atol + rtol |want|, with tolerances a few times what the kernels measured, on
+# inputs where every term of the formula changes the result by more than the tolerance (the cubic
+# term of GELU at |x| ~ 1..4, eps against a variance of 1e-4 in LayerNorm). A relative error over
+# the whole array would hide a wrong constant behind the largest value.
+
+SQRT_2_PI = np.sqrt(2.0 / np.pi)
+
+
+def gelu64(x):
+    return 0.5 * x * (1 + np.tanh(SQRT_2_PI * (x + 0.044715 * x ** 3)))
+
+
+def dgelu64(x):
+    t = np.tanh(SQRT_2_PI * (x + 0.044715 * x ** 3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * SQRT_2_PI * (1 + 3 * 0.044715 * x * x)
+
+
+def layernorm64(x, g, b):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * g + b, mean[:, 0], 1 / np.sqrt(var[:, 0] + 1e-5)
+
+
+def assert_elementwise(got, want, atol, rtol, name=""):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, name
+    if got.size == 0:
+        return
+    excess = np.abs(got - want) - (atol + rtol * np.abs(want))
+    i = np.unravel_index(np.argmax(excess), excess.shape)
+    ok = bool(excess[i] <= 0)
+    assert ok, f"{name}: at {i} got {got[i]!r}, want {want[i]!r} (|diff| {abs(got[i] - want[i]):.3g})"
+
+
+def f64(*arrays):
+    return [np.asarray(a, np.float64) for a in arrays]
+
+
+def test_gelu_numba_matches_float64_formula():
+    """The float32 kernel is within ~7e-7 (forward) and ~4.2e-6 |dy| (backward) of the formula;
+    0.0447 for 0.044715 moves them by up to 8.7e-6 and 9.5e-6 |dy|."""
+    r = np.random.default_rng(20)
+    x = np.concatenate([np.linspace(-6, 6, 24001), 2 * r.standard_normal(4000)]).astype(np.float32)
+    dy = r.choice([-1.0, 1.0], x.shape) * r.uniform(0.5, 2.0, x.shape)
+    dy = dy.astype(np.float32)
+    (x64, dy64) = f64(x, dy)
+    assert_elementwise(K.gelu_forward_numba(x), gelu64(x64), atol=1.5e-6, rtol=2.4e-7, name="y")
+    err = np.abs(K.gelu_backward_numba(dy, x) - dy64 * dgelu64(x64)) / np.abs(dy64)
+    assert err.max() <= 6e-6, f"dx: {err.max():.3g} |dy| at x = {x[np.argmax(err)]}"
+    # the NumPy twin, in float64, is the formula to round-off
+    assert_elementwise(K.gelu_forward_np(x64), gelu64(x64), atol=1e-15, rtol=1e-14, name="y np")
+    assert_elementwise(K.gelu_backward_np(dy64, x64), dy64 * dgelu64(x64), atol=1e-15, rtol=1e-14, name="dx np")
+
+
+@pytest.mark.parametrize("impl", ["numba", "np"])
+def test_layernorm_matches_float64_formula(impl):
+    fwd = getattr(K, f"layernorm_forward_{impl}")
+    bwd = getattr(K, f"layernorm_backward_{impl}")
+    x, g, b, dy = ln_inputs(64, 768, np.float32, seed=21, spread=1e-2)
+    x64, g64, b64, dy64 = f64(x, g, b, dy)
+    y, mean, rstd = fwd(x, g, b)
+    want_y, want_mean, want_rstd = layernorm64(x64, g64, b64)
+    # the twin's float32 mean carries x's rounding (6e-8 of an offset ~1) into x - mean (~1e-2)
+    atol = 2e-5 if impl == "numba" else 1e-4
+    assert_elementwise(y, want_y, atol=atol, rtol=2e-6, name="y")
+    assert_elementwise(mean, want_mean, atol=1e-7, rtol=1e-6, name="mean")
+    assert_elementwise(rstd, want_rstd, atol=0, rtol=2e-6, name="rstd")
+    dx, dg, db = bwd(dy, x, mean, rstd, g)
+    want = K.layernorm_backward_np(dy64, x64, want_mean, want_rstd, g64)   # checked by finite differences
+    for name, u, w in zip(("dx", "dg", "db"), (dx, dg, db), want):
+        assert_elementwise(u, w, atol=2e-3 * np.abs(w).mean(), rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("impl", ["numba", "np"])
+def test_attention_matches_float64(impl):
+    B, T, H, D = 2, 33, 3, 16
+    qkv, dout = att_inputs(B, T, H, D, np.float32, seed=22)
+    qkv64, dout64 = f64(qkv, dout)
+    out, att = getattr(K, f"attention_forward_{impl}")(qkv, H)
+    want_out, want_att = K.attention_forward_np(qkv64, H)
+    assert_elementwise(out, want_out, atol=1e-5, rtol=1e-5, name="out")
+    assert_elementwise(att, want_att, atol=1e-6, rtol=1e-5, name="att")
+    dqkv = getattr(K, f"attention_backward_{impl}")(dout, qkv, att, H)
+    want = K.attention_backward_np(dout64, qkv64, want_att, H)
+    assert_elementwise(dqkv, want, atol=2e-5, rtol=1e-4, name="dqkv")
+    starts = np.array([0, 5, 6, 33])
+    flat = np.ascontiguousarray(qkv[0])
+    packed = getattr(K, f"attention_packed_forward_{impl}")(flat, starts, H)
+    assert_elementwise(packed, K.attention_packed_forward_np(qkv64[0], starts, H), atol=1e-5, rtol=1e-5,
+                       name="packed")
+    pos = np.array([32, 7])
+    q, kv = np.ascontiguousarray(qkv[np.arange(B), pos, :H * D]), np.ascontiguousarray(qkv[:, :, H * D:])
+    o, a = getattr(K, f"attention_query_forward_{impl}")(q, kv, pos, H)
+    assert_elementwise(o, want_out[np.arange(B), pos], atol=1e-5, rtol=1e-5, name="query out")
+    assert_elementwise(a, want_att[np.arange(B), :, pos], atol=1e-6, rtol=1e-5, name="query att")
+    dq, dkv = getattr(K, f"attention_query_backward_{impl}")(dout[:, 0], q, kv, a, pos, H)
+    wq, wkv = K.attention_query_backward_np(dout64[:, 0], *f64(q, kv, want_att[np.arange(B), :, pos]), pos, H)
+    assert_elementwise(dq, wq, atol=2e-5, rtol=1e-4, name="dq")
+    assert_elementwise(dkv, wkv, atol=2e-5, rtol=1e-4, name="dkv")
+
+
+@pytest.mark.parametrize("impl", ["numba", "np"])
+def test_adamw_matches_float64_formula(impl):
+    lr, b1, b2, eps, wd = 1e-3, 0.9, 0.999, 1e-8, 0.1
+    p, g, m, v = adamw_state((4096,), np.float32, seed=23)
+    p64, g64, m64, v64 = f64(p, g, m, v)
+    for t in (1, 2, 7):
+        getattr(K, f"adamw_update_{impl}")(p, g, m, v, t, lr, b1, b2, eps, wd)
+        p64 = p64 * (1 - lr * wd)
+        m64 = b1 * m64 + (1 - b1) * g64
+        v64 = b2 * v64 + (1 - b2) * g64 ** 2
+        p64 = p64 - lr * (m64 / (1 - b1 ** t)) / (np.sqrt(v64 / (1 - b2 ** t)) + eps)
+        assert_elementwise(m, m64, atol=1e-7, rtol=1e-6, name=f"m, t={t}")
+        assert_elementwise(v, v64, atol=1e-9, rtol=1e-6, name=f"v, t={t}")
+        # the step is ~lr: its error, not p's rounding, must be small
+        assert_elementwise(p, p64, atol=1e-3 * lr, rtol=1e-6, name=f"p, t={t}")

@@ -146,18 +146,25 @@ def test_adamw_formula():
     b0 = rng.standard_normal(2)
     params = {"w": p0.copy(), "b": b0.copy()}
     g1, g2 = rng.standard_normal((3, 2)), rng.standard_normal((3, 2))
+    h1, h2 = rng.standard_normal(2), rng.standard_normal(2)      # random: a sign change included
+    h2[0] = -np.sign(h1[0]) * 3 * abs(h1[0])
     opt = AdamW(lr=0.1, weight_decay=0.5, decay_1d=False)
-    opt.step(params, {"w": g1, "b": np.ones(2)})
-    opt.step(params, {"w": g2, "b": np.ones(2)})
-    p, m, v = p0.copy(), 0, 0
-    for t, g in ((1, g1), (2, g2)):
-        p = p * (1 - 0.1 * 0.5)
-        m = 0.9 * m + 0.1 * g
-        v = 0.999 * v + 0.001 * g * g
-        p = p - 0.1 / (1 - 0.9 ** t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999 ** t) + 1e-8)
-    np.testing.assert_allclose(params["w"], p, rtol=1e-12)
-    # 1-D array exempt from decay: constant gradient 1 -> Adam moves it by lr each step
-    np.testing.assert_allclose(params["b"], b0 - 0.2, rtol=1e-6)
+    opt.step(params, {"w": g1, "b": h1})
+    opt.step(params, {"w": g2, "b": h2})
+
+    def adamw(p, grads, wd):
+        m, v = 0, 0
+        for t, g in enumerate(grads, start=1):
+            p = p * (1 - 0.1 * wd)
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            p = p - 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        return p
+
+    np.testing.assert_allclose(params["w"], adamw(p0, (g1, g2), 0.5), rtol=1e-12)
+    # the 1-D array is exempt from decay (decay_1d=False)
+    np.testing.assert_allclose(params["b"], adamw(b0, (h1, h2), 0.0), rtol=1e-12)
+    assert opt.t == 2 and set(opt.m) == {"w", "b"}
 
 
 def test_training_reduces_loss():

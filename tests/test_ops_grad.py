@@ -107,8 +107,9 @@ def test_cross_entropy():
     loss, saved = ops.cross_entropy_forward(logits, targets)
     p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     assert abs(loss - (-np.log(p[np.arange(5), targets]).mean())) < 1e-12
-    dlogits = ops.cross_entropy_backward(1.0, saved)
-    f = lambda: ops.cross_entropy_forward(logits, targets)[0]
+    G = float(randn(1)[0]) * 3                             # a random upstream gradient, not 1
+    dlogits = ops.cross_entropy_backward(G, saved)
+    f = lambda: G * ops.cross_entropy_forward(logits, targets)[0]
     assert rel_error(dlogits, numerical_grad(f, logits)) <= TOL
     # stable for huge logits
     big, _ = ops.cross_entropy_forward(np.array([[1000.0, 0.0], [0.0, -1000.0]]), np.array([0, 1]))

@@ -70,14 +70,17 @@ def _fit(datasets, settings, run_dir, steps_per_epoch=None):
     return params, state.metrics
 
 
-def test_cached_unpadded_pooled_training_equals_dense(data_args, tmp_path):
+@pytest.mark.parametrize("pooling", ["last_token", "last_position"])
+def test_cached_unpadded_pooled_training_equals_dense(data_args, tmp_path, pooling):
     """One epoch through fit(): the default fast path (prefix cache, batches padded only to their
-    longest message, last block at the pooled position) against the dense path (every block and
-    every position from the ids, padded to 120). Same losses and parameters to float32 round-off."""
+    longest message with last_token, to 120 with last_position, last block at the pooled position)
+    against the dense path (every block and every position from the ids, padded to 120). Same
+    losses and parameters to float32 round-off."""
     splits = prepare_splits(None, data_args[3])
     datasets = make_datasets(splits, get_tokenizer(data_args[5]))
-    fast = finetune.TrainSettings(epochs=1, eval_freq=40)
-    dense = finetune.TrainSettings(epochs=1, eval_freq=40, cache=False, dense=True)
+    fast = finetune.TrainSettings(epochs=1, eval_freq=40, pooling=pooling)
+    dense = finetune.TrainSettings(epochs=1, eval_freq=40, cache=False, dense=True, pooling=pooling)
+    assert finetune.cache_start(preset("tiny"), fast) == 1        # the fast path does use the cache
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     pa, ma = _fit(datasets, fast, tmp_path / "a")
@@ -98,29 +101,40 @@ def test_cached_unpadded_pooled_training_equals_dense(data_args, tmp_path):
 
 
 def test_interrupt_and_resume_is_bit_exact(data_args, tmp_path):
-    common = ["--tiny", "--epochs", "2", "--quiet", "--no-plots", *data_args]
-    ref = run_train(common + ["--out", str(tmp_path / "ref")])
+    """Each process gets its own data folder (nothing shared between the two runs); every
+    assertion carries the processes' stderr."""
+    def common(name):
+        args = list(data_args)
+        args[args.index("--data-dir") + 1] = str(tmp_path / f"data-{name}")
+        return ["--tiny", "--epochs", "2", "--quiet", "--no-plots", *args, "--out", str(tmp_path / name)]
+
+    ref = run_train(common("ref"))
     # interrupted run: SIGTERM once step 150 (in epoch 2) has been evaluated
-    p = run_train(common + ["--out", str(tmp_path / "run")])
+    p = run_train(common("run"))
+    seen = []
     for line in p.stdout:
+        seen.append(line)
         if "Step 000150" in line:
             p.send_signal(signal.SIGTERM)
             break
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 143, err
-    assert "--resume" in err and "Traceback" not in err
+    log = f"interrupted run stdout:\n{''.join(seen)}\nstderr:\n{err}"
+    assert p.returncode == 143, log
+    assert "--resume" in err and "Traceback" not in err, log
     with h5py.File(tmp_path / "run" / "checkpoint.h5", "r") as f:
         state = json.loads(f.attrs["state"])["run_state"]
-    assert state["epoch"] == 1 and 0 < state["batch"] < 130          # stopped mid-epoch
-    assert not (tmp_path / "run" / "classifier.h5").exists()
+    assert state["epoch"] == 1 and 0 < state["batch"] < 130, (state, log)   # stopped mid-epoch
+    assert not (tmp_path / "run" / "classifier.h5").exists(), log
     resumed = run_train(["--resume", str(tmp_path / "run"), "--quiet", "--no-plots"])
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert "resuming at epoch 2" in out
-    ref.communicate(timeout=300)
-    assert ref.returncode == 0
+    out, rerr = resumed.communicate(timeout=300)
+    log += f"\nresumed run stdout:\n{out}\nstderr:\n{rerr}"
+    assert resumed.returncode == 0, log
+    assert "resuming at epoch 2" in out, log
+    ref_out, ref_err = ref.communicate(timeout=300)
+    log += f"\nreference run stdout:\n{ref_out}\nstderr:\n{ref_err}"
+    assert ref.returncode == 0, log
     a, b = read_h5(tmp_path / "ref" / "classifier.h5"), read_h5(tmp_path / "run" / "classifier.h5")
-    assert set(a) == set(b)
+    assert set(a) == set(b), log
     for name in a:
         assert np.array_equal(a[name], b[name]), name                 # bit for bit
     ma = json.loads((tmp_path / "ref" / "metrics.json").read_text())["metrics"]
