@@ -121,3 +121,17 @@ def test_train_step_by_step_example():
     assert float(after) < float(before), out            # one step down the gradient lowers the loss
     diff = float(re.search(r"largest relative difference (\S+);", out).group(1))
     assert diff < 1e-4, out
+
+
+def test_flops_counts_agree_with_the_benchmark():
+    """npgpt.flops and benchmarks/finetune.py count a block's linear layers alike."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import finetune as bench
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from npgpt import flops
+    from npgpt.config import preset
+    cfg = preset("124M")
+    assert (bench.C, bench.L) == (cfg.n_embd, cfg.n_layer)
+    assert flops.block_flops_per_token(cfg) == bench.LIN
