@@ -142,7 +142,7 @@ def batch_inputs(dataset, feats, rows, pooling, causal=True):
         ids, lengths = dataset.batch(rows)[:2]
         return dict(ids=ids, lengths=lengths), labels
     lengths = dataset.lengths[rows]
-    if pooling == "last_position" or (not causal and pooling != "mean"):
+    if pooling == "last_position":
         lengths = np.full(len(rows), dataset.pad_to)
     T = int(max(feats[r].shape[0] for r in rows))
     C = feats[rows[0]].shape[1]

@@ -132,7 +132,7 @@ def test_bad_arguments():
     with pytest.raises(NpgptError):
         model.loss_and_grads(p, CFG, ids, labels, trainable=3)
     with pytest.raises(NpgptError):
-        model.loss_and_grads(p, CFG, ids, labels, pooling="mean")
+        model.loss_and_grads(p, CFG, ids, labels, pooling="max")
     with pytest.raises(NpgptError):
         model.forward_cls(p, CFG, ids, lengths=np.array([7, 1, 1]))
     with pytest.raises(NpgptError):
