@@ -55,7 +55,7 @@ def texts_and_tokens(large, work_dir):
     tok = get_tokenizer(shared / "gpt2_bpe")
     test = make_datasets(prepare_splits(sms, work_dir, progress=False), tok)[2]
     small = [list(t) for t in test.tokens]                                  # cut to 120 like training
-    msgs = list(dict.fromkeys(read_sms_spam(sms)["text"]))                  # distinct, file order
+    msgs = list(dict.fromkeys(read_sms_spam(sms)["Text"]))                  # distinct, file order
     rng = np.random.default_rng(0)
     texts, seen = [], set()
     for m in msgs:
