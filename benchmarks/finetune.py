@@ -3,6 +3,7 @@
     python benchmarks/finetune.py                          # 5 epochs each (PyTorch: ~10-20 min)
     python benchmarks/finetune.py --torch-epochs 1         # quick look: PyTorch's 5 epochs scaled
     python benchmarks/finetune.py --side npgpt --epochs 1 --json out.json
+    python benchmarks/finetune.py --side npgpt --sweep     # + 5 runs sharing the disk prefix cache
 
 Both sides train GPT-2 124M-shaped random weights (same shapes, same work as OpenAI's weights)
 on the real SMS data, the last block + final LayerNorm + a 2-class head trainable, AdamW, batch 8,
@@ -19,7 +20,15 @@ memory (the child's own getrusage maximum) are measured from outside.
 
 npgpt runs before and after PyTorch (--npgpt-runs, default 2); the later runs find Numba's
 compiled kernels in the on-disk cache, and their start-up time (launch to the line that opens the
-training) is reported.
+training) is reported. Each of these runs is cold: it gets an empty prefix cache folder of its own
+(it computes the frozen prefix and writes it there, as a user's first run does).
+
+--sweep: five more npgpt runs, one after another, sharing one prefix cache folder, as a user tuning
+a model runs them: trainable blocks 2 then 1, lr 5e-5 and 1e-4, and the reference's last-position
+pooling. The first computes blocks 0..9 and caches them; the second reads them; the third computes
+block 10 from them and caches depth 11; the fourth reads that; the fifth (last-position pooling:
+every message padded to 120, so other token ids) computes its own prefix. Their total is compared
+with one cold run.
 
 Work and lower bound: the matmul FLOPs of the linear layers each side must do (npgpt: blocks 0..10
 once over every token of the distinct messages of train, validation and test at true length,
@@ -63,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--bpe-dir", default=None, help="GPT-2 BPE files (default: $NPGPT_SHARED_DATA/gpt2_bpe)")
     p.add_argument("--work-dir", default=None, help="where runs and split CSVs go (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--sweep", action="store_true", help="also run the 5-run sweep with a shared disk cache")
     a = p.parse_args(argv)
     shared = default_data_dir()
     a.data = a.data or str(shared / "sms_spam_collection" / "SMSSpamCollection")
@@ -150,11 +160,16 @@ def run_child(cmd, log_prefix=""):
             "user_s": rusage.ru_utime, "sys_s": rusage.ru_stime}, lines
 
 
-def run_npgpt(args, work_dir, k):
+SWEEP = [("2", "5e-5", "last-token"), ("2", "1e-4", "last-token"), ("1", "5e-5", "last-token"),
+         ("1", "1e-4", "last-token"), ("1", "5e-5", "last-position")]
+
+
+def run_npgpt(args, work_dir, k, extra=(), cache_dir=None):
     out = os.path.join(work_dir, f"npgpt-run{k}")
     cmd = [sys.executable, "-u", "-m", "npgpt.train", "--random-init", "--data", args.data,
            "--bpe-dir", args.bpe_dir, "--data-dir", os.path.join(work_dir, f"data-npgpt{k}"), "--out", out,
-           "--epochs", str(args.epochs), "--threads", str(args.threads), "--quiet", "--no-plots"]
+           "--epochs", str(args.epochs), "--threads", str(args.threads), "--quiet", "--no-plots",
+           "--cache-dir", cache_dir or os.path.join(work_dir, f"prefix-cache-{k}"), *extra]
     res, lines = run_child(cmd, log_prefix=f"npgpt {k}: ")
     if res["exit"] != 0:
         raise SystemExit(f"npgpt run failed with exit code {res['exit']}")
@@ -166,6 +181,9 @@ def run_npgpt(args, work_dir, k):
     res["final_accuracy"] = {k.replace("_accuracy", ""): v for k, v in metrics["metrics"]["final"].items()
                              if k.endswith("accuracy")}
     res["epochs"] = args.epochs
+    res["prefix_source"] = ("cache" if any("read from the cache" in line for _, line in lines) else
+                            "cache + blocks" if any("from the cached depth" in line for _, line in lines) else
+                            "computed")
     return res
 
 
@@ -242,6 +260,14 @@ def main(argv=None):
     if args.side in ("both", "npgpt"):
         for k in range(args.npgpt_runs - n_before):
             runs.append(run_npgpt(args, work_dir, len(runs) + 1))
+    sweep = []
+    if args.sweep:
+        shared_cache = os.path.join(work_dir, "prefix-cache-sweep")
+        for j, (blocks, lr, pooling) in enumerate(SWEEP, 1):
+            r = run_npgpt(args, work_dir, f"sweep{j}", ["--trainable-blocks", blocks, "--lr", lr,
+                                                        "--pooling", pooling], cache_dir=shared_cache)
+            r.update(trainable_blocks=blocks, lr=lr, pooling=pooling)
+            sweep.append(r)
     kstart_after = kernel_start_time()
 
     rows = []
@@ -269,9 +295,9 @@ def main(argv=None):
         print(f"{r['side']:44s} {r['epochs']:6d} {r['wall_s']:8.1f} {r['peak_rss_mib']:12.0f} {r['flops'] / 1e12:6.2f}"
               f" {r['gflops_achieved']:8.0f} {r['lower_bound_s']:8.1f} {r['x_lower_bound']:7.2f}"
               f" {r['final_accuracy']['test'] * 100:7.2f}%")
+    import numpy as np
     summary = {}
     if runs and torch_run:
-        import numpy as np
         med = float(np.median([r["wall_s"] for r in runs]))
         summary = {"npgpt_median_wall_s": med, "torch_wall_s": torch_run["wall_5_s"],
                    "speedup": torch_run["wall_5_s"] / med,
@@ -283,12 +309,28 @@ def main(argv=None):
     for k, r in enumerate(runs, 1):
         print(f"npgpt run {k}: launch to training start {r['start_s']:.1f} s, frozen prefix {r['prefix_s']} s, "
               f"training steps {r['train_steps_s']:.1f} s")
+    if sweep:
+        cold = float(np.median([r["wall_s"] for r in runs])) if runs else sweep[0]["wall_s"]
+        total = sum(r["wall_s"] for r in sweep)
+        grid = sum(r["wall_s"] for r in sweep if r["pooling"] == "last-token")
+        print(f"\nsweep, one disk cache ({len(sweep)} runs, {args.epochs} epochs each):")
+        print(f"{'run':>3s} {'blocks':>6s} {'lr':>6s} {'pooling':>14s} {'prefix':>15s} {'prefix s':>8s} "
+              f"{'wall s':>7s} {'peak RSS MiB':>12s} {'test acc':>8s}")
+        for j, r in enumerate(sweep, 1):
+            print(f"{j:3d} {r['trainable_blocks']:>6s} {r['lr']:>6s} {r['pooling']:>14s} {r['prefix_source']:>15s} "
+                  f"{r['prefix_s'] if r['prefix_s'] is not None else float('nan'):8.1f} {r['wall_s']:7.1f} "
+                  f"{r['peak_rss_mib']:12.0f} {r['final_accuracy']['test'] * 100:7.2f}%")
+        summary["sweep"] = {"total_s": total, "cold_run_s": cold, "x_cold": total / cold,
+                            "last_token_runs_s": grid, "last_token_runs_x_cold": grid / cold}
+        print(f"sweep total {total:.1f} s = {total / cold:.2f}x one cold run ({cold:.1f} s"
+              f"{', median of the default runs' if runs else ', sweep run 1'}); the four last-token runs "
+              f"{grid:.1f} s = {grid / cold:.2f}x")
     print(f"import npgpt + one call of every kernel, fresh interpreter: {kstart['in_process_s']:.2f} s before the runs, "
           f"{kstart_after['in_process_s']:.2f} s after (launch to exit {kstart_after['launch_to_exit_s']:.2f} s)")
     if args.json:
         write_json(args.json, {"command": command, "info": info, "gemm_peak_gflops": peak, "work": work,
                                "lower_bound_s": bound, "rows": rows, "summary": summary,
-                               "kernel_start": {"before": kstart, "after": kstart_after},
+                               "kernel_start": {"before": kstart, "after": kstart_after}, "sweep": sweep,
                                "args": vars(args)})
     if tmp is not None:
         tmp.cleanup()
