@@ -18,6 +18,10 @@ A ratio whose denominator is 0 (no message predicted spam, say) is reported as 0
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # `python -m npgpt.evaluate`: the runtime settings before NumPy loads
+    from npgpt import tune_runtime
+    tune_runtime()
+
 import json
 import sys
 

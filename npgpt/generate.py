@@ -11,6 +11,10 @@ the prefix.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # `python -m npgpt.generate`: the runtime settings before NumPy loads
+    from npgpt import tune_runtime
+    tune_runtime()
+
 import os
 import sys
 
