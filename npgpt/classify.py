@@ -267,14 +267,17 @@ def truncation_note(names: list, limit: int) -> str:
 
 def build_parser():
     p = make_parser("python -m npgpt.classify",
-                    "Label texts (ham or spam) with a classifier trained by python -m npgpt.train.")
+                    "Label texts (ham or spam) with a classifier trained by python -m npgpt.train. Each "
+                    "line printed is: the label, the probability the model gives that label, the text.")
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to classify; none, or '-', reads stdin, one text per line")
     p.add_argument("--model", required=True, help="the classifier, runs/<name>/classifier.h5")
     p.add_argument("--file", default=None, help="read the texts from this file, one per line ('-': stdin)")
     p.add_argument("--skip-empty", action="store_true", help="skip blank lines of --file or stdin")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of one line per text")
-    p.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--bpe-dir", default=None,
+                   help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
+                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="texts per forward pass")
     p.add_argument("--width", type=int, default=60, help="characters of each text shown")
     return p

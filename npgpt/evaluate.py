@@ -114,9 +114,12 @@ def build_parser():
     p.add_argument("--data", default=None,
                    help="SMSSpamCollection file or UCI zip to split afresh (default: reuse the CSVs in --data-dir)")
     p.add_argument("--data-dir", default="data", help="where train/validation/test.csv live (or are written)")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="which split of the data to score")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed dataset lines and report them")
-    p.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--bpe-dir", default=None,
+                   help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
+                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="messages per forward pass (default: the training batch size)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -393,8 +393,9 @@ def main(argv=None):
                              trainable=info["trainable"], pooling=info["pooling"],
                              cache=info["cache"], dense=info["dense"])
     try:
-        state, feats = fit(params, config, datasets, settings, run_dir, info, resume=bool(args.resume),
-                           log=log, progress=not args.quiet)
+        with np.errstate(over="ignore", invalid="ignore"):   # a diverging run is caught as Diverged
+            state, feats = fit(params, config, datasets, settings, run_dir, info, resume=bool(args.resume),
+                               log=log, progress=not args.quiet)
     except Interrupted as e:
         print(f"\ninterrupted: progress saved in {e.checkpoint}; continue with "
               f"`python -m npgpt.train --resume {run_dir}`", file=sys.stderr)
