@@ -387,3 +387,24 @@ def test_import_changes_nothing_until_tune_runtime(env, tmp_path):
     assert r.returncode == 0, r.stderr
     same, omp, done = json.loads(r.stdout)
     assert same and omp == "PASSIVE" and "OPENBLAS_THREAD_TIMEOUT" in done
+
+
+def test_interrupt_at_the_start_leaves_a_checkpoint_or_nothing_and_says_which(env, first, home, tmp_path):
+    import signal
+    for name in ("SMSSpamCollection", "bpe"):
+        os.symlink(home / name, tmp_path / name)
+    p = subprocess.Popen([sys.executable, "-m", "npgpt.train", "--tiny", "--data", "SMSSpamCollection",
+                          "--bpe-dir", "bpe", "--no-plots", "--quiet", "--out", "run"], cwd=tmp_path,
+                         env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    for line in p.stdout:
+        if line.startswith("model:"):          # printed just before the frozen blocks are cached
+            p.send_signal(signal.SIGINT)
+            break
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    if "nothing was saved" in err:
+        assert not (tmp_path / "run").exists()
+    else:
+        assert "progress saved in" in err and (tmp_path / "run" / "checkpoint.h5").is_file()
