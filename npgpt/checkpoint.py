@@ -96,3 +96,32 @@ def load_checkpoint(run_dir, params: dict, opt) -> dict:
     except Exception as e:
         raise FormatError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     return state
+
+
+def strip_params(path) -> int:
+    """Rewrite a finished run's checkpoint without its parameter arrays (classifier.h5 holds them):
+    what is left, the AdamW moments and the run state, is what `--resume RUN --epochs N` needs to
+    continue exactly. Atomic like save_checkpoint. -> the new file's size in bytes"""
+    import h5py
+
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
+            for k, v in src.attrs.items():
+                dst.attrs[k] = v
+            for name in src:
+                if name != "params":
+                    src.copy(src[name], dst, name=name)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise TrainingError(f"cannot rewrite checkpoint {path} ({e.strerror or e}); it is unchanged") from None
+        raise
+    return os.path.getsize(path)

@@ -31,6 +31,10 @@ Padding follows the pooling the model was trained with:
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # `python -m npgpt.classify`: the runtime settings before NumPy loads
+    from npgpt import tune_runtime
+    tune_runtime()
+
 import json
 import os
 import sys
@@ -162,7 +166,8 @@ def check_texts(texts) -> list:
 def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classifier:
     """Read a classifier.h5 written by `python -m npgpt.train`.
 
-    The tokenizer comes from `bpe_dir`, else NPGPT_BPE_DIR, else the folder used in training
+    The tokenizer comes from `bpe_dir`, else the file itself (files saved since it stores
+    encoder.json and vocab.bpe), else NPGPT_BPE_DIR, else the folder used in training
     when it still exists, else `npgpt.tokenizer.get_tokenizer`'s other places.
     Raises FormatError (one line, naming the file) when the file is missing, unreadable, or not
     a classifier."""
@@ -170,6 +175,10 @@ def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classi
     from .tokenizer import get_tokenizer
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "classifier.h5")
+        hint = f"; this looks like a run folder: pass {inside}" if os.path.isfile(inside) else ""
+        raise FormatError(f"{path}: is a folder, expected a classifier file (runs/<name>/classifier.h5){hint}")
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file (train a classifier with `python -m npgpt.train`; "
                           "it is saved as runs/<name>/classifier.h5)")
@@ -195,6 +204,11 @@ def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classi
         raise FormatError(f"{path}: the model expects tokenizer {meta.get('tokenizer')!r} with pad id "
                           f"{meta.get('pad_id')!r}; only GPT-2's (pad 50256) is supported")
     train_args = meta.get("train_args") or {}
+    from .tokenizer import tokenizer_from_h5
+    stored = tokenizer_from_h5(path) if bpe_dir is None else None   # self-contained files carry it
+    if stored is not None:
+        return Classifier(params=params, config=config, labels=labels, pooling=pooling,
+                          max_length=max_length, tok=stored, meta=meta, path=path, batch_size=batch_size)
     if bpe_dir is None and not os.environ.get("NPGPT_BPE_DIR"):
         trained = train_args.get("bpe_dir")
         if trained and os.path.isdir(trained):
@@ -276,7 +290,8 @@ def truncation_note(names: list, limit: int) -> str:
 def build_parser():
     p = make_parser("python -m npgpt.classify",
                     "Label texts (with the classes the model was trained on: ham/spam, or your own) "
-                    "with a classifier trained by python -m npgpt.train.")
+                    "with a classifier trained by python -m npgpt.train. Each line printed is: the label, "
+                    "the probability the model gives that label, the text.")
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to classify; none, or '-', reads stdin, one text per line")
     p.add_argument("--model", required=True, help="the classifier, runs/<name>/classifier.h5")
@@ -287,7 +302,9 @@ def build_parser():
     p.add_argument("--top", type=int, default=1, metavar="K",
                    help="show the K most probable classes of each text (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--bpe-dir", default=None,
+                   help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
+                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="texts per forward pass")
     p.add_argument("--width", type=int, default=60, help="characters of each text shown")
     return p

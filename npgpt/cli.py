@@ -11,6 +11,7 @@
 
 User errors (`NpgptError`) print `error: <message>` on stderr and exit 1; usage errors exit 2
 (argparse); Ctrl-C exits 130. `--debug` (or NPGPT_DEBUG=1) shows the traceback instead.
+`run` also calls `npgpt.tune_runtime()` (the CLIs' runtime settings, see the README).
 """
 from __future__ import annotations
 
@@ -29,15 +30,57 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help when it has a default worth naming (not None,
+    not False) and the help does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
+_prog_override = None      # "npgpt train" when run through the npgpt command
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=_prog_override or prog, description=description, formatter_class=HelpFormatter,
+                     allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
 
 
-def run(main, argv=None) -> None:
+def bar_options(stream=None) -> dict:
+    """tqdm keyword arguments: a terminal gets a live bar; a file or pipe gets an update every
+    30 s at most (and the last one), not one per step."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return {"mininterval": 0.5} if tty else {"mininterval": 30.0, "maxinterval": 60.0, "ascii": True}
+
+
+def expect_file(path, flag: str, what: str = "a file", hint: str = "") -> None:
+    """NpgptError unless `path` is an existing file: names the flag that gave it, and for a folder
+    says what was expected instead (`hint`, e.g. the file inside a run folder)."""
+    from .errors import NpgptError
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise NpgptError(f"{flag} {path}: is a folder, expected {what}" + (f" ({hint})" if hint else ""))
+    if not os.path.exists(path):
+        raise NpgptError(f"{flag} {path}: no such file" + (f" ({hint})" if hint else ""))
+
+
+def run(main, argv=None, prog=None) -> None:
     """Call main(argv) and turn its failures into one line on stderr and an exit code."""
+    global _prog_override
+    from . import tune_runtime
+    tune_runtime()
+    _prog_override = prog
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("NPGPT_DEBUG") == "1"
     try:
@@ -64,3 +107,23 @@ def run(main, argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
+
+
+def announce_compilation(write=print, text="compiling kernels (first run only: later runs load them "
+                                            "from Numba's cache)") -> None:
+    """Say once, when Numba starts compiling a kernel (not when it loads one from its cache), that
+    the first steps are slow because of it. For the rest of the process."""
+    from numba.core import event
+
+    class _Once(event.Listener):
+        said = False
+
+        def on_start(self, ev):
+            if not self.said:
+                self.said = True
+                write(text)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", _Once())

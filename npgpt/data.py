@@ -575,3 +575,11 @@ def eval_batches(n_examples, batch_size):
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     return [np.arange(start, min(start + batch_size, n_examples))
             for start in range(0, n_examples, batch_size)]
+
+
+if __name__ == "__main__":          # a library module: say where its commands are
+    import sys
+    print("npgpt.data is a library module (the SMS Spam Collection: fetch, parse, split, batches).\n"
+          "Its work is done by: python -m npgpt.train --data FILE [--data-dir DIR]  and  "
+          "python -m npgpt.evaluate --data FILE (see --help of each).", file=sys.stderr)
+    sys.exit(2)

@@ -25,6 +25,10 @@ A ratio whose denominator is 0 (no text predicted c, say) is reported as 0.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # `python -m npgpt.evaluate`: the runtime settings before NumPy loads
+    from npgpt import tune_runtime
+    tune_runtime()
+
 import json
 import sys
 
@@ -206,7 +210,9 @@ def build_parser():
     p.add_argument("--errors", type=int, default=0, metavar="N", help="show the N most confident mistakes")
     p.add_argument("--threshold", type=float, default=None, metavar="T",
                    help="two classes: predict the positive (second) class when its probability is >= T")
-    p.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--bpe-dir", default=None,
+                   help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
+                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="texts per forward pass (default: the training batch size)")
     p.add_argument("--json", action="store_true", help="print every metric as one JSON object")

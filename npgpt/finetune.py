@@ -28,6 +28,7 @@ import numpy as np
 
 from . import model
 from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import bar_options
 from .data import eval_batches, train_batches
 from .errors import TrainingError
 from .optim import AdamW
@@ -155,25 +156,27 @@ def batch_inputs(dataset, feats, rows, pooling, causal=True):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(params, config, dataset, settings: TrainSettings, feats=None, start=0, batches=None):
-    """Mean batch loss and accuracy over the given index batches (all of the split when None).
+    """Loss and accuracy over the given index batches (all of the split when None). The loss is
+    the mean over messages of -log p(true label), the definition `npgpt.evaluate` prints (so a
+    short last batch weighs by its size, not as much as a full one).
 
     feats: the split's prefix cache (activations entering block `start`), or None to run from ids.
     Returns (loss, accuracy, predicted labels in the order of the batches' rows)."""
     if batches is None:
         batches = eval_batches(len(dataset), settings.batch_size)
-    losses, correct, total, preds = [], 0, 0, []
+    loss_sum, correct, total, preds = 0.0, 0, 0, []
     from .ops import cross_entropy_forward
     for rows in batches:
         inputs, labels = batch_inputs(dataset, feats, rows, settings.pooling, settings.causal)
         logits = model.forward_cls(params, config, pooling=settings.pooling, dense=settings.dense,
                                    start=start if feats is not None else 0, lora=settings.lora,
                                    causal=settings.causal, **inputs)
-        losses.append(cross_entropy_forward(logits, labels)[0])
+        loss_sum += float(cross_entropy_forward(logits, labels)[0]) * len(rows)   # batch mean x B
         p = np.argmax(logits, axis=-1)
         preds.append(p)
         correct += int((p == labels).sum())
         total += len(rows)
-    return float(np.mean(losses)), correct / total, np.concatenate(preds)
+    return loss_sum / total, correct / total, np.concatenate(preds)
 
 
 def full_eval_batches(dataset, batch_size, pooling):
@@ -219,6 +222,14 @@ class Interrupted(Exception):
         self.signum, self.checkpoint = signum, checkpoint
 
 
+class Diverged(TrainingError):
+    """A non-finite loss or gradient: training stopped before the step was applied."""
+
+    def __init__(self, step, epoch, batch):
+        super().__init__(f"non-finite loss or gradient at step {step} (epoch {epoch}, batch {batch})")
+        self.step, self.epoch, self.batch = step, epoch, batch
+
+
 def _all_finite(loss, grads):
     return np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
 
@@ -249,7 +260,7 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
         store = PrefixCache(settings.cache_dir, use_disk=settings.cache_disk, memory_limit=settings.cache_memory,
                             spill_dir=run_dir, log=log)
         with tqdm(unit="tok", desc=f"frozen blocks 0..{start - 1}" if start else "embeddings",
-                  disable=not progress, leave=False) as bar:
+                  disable=not progress, leave=False, **bar_options()) as bar:
             feats = prefix_caches(params, config, datasets, start, settings.pooling, progress=bar.update,
                                   store=store, lora=settings.lora, causal=settings.causal)
         if feats[0] is not None:
@@ -259,6 +270,8 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
     m = state.metrics
     eval_train = eval_batches(len(train), settings.batch_size)[:settings.eval_iter]
     eval_val = eval_batches(len(val), settings.batch_size)[:settings.eval_iter]
+    n_tr, n_va = sum(map(len, eval_train)), sum(map(len, eval_val))   # messages behind each estimate
+    m["estimate_messages"] = {"train": n_tr, "validation": n_va}
 
     def checkpoint(order=None):
         st = {"run_state": asdict(state), "run_info": run_info}
@@ -276,7 +289,7 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
         for epoch in range(state.epoch, settings.epochs):
             batches = train_batches(len(train), settings.batch_size, settings.seed, epoch)
             bar = tqdm(total=len(batches), initial=state.batch, desc=f"epoch {epoch + 1}/{settings.epochs}",
-                       disable=not progress, unit="batch", dynamic_ncols=True, mininterval=0.5)
+                       disable=not progress, unit="batch", dynamic_ncols=True, **bar_options())
             t_epoch, n_epoch = time.time(), 0
             acc, n_acc, seen = None, 0, 0        # gradients summed over the accumulated batches
             for bi in range(state.batch, len(batches)):
@@ -284,9 +297,7 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
                 loss, grads, _ = step_loss(batches[bi])
                 if not _all_finite(loss, grads):
                     bar.close()
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {state.step + 1} (epoch {epoch + 1}, "
-                        f"batch {bi + 1}); training stopped, the last good checkpoint in {run_dir} is kept")
+                    raise Diverged(state.step + 1, epoch + 1, bi + 1)
                 n_epoch += len(batches[bi])
                 seen += len(batches[bi])
                 bar.update(1)
@@ -310,8 +321,9 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
                     m["examples_seen"].append(state.examples_seen)
                     m["train_loss"].append(tl)
                     m["val_loss"].append(vl)
-                    bar.write(f"Ep {epoch + 1} (Step {state.step:06d}): Train loss {tl:.3f}, Val loss {vl:.3f}")
-                bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{n_epoch / max(time.time() - t_epoch, 1e-9):.0f}")
+                    bar.write(f"Ep {epoch + 1} (Step {state.step:06d}): Train loss ({n_tr} msgs) {tl:.3f}, "
+                              f"Val loss ({n_va} msgs) {vl:.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}", ex_s=f"{n_epoch / max(time.time() - t_epoch, 1e-9):.0f}", refresh=False)
                 if stop.signum is not None:
                     bar.close()
                     raise Interrupted(stop.signum, checkpoint(np.concatenate(batches)))
@@ -321,7 +333,7 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
             m["epoch_train_acc"].append(ta)
             m["epoch_val_acc"].append(va)
             m["epoch_examples_seen"].append(state.examples_seen)
-            log(f"Training accuracy: {ta * 100:.2f}% | Validation accuracy: {va * 100:.2f}%")
+            log(f"Ep {epoch + 1}: train acc ({n_tr} msgs) {ta * 100:.2f}% | val acc ({n_va} msgs) {va * 100:.2f}%")
             state.epoch, state.batch = epoch + 1, 0
             checkpoint()
             if stop.signum is not None:

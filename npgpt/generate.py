@@ -11,6 +11,10 @@ the prefix.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # `python -m npgpt.generate`: the runtime settings before NumPy loads
+    from npgpt import tune_runtime
+    tune_runtime()
+
 import os
 import sys
 
@@ -99,7 +103,9 @@ def main(argv=None):
     parser.add_argument("--model-size", default="124M", help="124M, 355M, 774M or 1558M")
     parser.add_argument("--weights", default=None,
                         help="converted HDF5 weights (default: weights/gpt2-<size>.h5)")
-    parser.add_argument("--bpe-dir", default=None, help="folder with encoder.json and vocab.bpe")
+    parser.add_argument("--bpe-dir", default=None,
+                        help="folder with GPT-2's encoder.json and vocab.bpe (default: $NPGPT_BPE_DIR, else the "
+                             "folder of --weights or its <size>/ subfolder, else tiktoken's cache or download)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the prefix for every token")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come")
     args = parser.parse_args(argv)
@@ -108,11 +114,21 @@ def main(argv=None):
     from .params import load_params
     from .tokenizer import get_tokenizer
 
+    from .tokenizer import N_VOCAB
+
     path = args.weights or os.path.join("weights", f"gpt2-{args.model_size}.h5")
+    if os.path.isdir(path):
+        raise NpgptError(f"--weights {path}: is a folder, expected a converted .h5 file (a downloaded "
+                         f"checkpoint folder converts with `python -m npgpt.weights convert {path}`)")
     if not os.path.exists(path):
         raise NpgptError(f"no weights at {path}: run `python -m npgpt.weights download {args.model_size}` "
                          f"(or pass --weights)")
-    params, config, _ = load_params(path)
+    params, config, meta = load_params(path)
+    if config.vocab_size != N_VOCAB:
+        raise NpgptError(f"--weights {path}: its vocabulary has {config.vocab_size} tokens, GPT-2's tokenizer "
+                         f"{N_VOCAB}: generate needs GPT-2 weights (python -m npgpt.weights download)")
+    if "cls/w" in params:
+        params = {k: v for k, v in params.items() if not k.startswith("cls/")}   # a classifier's LM body
     tok = get_tokenizer(args.bpe_dir, weights_dir=os.path.dirname(path) or ".")
     ids = np.array([tok.encode(args.prompt, disallowed_special=())], dtype=np.int64)
     if ids.shape[1] == 0:

@@ -15,6 +15,12 @@ Parameters live in a plain dict keyed by GPT-2's own checkpoint names (OpenAI's,
 
 An HDF5 file holds one dataset per name (h5py turns the slashes into groups) and the config as
 attributes of the root group, so `h5dump` or any HDF5 viewer shows the model as OpenAI named it.
+
+Two additions a classifier file may carry:
+- `tokenizer/encoder.json`, `tokenizer/vocab.bpe`: GPT-2's two BPE files as uint8 arrays, so the
+  file is self-contained (`npgpt.tokenizer.tokenizer_from_h5` reads them, sha256-checked).
+- only some of the arrays (`save_params(..., base=...)`): the ones that trained; meta
+  `base_weights` names the file holding the rest (`path`, `sha256`), read and checked on load.
 """
 from __future__ import annotations
 
@@ -107,15 +113,34 @@ def cast_params(params: dict, dtype) -> dict:
 
 # ----------------------------------------------------------------------------- HDF5
 
-def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None) -> None:
+def sha256_of(path, chunk=1 << 22) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None,
+                files: dict | None = None, only: list | None = None, base: str | None = None) -> None:
     """Write params to an HDF5 file, atomically (temporary name, fsync, rename).
 
-    The config goes in root attributes; `meta` (JSON-serialisable) in the `meta` attribute."""
+    The config goes in root attributes; `meta` (JSON-serialisable) in the `meta` attribute.
+    files: {name: bytes} stored as uint8 arrays under `tokenizer/` (the BPE files).
+    only, base: write only the arrays named in `only`; the rest are those of the weights file
+    `base`, whose path (absolute and as given) and sha256 go into meta `base_weights`."""
     import h5py
 
     path = os.fspath(path)
     expected = param_shapes(config, num_classes_of(params))
     expected.update(_lora_shapes(meta, config, num_classes_of(params)))
+    meta = dict(meta or {})
+    if only is not None:
+        meta["base_weights"] = {"path": os.path.abspath(base), "given": os.fspath(base),
+                                "sha256": sha256_of(base)}
     if set(expected) != set(params):
         extra = sorted(set(params) - set(expected))
         missing = sorted(set(expected) - set(params))
@@ -129,9 +154,12 @@ def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None
             for k, v in config.to_dict().items():
                 f.attrs[k] = v
             f.attrs["num_classes"] = num_classes_of(params) or 0
-            f.attrs["meta"] = json.dumps(meta or {})
+            f.attrs["meta"] = json.dumps(meta)
             for name in expected:
-                f.create_dataset(name, data=np.ascontiguousarray(params[name]))
+                if only is None or name in only:
+                    f.create_dataset(name, data=np.ascontiguousarray(params[name]))
+            for name, data in (files or {}).items():
+                f.create_dataset(f"tokenizer/{name}", data=np.frombuffer(data, np.uint8))
             f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -182,20 +210,28 @@ def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
             if config is not None and config != file_config:
                 raise FormatError(f"{path}: config {file_config} does not match the expected {config}")
             found = []
-            f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
-            # The names are built from n_layer: check it against the datasets present first, so
-            # that a corrupt attribute (n_layer 2**56) cannot make param_shapes build names
-            # without bound.
-            blocks = {name.split("/", 1)[0] for name in found if name.startswith("h") and "/" in name}
-            if file_config.n_layer != len(blocks):
-                raise FormatError(f"{path}: n_layer is {file_config.n_layer} but the file holds "
-                                  f"{len(blocks)} blocks")
+            f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset)
+                         and not name.startswith("tokenizer/") else None)
+            params = {}
+            if isinstance(meta, dict) and meta.get("base_weights"):
+                # a trained-only file: its base (loaded and checked first, so that n_layer is
+                # known to be right) supplies every array the file does not hold
+                params = _load_base(path, meta["base_weights"], dtype, file_config, num_classes)
+            else:
+                # The names are built from n_layer: check it against the datasets present first,
+                # so that a corrupt attribute (n_layer 2**56) cannot make param_shapes build names
+                # without bound.
+                blocks = {name.split("/", 1)[0] for name in found if name.startswith("h") and "/" in name}
+                if file_config.n_layer != len(blocks):
+                    raise FormatError(f"{path}: n_layer is {file_config.n_layer} but the file holds "
+                                      f"{len(blocks)} blocks")
             expected = param_shapes(file_config, num_classes)
             expected.update(_lora_shapes(meta, file_config, num_classes))
             extra = sorted(set(found) - set(expected))
             if extra:
                 raise FormatError(f"{path}: unexpected array {extra[0]!r}")
-            params = {}
+            if params:
+                expected = {n: expected[n] for n in found}     # the arrays that trained
             for name, shape in expected.items():
                 if name not in f or not isinstance(f[name], h5py.Dataset):
                     raise FormatError(f"{path}: array {name!r} is missing")
@@ -217,3 +253,30 @@ def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
     except Exception as e:
         raise FormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     return params, file_config, meta
+
+
+def find_base(path, base: dict):
+    """Where the base weights of a trained-only file are: the absolute path saved, else the path
+    as given at training relative to the file's folder or the current one. -> path or None"""
+    given = base.get("given") or ""
+    for cand in (base.get("path"), os.path.join(os.path.dirname(os.path.abspath(path)), given), given):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+def _load_base(path, base: dict, dtype, config, num_classes):
+    """The base weights a trained-only file builds on, sha256-checked, with the file's config."""
+    found = find_base(path, base)
+    if found is None:
+        raise FormatError(f"{path}: holds only the trained arrays; its base weights {base.get('path')} "
+                          f"(sha256 {str(base.get('sha256'))[:12]}...) are missing: put that file back, or "
+                          "train with --save full for a file that stands alone")
+    digest = sha256_of(found)
+    if digest != base.get("sha256"):
+        raise FormatError(f"{path}: its base weights {found} have sha256 {digest[:12]}..., not the "
+                          f"{str(base.get('sha256'))[:12]}... it was trained from: they are other weights")
+    params, base_config, _ = load_params(found, dtype)
+    if base_config != config:
+        raise FormatError(f"{path}: base weights {found} have config {base_config}, expected {config}")
+    return params

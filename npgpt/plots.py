@@ -1,10 +1,18 @@
-"""Loss and accuracy plots of a run, like the reference's (needs matplotlib: `pip install npgpt[plot]`)."""
+"""Loss and accuracy plots of a run, like the reference's (needs matplotlib: `pip install npgpt[plot]`).
+
+Each plot has the run's name as title and two x axes: examples seen (bottom) and epochs (top).
+Accuracy is in percent, as the training output prints it. The periodic values are estimates on
+the first `eval_iter` batches (N messages, said in the legend); the final accuracies are on the
+whole splits and are marked separately.
+"""
 from __future__ import annotations
 
 import os
 
+WIDTH_PX, HEIGHT_PX, DPI = 1000, 560, 100
 
-def plot_run(metrics: dict, run_dir) -> list:
+
+def plot_run(metrics: dict, run_dir, title: str = "") -> list:
     """Write loss.png and accuracy.png into run_dir; return the paths written ([] without matplotlib)."""
     try:
         import matplotlib
@@ -12,22 +20,44 @@ def plot_run(metrics: dict, run_dir) -> list:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
+    n = metrics.get("estimate_messages") or {}
+    est = lambda split: f" (estimate on {n[split]} messages)" if split in n else " (estimate)"
+    epochs_x = metrics.get("epoch_examples_seen") or []
     written = []
-    for kind, xs, series, ylabel in (
-            ("loss", metrics["examples_seen"], (("train_loss", "Training loss"), ("val_loss", "Validation loss")), "Loss"),
-            ("accuracy", metrics["epoch_examples_seen"],
-             (("epoch_train_acc", "Training accuracy"), ("epoch_val_acc", "Validation accuracy")), "Accuracy")):
+    plots = (
+        ("loss", metrics["examples_seen"], (("train_loss", "Training loss" + est("train")),
+                                            ("val_loss", "Validation loss" + est("validation"))),
+         "Loss (mean cross-entropy)", 1.0),
+        ("accuracy", epochs_x, (("epoch_train_acc", "Training accuracy" + est("train")),
+                                ("epoch_val_acc", "Validation accuracy" + est("validation"))),
+         "Accuracy (%)", 100.0))
+    for kind, xs, series, ylabel, scale in plots:
         if not xs:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3))
+        fig, ax = plt.subplots(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI)
         for key, label in series:
-            ax.plot(xs, metrics[key], label=label, linestyle="-" if key.startswith(("train", "epoch_train")) else "-.")
+            ax.plot(xs, [v * scale for v in metrics[key]], label=label, marker="o" if kind == "accuracy" else None,
+                    linestyle="-" if key.startswith(("train", "epoch_train")) else "-.")
+        final = metrics.get("final") or {}
+        if kind == "accuracy" and final:
+            for split, mk in (("train", "s"), ("validation", "D"), ("test", "*")):
+                if f"{split}_accuracy" in final:
+                    ax.scatter([xs[-1]], [final[f"{split}_accuracy"] * 100], marker=mk, s=60, zorder=3,
+                               label=f"final {split} accuracy (all messages)")
         ax.set_xlabel("Examples seen")
         ax.set_ylabel(ylabel)
-        ax.legend()
+        ax.grid(alpha=0.3)
+        if epochs_x:                                 # epoch axis on top: epoch k ends at epochs_x[k-1]
+            top = ax.twiny()
+            top.set_xlim(ax.get_xlim())
+            top.set_xticks(epochs_x)
+            top.set_xticklabels([str(k) for k in range(1, len(epochs_x) + 1)])
+            top.set_xlabel("Epoch (end of)")
+        ax.legend(fontsize=9)
+        ax.set_title(f"{title}: {kind}" if title else kind.capitalize(), pad=10)
         fig.tight_layout()
         path = os.path.join(run_dir, f"{kind}.png")
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=DPI)
         plt.close(fig)
         written.append(path)
     return written

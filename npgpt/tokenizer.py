@@ -12,6 +12,9 @@ Where the two files come from, first match wins:
      (`weights_dir` defaults to `weights/` under the current directory);
   4. tiktoken's own `gpt2` encoding (its cache, else a download).
 Both files are checked against the sha256 values OpenAI published (the ones tiktoken hard-codes).
+
+A classifier file carries the two files itself (`bpe_file_bytes` when it is saved,
+`tokenizer_from_h5` when it is loaded), so it needs none of these places.
 """
 from __future__ import annotations
 
@@ -41,16 +44,74 @@ def get_tokenizer(bpe_dir=None, weights_dir=None):
     used when both files are there. Raises FormatError if a file's sha256 is wrong, NpgptError
     if no source works.
     """
+    d = find_bpe_dir(bpe_dir, weights_dir)
+    return _encoding_from_dir(d) if d is not None else _encoding_from_tiktoken()
+
+
+def find_bpe_dir(bpe_dir=None, weights_dir=None):
+    """The folder places 1-3 of the module docstring name, or None (tiktoken's turn)."""
     if bpe_dir is not None:
-        return _encoding_from_dir(str(Path(bpe_dir).resolve()))
+        if Path(bpe_dir).is_file():
+            raise NpgptError(f"--bpe-dir {bpe_dir}: is a file, expected the folder holding encoder.json and vocab.bpe")
+        return str(Path(bpe_dir).resolve())
     env_dir = os.environ.get("NPGPT_BPE_DIR")
     if env_dir:
-        return _encoding_from_dir(str(Path(env_dir).resolve()))
+        return str(Path(env_dir).resolve())
     root = Path(weights_dir) if weights_dir is not None else Path.cwd() / "weights"
     for d in [root] + [root / size for size in WEIGHT_SIZES]:
         if all((d / name).is_file() for name in BPE_FILES):
-            return _encoding_from_dir(str(d.resolve()))
-    return _encoding_from_tiktoken()
+            return str(d.resolve())
+    return None
+
+
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+
+
+def bpe_file_bytes(bpe_dir=None, weights_dir=None) -> dict:
+    """{"encoder.json": bytes, "vocab.bpe": bytes} from where `get_tokenizer` finds them (tiktoken's
+    cache last), sha256-checked: what a classifier file stores to be self-contained."""
+    d = find_bpe_dir(bpe_dir, weights_dir)
+    if d is not None:
+        for name in BPE_FILES:
+            check_bpe_file(Path(d) / name)
+        return {name: (Path(d) / name).read_bytes() for name in BPE_FILES}
+    import tiktoken.load
+    try:
+        return {name: tiktoken.load.read_file_cached(TIKTOKEN_URL + name, digest)
+                for name, digest in BPE_FILES.items()}
+    except Exception as e:
+        raise NpgptError(f"cannot find GPT-2's encoder.json and vocab.bpe: pass --bpe-dir "
+                         f"(tiktoken: {type(e).__name__})") from None
+
+
+def encoding_from_bytes(files: dict, source: str = "the classifier file"):
+    """The GPT-2 encoding from the two files' contents, after checking their sha256."""
+    import tempfile
+    for name, expected in BPE_FILES.items():
+        if name not in files:
+            raise FormatError(f"{source}: tokenizer file {name} is missing")
+        digest = hashlib.sha256(files[name]).hexdigest()
+        if digest != expected:
+            raise FormatError(f"{source}: stored {name} has sha256 {digest}, not that of GPT-2's ({expected})")
+    with tempfile.TemporaryDirectory(prefix="npgpt-bpe-") as d:
+        for name, data in files.items():
+            Path(d, name).write_bytes(data)
+        return _build_encoding(Path(d))
+
+
+def tokenizer_from_h5(path):
+    """The encoding stored in a classifier file (`tokenizer/` arrays), or None if it has none."""
+    import h5py
+    import numpy as np
+    try:
+        with h5py.File(path, "r") as f:
+            if "tokenizer" not in f:
+                return None
+            files = {name: np.asarray(f["tokenizer"][name][()], np.uint8).tobytes()
+                     for name in f["tokenizer"] if name in BPE_FILES}
+    except Exception as e:
+        raise FormatError(f"{path}: cannot read the stored tokenizer ({type(e).__name__}: {e})") from None
+    return encoding_from_bytes(files, str(path))
 
 
 def encode(tok, text: str) -> list[int]:
@@ -72,15 +133,20 @@ def check_bpe_file(path: Path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _encoding_from_dir(bpe_dir: str):
+    d = Path(bpe_dir)
+    for name in BPE_FILES:
+        if not (d / name).is_file():
+            raise NpgptError(f"{d / name}: no such file (the tokenizer needs encoder.json and vocab.bpe; "
+                             "--bpe-dir names their folder)")
+        check_bpe_file(d / name)
+    return _build_encoding(d)
+
+
+def _build_encoding(d: Path):
     import tiktoken
     import tiktoken.load
     import tiktoken_ext.openai_public
 
-    d = Path(bpe_dir)
-    for name in BPE_FILES:
-        if not (d / name).is_file():
-            raise NpgptError(f"{d / name}: no such file (the tokenizer needs encoder.json and vocab.bpe)")
-        check_bpe_file(d / name)
     with _without_tiktoken_file_cache():
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(d / "vocab.bpe"), encoder_json_file=str(d / "encoder.json"),
@@ -98,8 +164,8 @@ def _encoding_from_tiktoken():
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline, no cache, corrupt cache: tiktoken raises many kinds
         raise NpgptError(
-            "cannot load the GPT-2 tokenizer: put encoder.json and vocab.bpe in weights/124M/ "
-            "or in a folder named by NPGPT_BPE_DIR, or let tiktoken download them "
+            "cannot load the GPT-2 tokenizer: pass --bpe-dir DIR (the folder with encoder.json and "
+            "vocab.bpe), put them in weights/124M/, or let tiktoken download them "
             f"(tiktoken: {type(e).__name__})") from e
 
 

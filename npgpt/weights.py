@@ -123,6 +123,11 @@ def convert(path, out=None, size: str | None = None, weights_dir="weights") -> s
     """Convert a checkpoint on disk to HDF5. Default output: `<weights_dir>/gpt2-<size>.h5`, where
     size is the given one, else the preset the config matches, else the checkpoint's name."""
     params, config, source = load_pretrained(path, size)
+    if size is not None and config != PRESETS[size]:
+        want = PRESETS[size]
+        raise FormatError(f"{path}: a model with {config.n_layer} layers, {config.n_head} heads, {config.n_embd} "
+                          f"dims and {config.vocab_size} tokens is not GPT-2 {size} ({want.n_layer} layers, "
+                          f"{want.n_head} heads, {want.n_embd} dims); drop --size, or pick the size it is")
     if out is None:
         name = size or next((s for s, c in PRESETS.items() if c == config), None)
         if name is None:
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     def add_common(p):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
         p.add_argument("--dir", default="weights", help="weights folder (downloads go to DIR/<size>/, output to DIR/gpt2-<size>.h5)")
-        p.add_argument("--out", default=None, help="output .h5 file; None means DIR/gpt2-<size>.h5")
+        p.add_argument("--out", default=None, help="output .h5 file (default: DIR/gpt2-<size>.h5)")
 
     d = sub.add_parser("download", help="fetch a published checkpoint and convert it",
                        formatter_class=parser.formatter_class)
@@ -166,9 +171,9 @@ def main(argv=None) -> int:
     d.add_argument("--source", choices=("openai", "hf"), default="openai",
                    help="openai: OpenAI's TF checkpoint; hf: Hugging Face's model.safetensors")
     d.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
-                   help=f"fallback base URL with the same layout (env {MIRROR_ENV})")
+                   help=f"fallback base URL with the same layout (default: ${MIRROR_ENV}, else none)")
     d.add_argument("--base-url", default=None,
-                   help=f"main base URL; None means {OPENAI_BASE} (openai) or {HF_BASE} (hf)")
+                   help=f"main base URL (default: {OPENAI_BASE} for openai, {HF_BASE} for hf)")
     d.add_argument("--force", action="store_true", help="convert again even if the .h5 exists")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_common(d)
@@ -177,7 +182,8 @@ def main(argv=None) -> int:
                        formatter_class=parser.formatter_class)
     c.add_argument("path", help="TF checkpoint directory (with hparams.json) or .safetensors file")
     c.add_argument("--size", choices=list(PRESETS), default=None,
-                   help="model size (names the output; gives n_head for safetensors)")
+                   help="model size: names the output, gives n_head for safetensors, and the shapes are "
+                        "checked against it (default: from the file's shapes)")
     add_common(c)
 
     args = parser.parse_args(argv)
