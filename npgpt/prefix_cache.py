@@ -222,7 +222,7 @@ class PrefixCache:
                     start_depth = d
                     break
         key = self.key(digests, seqs_digest, depth, mode)
-        if start_depth == depth:
+        if src is not None and start_depth == depth:   # (depth 0, the embeddings, is never read back)
             self.log(f"frozen prefix (blocks 0..{depth - 1}, {rows} tokens, {nbytes / 2**20:.0f} MiB) "
                      f"read from the cache {self.dir}")
             if progress:

@@ -159,3 +159,19 @@ def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
     assert prefix_cache.default_dir() == str(tmp_path / "x")
     monkeypatch.delenv("NPGPT_CACHE_DIR")
     assert prefix_cache.default_dir().endswith(os.path.join(".cache", "npgpt", "prefix"))
+
+
+@pytest.mark.parametrize("use_disk", [False, True])
+def test_depth_zero_is_the_embeddings(tmp_path, use_disk):
+    """A run whose first trainable block is block 0 (LoRA in every block, or every block trainable)
+    caches only the embeddings wte[id] + wpe[position], twice in a row (the second call may not
+    read back an entry that was never written)."""
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50257, n_ctx=64)
+    params = P.init_params(cfg, seed=3, num_classes=2)
+    seqs = _random_seqs(5, seed=4, max_len=20)
+    for _ in range(2):
+        store = prefix_cache.PrefixCache(str(tmp_path), use_disk=use_disk, max_tokens=32)
+        flat, offsets = store.activations(params, cfg, seqs, 0, "last_token")
+        for s, ids in enumerate(seqs):
+            want = params["wte"][ids] + params["wpe"][np.arange(len(ids))]          # [T,C]
+            np.testing.assert_array_equal(flat[offsets[s]:offsets[s + 1]], want)
