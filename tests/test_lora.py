@@ -210,3 +210,25 @@ def test_ten_adamw_steps_match_torch():
     for n in p:
         if not lora.is_lora_name(n):
             np.testing.assert_array_equal(p[n], start[n], err_msg=n)
+
+
+def test_lora_training_run_end_to_end(tmp_path, shared_data):
+    """`python -m npgpt.train --lora R` on a user's CSV: LoRA in every block means only the
+    embeddings are cached (depth 0); the run trains, saves rank and alpha with the classifier, and
+    the saved file scores the test split as training measured it."""
+    import json
+    from npgpt import train
+    from npgpt.classify import load_classifier
+    import pandas as pd
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    out, bpe = tmp_path / "run", str(shared_data / "gpt2_bpe")
+    assert train.main(["--tiny", "--lora", "4", "--epochs", "1", "--data", str(repo / "examples" / "support_tickets.csv"),
+                       "--bpe-dir", bpe, "--out", str(out), "--quiet", "--no-plots"]) == 0
+    clf = load_classifier(out / "classifier.h5")
+    assert lora.spec_of(clf.meta).rank == 4
+    test = pd.read_csv(out / "test.csv", keep_default_na=False, dtype={"Text": str, "Name": str})
+    pred = clf.predict(list(test["Text"]))
+    acc = float(np.mean(np.array(pred, dtype=object) == test["Name"].to_numpy(object)))
+    final = json.loads((out / "metrics.json").read_text())["metrics"]["final"]
+    assert acc == pytest.approx(final["test_accuracy"], abs=1e-9)
