@@ -200,3 +200,13 @@ def test_presets():
     assert sum(int(np.prod(s)) for s in shapes.values()) == 124_439_808
     with pytest.raises(NpgptError):
         preset("7B")
+
+
+def test_hdf5_non_finite_value_is_a_format_error(tmp_path):
+    import h5py
+    p = P.init_params(CFG, seed=0, num_classes=2)
+    P.save_params(tmp_path / "m.h5", p, CFG)
+    with h5py.File(tmp_path / "m.h5", "r+") as f:
+        f["h0/mlp/c_fc/w"][1, 2] = np.nan
+    with pytest.raises(FormatError, match="h0/mlp/c_fc/w.*non-finite"):
+        P.load_params(tmp_path / "m.h5")
