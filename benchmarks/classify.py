@@ -29,9 +29,9 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from common import default_data_dir, machine_info, print_info, set_threads, summary, write_json
+
+import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
 
 def parse_args(argv=None):

@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# npgpt's runtime settings (passive OpenMP waits, short OpenBLAS polling, malloc reuse), as the
+# CLIs set them: before NumPy is first imported, so import this module before NumPy.
+import npgpt  # noqa: E402
+
+npgpt.tune_runtime()
+
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
             "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
             "NUMBA_THREADING_LAYER", "NPGPT_NUMBA", "NUMBA_CACHE_DIR")

@@ -24,10 +24,10 @@ import math
 import sys
 import time
 
-import numpy as np
-
 import common  # noqa: F401  (puts the repository on sys.path)
 from common import default_data_dir, interleaved, machine_info, print_info, set_threads, summary
+
+import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
 
 def parse_args(argv=None):

@@ -327,7 +327,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.torch_worker:
         return worker(args)
-    import npgpt  # noqa: F401  (first, as in `python -m npgpt.train`: it sets up the thread runtimes)
+    import npgpt  # first, as in `python -m npgpt.train`: it sets up the thread runtimes
+    npgpt.tune_runtime()
     import numpy as np
 
     from npgpt.kernels import set_num_threads

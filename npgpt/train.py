@@ -301,7 +301,13 @@ def create_run_dir(run_dir, explicit: bool) -> str:
 
 
 def remove_if_empty(run_dir) -> bool:
+    """Remove a run folder this run created if it holds nothing but the split CSVs written at its
+    start (they are worth keeping only with a checkpoint or a classifier)."""
+    from .tabular import SPLIT_FILES
     try:
+        if set(os.listdir(run_dir)) <= set(SPLIT_FILES.values()):
+            for name in os.listdir(run_dir):
+                os.remove(os.path.join(run_dir, name))
         os.rmdir(run_dir)
         return True
     except OSError:
@@ -494,6 +500,13 @@ def main(argv=None):
         f"padding {info['padding']} ({datasets[0].pad_to or 'per batch'}), mean length "
         f"{np.mean(datasets[0].lengths):.1f} tokens")
 
+    settings = TrainSettings(epochs=info["epochs"], batch_size=info["batch_size"], lr=info["lr"],
+                             weight_decay=info["weight_decay"], decay_1d=info["decay_1d"], seed=info["seed"],
+                             eval_freq=info["eval_freq"], eval_iter=info["eval_iter"],
+                             trainable=info["trainable"], pooling=info["pooling"],
+                             cache=info["cache"], dense=info["dense"], lora=spec,
+                             causal=info.get("causal", True), accumulate=info.get("accumulate", 1),
+                             **cache_settings(args))
     # everything is in place: now the run folder (a failed start leaves none behind)
     created = not args.resume
     if created:
@@ -509,20 +522,12 @@ def main(argv=None):
         from .tabular import SPLIT_FILES
         for name, df in zip(SPLIT_FILES, splits):
             write_split_csv(df, os.path.join(run_dir, SPLIT_FILES[name]))
-    log(f"model: {info['model_size']} ({n_params / 1e6:.1f}M parameters, "
-        f"{n_train / 1e6:.2f}M trainable: {info['trainable']}), pooling {info['pooling']}, run folder {run_dir}")
-    if spec is not None:
-        log(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets) or 'no layer'}"
-            f"{' + the full head' if spec.train_head else ''}: {n_train:,} trainable parameters")
-
-    settings = TrainSettings(epochs=info["epochs"], batch_size=info["batch_size"], lr=info["lr"],
-                             weight_decay=info["weight_decay"], decay_1d=info["decay_1d"], seed=info["seed"],
-                             eval_freq=info["eval_freq"], eval_iter=info["eval_iter"],
-                             trainable=info["trainable"], pooling=info["pooling"],
-                             cache=info["cache"], dense=info["dense"], lora=spec,
-                             causal=info.get("causal", True), accumulate=info.get("accumulate", 1),
-                             **cache_settings(args))
     try:
+        log(f"model: {info['model_size']} ({n_params / 1e6:.1f}M parameters, "
+            f"{n_train / 1e6:.2f}M trainable: {info['trainable']}), pooling {info['pooling']}, run folder {run_dir}")
+        if spec is not None:
+            log(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets) or 'no layer'}"
+                f"{' + the full head' if spec.train_head else ''}: {n_train:,} trainable parameters")
         with np.errstate(over="ignore", invalid="ignore"):   # a diverging run is caught as Diverged
             state, feats = fit(params, config, datasets, settings, run_dir, info, resume=bool(args.resume),
                                log=log, progress=not args.quiet)
