@@ -5,9 +5,9 @@
 import sys
 
 COMMANDS = {
-    "train": "fine-tune GPT-2 into an SMS spam classifier (a run folder under runs/)",
+    "train": "fine-tune GPT-2 into a classifier: the SMS spam job, or --data FILE of your own (a run folder under runs/)",
     "classify": "label texts with a trained classifier (runs/<name>/classifier.h5)",
-    "evaluate": "accuracy, precision, recall, F1 and confusion matrix of a classifier on a split",
+    "evaluate": "accuracy, per-class precision/recall/F1 and confusion matrix of a classifier on a labelled file",
     "generate": "greedy continuation of a prompt with pretrained GPT-2 weights",
     "weights": "download GPT-2's published weights or convert files on disk to npgpt's HDF5",
 }
