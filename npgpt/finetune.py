@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import model
+from . import kernels, model
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import bar_options
 from .data import eval_batches, train_batches
@@ -231,7 +231,8 @@ class Diverged(TrainingError):
 
 
 def _all_finite(loss, grads):
-    return np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
+    """No NaN or inf in the loss or any gradient (checked before AdamW uses them)."""
+    return np.isfinite(loss) and all(kernels.all_finite(g) for g in grads.values())
 
 
 def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: dict,

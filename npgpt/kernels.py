@@ -13,6 +13,7 @@ every kernel with its twin. The public names (no suffix) are what the model call
     attention_query_forward(q, kv, pos, n_head)
     attention_query_backward(dout, q, kv, att, pos, n_head)
     adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)   (in place)
+    all_finite(x)                             (no NaN, no inf: the training loop's divergence check)
 
 Switch: the public names point at the Numba versions; with the environment variable
 `NPGPT_NUMBA=0` set before import they point at the NumPy twins instead (slower, but nothing is
@@ -776,6 +777,40 @@ def adamw_update_numba(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
                   dt(lr / (1 - beta1 ** t)), dt(np.sqrt(1 - beta2 ** t)), dt(eps))
 
 
+# ----------------------------------------------------------------------------- finite check
+# Every step checks that no gradient is NaN or inf before AdamW uses it. `np.isfinite(g).all()`
+# writes a boolean array as large as g and reads it back; the kernel reads g once. A float is
+# NaN or inf exactly when all its exponent bits are set, so the check is an integer max over the
+# exponent fields: integer max is associative, so the loop vectorises without any fast-math flag
+# (with them, the compiler may assume there is no NaN and drop a float check altogether).
+
+def all_finite_np(x):
+    """True when no element of x is NaN, +inf or -inf. x [...] float -> bool"""
+    return bool(np.isfinite(x).all())
+
+
+@njit(parallel=True, cache=True)
+def _max_exponent_kernel(bits, mask):
+    e = bits.dtype.type(0)
+    for i in prange(bits.shape[0]):                          # flat [N]
+        e = max(e, bits[i] & mask)
+    return e
+
+
+_EXPONENT_BITS = {np.dtype(np.float32): (np.uint32, 0x7F800000),
+                  np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite_numba(x):
+    """Numba twin of `all_finite_np`: the largest exponent field among x's elements is below
+    the all-ones pattern of NaN and inf. Other dtypes and non-contiguous arrays go to the twin."""
+    x = np.asarray(x)
+    if x.dtype not in _EXPONENT_BITS or not x.flags.c_contiguous or x.size == 0:
+        return all_finite_np(x)
+    uint, mask = _EXPONENT_BITS[x.dtype]
+    return bool(_max_exponent_kernel(x.reshape(-1).view(uint), uint(mask)) != mask)
+
+
 # ----------------------------------------------------------------------------- threads
 
 def set_num_threads(n):
@@ -805,6 +840,7 @@ if USE_NUMBA:
     gelu_forward = gelu_forward_numba
     gelu_backward = gelu_backward_numba
     adamw_update = adamw_update_numba
+    all_finite = all_finite_numba
     attention_forward = attention_forward_numba
     attention_packed_forward = attention_packed_forward_numba
     attention_backward = attention_backward_numba
@@ -816,6 +852,7 @@ else:
     gelu_forward = gelu_forward_np
     gelu_backward = gelu_backward_np
     adamw_update = adamw_update_np
+    all_finite = all_finite_np
     attention_forward = attention_forward_np
     attention_packed_forward = attention_packed_forward_np
     attention_backward = attention_backward_np

@@ -677,3 +677,32 @@ def test_adamw_matches_float64_formula(impl):
         assert_elementwise(v, v64, atol=1e-9, rtol=1e-6, name=f"v, t={t}")
         # the step is ~lr: its error, not p's rounding, must be small
         assert_elementwise(p, p64, atol=1e-3 * lr, rtol=1e-6, name=f"p, t={t}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_non_finite_value_anywhere(dtype, bad):
+    """The divergence check: one NaN or inf anywhere (first, middle, last element, and in a
+    tail after any vector width) makes it False; the largest finite and the subnormal values
+    do not."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(1003).astype(dtype)
+    assert K.all_finite_numba(x) and K.all_finite_np(x)
+    extremes = x.copy()
+    extremes[[0, 500, 1002]] = [np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal]
+    assert K.all_finite_numba(extremes) and K.all_finite_np(extremes)
+    for k in (0, 1, 500, 1001, 1002):
+        y = x.copy()
+        y[k] = bad
+        assert not K.all_finite_numba(y), k
+        assert not K.all_finite_numba(y.reshape(17, 59)), k
+        assert not K.all_finite_np(y), k
+
+
+def test_all_finite_other_layouts_and_dtypes_go_to_the_twin():
+    x = np.ones((6, 8), np.float32)
+    x[2, 7] = np.nan
+    assert not K.all_finite_numba(x[:, 1::2])                 # strided view: columns 1, 3, 5, 7
+    assert K.all_finite_numba(x[:, :4])
+    assert not K.all_finite_numba(np.array([1.0, np.inf], np.float16))
+    assert K.all_finite_numba(np.zeros(0, np.float32))
