@@ -215,7 +215,8 @@ class PrefixCache:
         meta = {"depth": depth, "sequences": len(seqs), "mode": mode, "weights": digests[0][:16]}
 
         start_depth, src = 0, None
-        if self.use_disk:
+        use_disk = self.use_disk and depth > 0      # the embeddings alone cost less to look up than to read
+        if use_disk:
             for d in range(depth, 0, -1):                 # the deepest cached depth <= depth
                 src = self.read(self.key(digests, seqs_digest, d, mode), rows, cols, dtype)
                 if src is not None:
@@ -229,7 +230,8 @@ class PrefixCache:
                 progress(rows)
             return src, offsets
         what = f"blocks {start_depth}..{depth - 1}" + (f" from the cached depth {start_depth}" if start_depth else "")
-        self.log(f"computing the frozen prefix: {what}, {rows} tokens x {cols} = {nbytes / 2**20:.0f} MiB")
+        if depth > 0:
+            self.log(f"computing the frozen prefix: {what}, {rows} tokens x {cols} = {nbytes / 2**20:.0f} MiB")
         out, tmp_path = self._new_array(key, rows, cols, dtype)
         for a, b in packs(lengths, self.max_tokens):
             lo, hi = offsets[a], offsets[b]
@@ -246,7 +248,7 @@ class PrefixCache:
             out[lo:hi] = x
             if progress:
                 progress(int(hi - lo))
-        if self.use_disk:
+        if use_disk:
             try:
                 out = self.write(key, out, meta, tmp_path)
                 self.log(f"saved the frozen prefix ({nbytes / 2**20:.0f} MiB) to the cache {self.dir}")

@@ -164,7 +164,7 @@ def test_default_folder_follows_the_environment(monkeypatch, tmp_path):
 @pytest.mark.parametrize("use_disk", [False, True])
 def test_depth_zero_is_the_embeddings(tmp_path, use_disk):
     """A run whose first trainable block is block 0 (LoRA in every block, or every block trainable)
-    caches only the embeddings wte[id] + wpe[position], twice in a row (the second call may not
+    gets only the embeddings wte[id] + wpe[position], never stored on disk, twice in a row (the second call may not
     read back an entry that was never written)."""
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50257, n_ctx=64)
     params = P.init_params(cfg, seed=3, num_classes=2)
@@ -175,3 +175,4 @@ def test_depth_zero_is_the_embeddings(tmp_path, use_disk):
         for s, ids in enumerate(seqs):
             want = params["wte"][ids] + params["wpe"][np.arange(len(ids))]          # [T,C]
             np.testing.assert_array_equal(flat[offsets[s]:offsets[s + 1]], want)
+        assert prefix_cache.entries(str(tmp_path)) == []   # the embeddings are never written to disk
