@@ -138,11 +138,12 @@ def read_mode(a):
             d[i:i + n] = block[:n] + np.float32(i)
     t_h5r = time.perf_counter() - t0
     t0 = time.perf_counter()
+    src = np.load(npy, mmap_mode="r")
     with h5py.File(h5e, "w") as f:
         g = f.create_group("prefix")
         for s in range(a.examples):
-            lo = int(off[s]) % len(block)
-            g.create_dataset(str(s), data=np.resize(block[lo:], (int(lengths[s]), C)))
+            g.create_dataset(str(s), data=src[off[s]:off[s + 1]])
+    del src
     t_h5e = time.perf_counter() - t0
     sizes = {p: os.path.getsize(p) for p in (npy, h5r, h5e)}
     print(f"written: npy {t_npy:.1f} s ({sizes[npy] / 2**30:.2f} GiB), h5 row chunks {t_h5r:.1f} s "
@@ -211,9 +212,6 @@ def read_mode(a):
     for k, v in results.items():
         print(f"  {k:24s} {fmt_ms(v)}  x{v['median'] / base[k.rsplit(', ', 1)[1]]:.2f} of npy memmap")
     print(f"sha256 of the .npy, warm: {t_sha:.2f} s = {sizes[npy] / t_sha / 2**20:.0f} MiB/s")
-    if not a.keep:
-        for p in (npy, h5r, h5e):
-            os.remove(p)
     return {"rows": rows, "width": C, "examples": a.examples, "bytes": sizes, "write_s":
             {"npy": t_npy, "h5_rows": t_h5r, "h5_examples": t_h5e}, "ms_per_batch": results, "sha256_s": t_sha}
 
@@ -306,7 +304,13 @@ def main(argv=None):
         return
     info = machine_info()
     print_info(info)
-    result = read_mode(a) if a.mode == "read" else step_mode(a)
+    try:
+        result = read_mode(a) if a.mode == "read" else step_mode(a)
+    finally:
+        if a.mode == "read" and not a.keep:
+            for f in ("prefix.npy", "rows.h5", "examples.h5"):
+                if os.path.exists(os.path.join(a.work_dir, f)):
+                    os.remove(os.path.join(a.work_dir, f))
     if a.json:
         write_json(a.json, {"machine": info, "mode": a.mode, **result})
 
