@@ -114,6 +114,8 @@ def read_mode(a):
     import h5py
     import numpy as np
 
+    from npgpt.prefix_cache import prefetch
+
     rng = np.random.default_rng(0)
     lengths = rng.integers(a.min_len, a.max_len + 1, size=a.examples)               # [S]
     off = np.concatenate([[0], np.cumsum(lengths)])                                  # [S+1]
@@ -153,12 +155,13 @@ def read_mode(a):
     opened = {}
 
     def open_fmt(name, cold):
-        if name in opened:
-            opened.pop(name)[1]()
-        path = {"npy memmap": npy, "h5 row chunks": h5r, "h5 per example": h5e}[name]
+        for other in list(opened):      # (a page still mapped by any open view would stay cached)
+            if other == name or cold:
+                opened.pop(other)[1]()
+        path = {"npy memmap": npy, "npy memmap + WILLNEED": npy, "h5 row chunks": h5r, "h5 per example": h5e}[name]
         if cold:
             drop_cache(path)
-        if name == "npy memmap":
+        if name.startswith("npy memmap"):
             arr = np.load(npy, mmap_mode="r")
             opened[name] = (lambda s: arr[off[s]:off[s + 1]], lambda: None)
         elif name == "h5 row chunks":
@@ -175,6 +178,8 @@ def read_mode(a):
         get = open_fmt(name, cold)
         t0 = time.perf_counter()
         for b in batches:
+            if name == "npy memmap + WILLNEED":       # npgpt.prefix_cache.prefetch, then the copy
+                prefetch([get(s) for s in b], range(len(b)))
             gather(get, b, C, np.float32)
         return (time.perf_counter() - t0) / len(batches)
 
@@ -183,7 +188,7 @@ def read_mode(a):
         ref = gather(open_fmt("npy memmap", False), b, C, np.float32)
         for name in ("h5 row chunks", "h5 per example"):
             assert np.array_equal(ref, gather(open_fmt(name, False), b, C, np.float32)), name
-    names = ("npy memmap", "h5 row chunks", "h5 per example")
+    names = ("npy memmap", "npy memmap + WILLNEED", "h5 row chunks", "h5 per example")
     results = {}
     for cold in (False, True):
         for name in names:                      # warm-up turn (warm: reads every page once)
@@ -210,7 +215,7 @@ def read_mode(a):
     print(f"\nms per batch of 8 examples (median, min-max over {a.repeats} turns of {a.batches} batches):")
     base = {c: results[f"npy memmap, {c}"]["median"] for c in ("warm", "cold")}
     for k, v in results.items():
-        print(f"  {k:24s} {fmt_ms(v)}  x{v['median'] / base[k.rsplit(', ', 1)[1]]:.2f} of npy memmap")
+        print(f"  {k:30s} {fmt_ms(v)}  x{v['median'] / base[k.rsplit(', ', 1)[1]]:.2f} of npy memmap")
     print(f"sha256 of the .npy, warm: {t_sha:.2f} s = {sizes[npy] / t_sha / 2**20:.0f} MiB/s")
     return {"rows": rows, "width": C, "examples": a.examples, "bytes": sizes, "write_s":
             {"npy": t_npy, "h5_rows": t_h5r, "h5_examples": t_h5e}, "ms_per_batch": results, "sha256_s": t_sha}
@@ -227,7 +232,7 @@ def step_mode(a):
     from npgpt.config import preset
     from npgpt.data import make_datasets, prepare_splits, train_batches
     from npgpt.optim import AdamW
-    from npgpt.prefix_cache import PrefixCache
+    from npgpt.prefix_cache import PrefixCache, prefetch
     from npgpt.tokenizer import get_tokenizer
 
     shared = default_data_dir()
@@ -262,10 +267,20 @@ def step_mode(a):
     names_ = model.trainable_names(cfg, 1, num_classes=K)
     opt = AdamW(lr=5e-5, weight_decay=0.1)
 
-    def steps(feats, batches, parts):
+    def drop(feats):
+        """Evict the memory-mapped entry's pages: unmapped from this process, then out of the page cache."""
+        import mmap
+        feats[0]._mmap.madvise(mmap.MADV_DONTNEED)
+        drop_cache(feats[0].filename)
+
+    def steps(feats, batches, parts, cold=False, ahead=False):
         t_gather, t_step = [], []
-        for rows in batches:
+        if cold:
+            drop(feats)
+        for k, rows in enumerate(batches):
             t0 = time.perf_counter()
+            if ahead and k + 1 < len(batches):
+                prefetch(feats, batches[k + 1])
             inputs, labels = finetune.batch_inputs(train, feats, rows, "last_token")
             t1 = time.perf_counter()
             loss, grads, _ = model.loss_and_grads(params, cfg, labels=labels, trainable=1, pooling="last_token",
@@ -276,21 +291,24 @@ def step_mode(a):
         parts["gather"] += t_gather
         parts["step"] += t_step
 
-    variants = {"in memory": mem[0], "memory-mapped": disk[0]}
+    variants = {"in memory": (mem[0], False, False), "memory-mapped, warm": (disk[0], False, False),
+                "memory-mapped, cold": (disk[0], True, False),
+                "memory-mapped, cold, next batch prefetched": (disk[0], True, True)}
     res = {n: {"gather": [], "step": []} for n in variants}
     warm = {n: {"gather": [], "step": []} for n in variants}
     for r in range(a.repeats + 1):
         batches = train_batches(len(train), 8, seed=123, epoch=r)[:a.steps]
-        for name, feats in variants.items():
-            steps(feats, batches, res[name] if r else warm[name])
-    print(f"\nms per training step (median, min-max over {a.repeats} turns x {a.steps} steps, warm page cache):")
+        for name, (feats, cold, ahead) in variants.items():
+            steps(feats, batches, res[name] if r else warm[name], cold, ahead)
+    print(f"\nms per training step (median, min-max over {a.repeats} turns x {a.steps} steps; cold: the "
+          f"entry's pages dropped from the page cache before each turn):")
     out = {}
     for name in variants:
         out[name] = {k: summary(v) for k, v in res[name].items()}
-        print(f"  {name:14s} step {fmt_ms(out[name]['step'])}   of which gathering the batch "
+        print(f"  {name:44s} step {fmt_ms(out[name]['step'])}   of which gathering the batch "
               f"{fmt_ms(out[name]['gather'])}")
-    ratio = out["memory-mapped"]["step"]["median"] / out["in memory"]["step"]["median"]
-    print(f"memory-mapped / in memory, whole step: {ratio:.3f}")
+    ratio = {n: out[n]["step"]["median"] / out["in memory"]["step"]["median"] for n in variants}
+    print("whole step / in memory: " + ", ".join(f"{n} {v:.3f}" for n, v in ratio.items()))
     return {"data": what, "tokens": tokens, "ready_s": {"memory": t_mem, "memmap": t_disk}, "ms": out,
             "ratio": ratio, "log": logs}
 

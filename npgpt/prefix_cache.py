@@ -262,7 +262,9 @@ class PrefixCache:
         key = self.key(digests, seqs_digest, depth, mode)
         if src is not None and start_depth == depth:   # (depth 0, the embeddings, is never read back)
             self.log(f"frozen prefix (blocks 0..{depth - 1}, {rows} tokens, {nbytes / 2**20:.0f} MiB) "
-                     f"read from the cache {self.dir}")
+                     f"read from the cache {self.dir}" + ("" if nbytes <= self.memory_limit else
+                     f" (above the cache memory limit of {self.memory_limit / 2**20:.0f} MiB: "
+                     f"memory-mapped, streamed from disk)"))
             if progress:
                 progress(rows)
             return src, offsets
@@ -319,6 +321,26 @@ class PrefixCache:
             out[lo:hi] = x
             if progress:
                 progress(int(hi - lo))
+
+
+def prefetch(feats, rows) -> None:
+    """Start reading the memory-mapped activations of examples `rows` now (madvise WILLNEED):
+    the system reads them in the background, so the batch built from them later finds them in
+    memory instead of waiting on one page fault after another. A no-op for arrays in memory.
+    feats: list of [T_i,C] views of one memory-mapped array (prefix_caches' result)."""
+    import mmap
+    if feats is None or not len(rows):
+        return
+    mm = getattr(feats[rows[0]], "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    base = np.frombuffer(mm, np.uint8).ctypes.data                # where the mapping starts
+    size = len(mm)
+    for r in rows:
+        v = feats[r]
+        start = v.ctypes.data - base
+        lo = start - start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_WILLNEED, lo, min(size, start + v.nbytes) - lo)
 
 
 def checksum(arr) -> str:
