@@ -254,3 +254,21 @@ def test_too_little_disk_for_the_spill_is_one_clear_error(tmp_path, monkeypatch)
         msg = str(e.value)
         assert "\n" not in msg and f"give {fix} on a larger disk" in msg and "--cache-memory" in msg
         assert str(tmp_path) in msg and os.listdir(tmp_path) == []
+
+
+def test_prefetch_asks_for_any_examples_pages_and_changes_nothing(tmp_path):
+    """prefetch (madvise WILLNEED on the next batch of a memory-mapped prefix) takes examples at
+    any offset, not only page-aligned ones, and leaves the numbers alone; in memory it does nothing."""
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=24)
+    params = P.init_params(cfg, seed=13, num_classes=2)
+    seqs = _random_seqs(50, seed=14)
+    flat, off = prefix_cache.PrefixCache(str(tmp_path), memory_limit=0).activations(params, cfg, seqs, 1, "last_token")
+    assert isinstance(flat, np.memmap)
+    feats = [flat[off[u]:off[u + 1]] for u in range(len(seqs))]
+    before = [np.array(f) for f in feats]
+    assert any((f.ctypes.data % 4096) != 0 for f in feats)        # unaligned starts are exercised
+    prefix_cache.prefetch(feats, list(range(len(feats))))
+    prefix_cache.prefetch(feats, [len(feats) - 1, 0])
+    prefix_cache.prefetch(before, [0, 1])                          # arrays in memory: nothing to do
+    prefix_cache.prefetch(None, [0])
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, feats))
