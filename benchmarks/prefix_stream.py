@@ -277,6 +277,10 @@ def step_mode(a):
         t_gather, t_step = [], []
         if cold:
             drop(feats)
+        elif isinstance(feats[0], np.memmap):       # warm: this turn's examples in the page cache
+            for rows in batches:                    # (a cold turn before may have dropped them)
+                for r in rows:
+                    feats[r].sum()
         for k, rows in enumerate(batches):
             t0 = time.perf_counter()
             if ahead and k + 1 < len(batches):
