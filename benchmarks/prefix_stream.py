@@ -12,6 +12,7 @@ read   one file of --examples examples' activations (lengths uniform in --min-le
          h5 row chunks    one [N,C] HDF5 dataset chunked (--chunk-rows, C), no compression, read by
                           the same offsets;
          h5 per example   one HDF5 dataset per example ("chunked per example" taken literally).
+         npy + WILLNEED   the .npy, each batch's pages asked for first (npgpt.prefix_cache.prefetch).
        A turn reads --batches batches of 8 random examples (the same examples for every format) into
        one padded [8,T,C] array, as npgpt.finetune.batch_inputs does. Warm: the files are in the OS
        page cache (read once before). Cold: before each turn the file's pages are dropped from the
@@ -21,8 +22,10 @@ step   one training step of npgpt's default path at 124M shapes (random weights;
        frozen, the last block, ln_f and the head trained, batch 8, last-token pooling): gathering
        the batch from the prefix, loss and gradients, the AdamW update. The prefix is computed once
        into --cache-dir (or read from it), then held two ways: in memory (np.array) and memory-mapped
-       from the cache entry (what a run with a small --cache-memory does). Turns alternate the two
-       on the same batches; the page cache is warm (the entry was just checksummed).
+       from the cache entry (what a run with a small --cache-memory does). Turns alternate on the
+       same batches: in memory; memory-mapped with the turn's examples in the page cache (warm);
+       memory-mapped with the entry's pages dropped before the turn (cold: a prefix larger than
+       memory), without and with the next batch's pages asked for ahead, as `train` does.
 Timing follows benchmarks/common.py: variants in turns, medians and min-max of one run.
 """
 from __future__ import annotations

@@ -202,12 +202,17 @@ class PrefixCache:
 
     def remove_leftovers(self):
         """Remove the temporary files of runs that stopped without cleaning up (killed while
-        computing a prefix): files named .<key>.<pid>.tmp* whose process is gone. Logged."""
+        computing a prefix): files named .<key>.<pid>.tmp* whose process is gone and that were
+        not written to for 2 minutes (a folder shared by machines sees other machines' pids as
+        gone). Logged."""
         for name, pid, size in leftovers(self.dir):
+            path = os.path.join(self.dir, name)
             if pid is not None and process_alive(pid):
                 continue
             try:
-                os.remove(os.path.join(self.dir, name))
+                if time.time() - os.path.getmtime(path) < 120:
+                    continue
+                os.remove(path)
             except OSError:
                 continue
             self.log(f"removed {name} ({size / 2**20:.0f} MiB) from {self.dir}: a partial prefix left "

@@ -4,6 +4,7 @@ shallower one is the same bits; damaged or partial entries are recomputed; a pre
 memory limit stays on disk and trains the same; `python -m npgpt.cache ls|clear`."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -220,7 +221,8 @@ def test_the_run_folder_file_is_unlinked_while_it_is_written(tmp_path):
 
 def test_a_killed_runs_partial_file_is_listed_then_removed(tmp_path, capsys):
     """A run killed while writing its prefix into the cache leaves .<key>.<pid>.tmp.npy: `cache ls`
-    shows it, the next run removes it and says so; a file of a process still running is kept."""
+    shows it, the next run removes it and says so; a file of a process still running, or one
+    written to in the last 2 minutes, is kept."""
     import subprocess
     import sys
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -229,6 +231,11 @@ def test_a_killed_runs_partial_file_is_listed_then_removed(tmp_path, capsys):
     live = tmp_path / f".{'cd' * 16}.{os.getpid()}.tmp.npy"
     dead.write_bytes(b"\0" * (3 << 20))
     live.write_bytes(b"\0" * 1024)
+    fresh = tmp_path / f".{'ef' * 16}.{p.pid}.tmp.npy"       # written to a moment ago: maybe another machine's
+    fresh.write_bytes(b"\0" * 1024)
+    old = time.time() - 600
+    for f in (dead, live):
+        os.utime(f, (old, old))
     assert cache_cli.main(["ls", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"{dead.name}  3.0 MiB  partial: left by a stopped run" in out
@@ -237,7 +244,7 @@ def test_a_killed_runs_partial_file_is_listed_then_removed(tmp_path, capsys):
     params = P.init_params(cfg, seed=11, num_classes=2)
     logs = []
     prefix_cache.PrefixCache(str(tmp_path), log=logs.append).activations(params, cfg, _random_seqs(5), 1, "last_token")
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and fresh.exists()
     assert any(f"removed {dead.name} (3 MiB)" in s for s in logs)
 
 
