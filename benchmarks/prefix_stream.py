@@ -239,9 +239,9 @@ def step_mode(a):
     from npgpt.tokenizer import get_tokenizer
 
     shared = default_data_dir()
-    tmp = tempfile.mkdtemp(prefix="npgpt-prefix-stream-")
     if a.data is None:
-        splits = prepare_splits(shared / "sms_spam_collection" / "SMSSpamCollection", tmp)
+        with tempfile.TemporaryDirectory(prefix="npgpt-prefix-stream-") as tmp:     # the split CSVs
+            splits = prepare_splits(shared / "sms_spam_collection" / "SMSSpamCollection", tmp)
         K, what = 2, "SMS spam (undersampled)"
     else:
         from npgpt.tabular import prepare_user_splits
