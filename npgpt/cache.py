@@ -1,6 +1,7 @@
 """`python -m npgpt.cache`: see and free the disk cache of frozen-prefix activations.
 
-    python -m npgpt.cache ls              # one line per entry: key, depth, tokens, size, date
+    python -m npgpt.cache ls              # one line per entry: key, depth, tokens, size, date;
+                                          # and any partial file a killed run left behind
     python -m npgpt.cache clear           # remove every entry
     python -m npgpt.cache ls --cache-dir DIR
 
@@ -31,6 +32,10 @@ def main(argv=None):
     found = prefix_cache.entries(folder)
     total = sum(e["files_bytes"] for e in found)
     print(f"{folder}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}, {total / 2**20:.1f} MiB")
+    for name, pid, size in prefix_cache.leftovers(folder):
+        state = "being written by process" if pid is not None and prefix_cache.process_alive(pid) else \
+            "left by a stopped run (removed by the next run, or by `clear`), process"
+        print(f"  {name}  {size / 2**20:.1f} MiB  partial: {state} {pid}")
     for e in found:
         if e.get("damaged"):
             print(f"  {e['key'][:16]}  damaged (removed on next use, or by `clear`)")

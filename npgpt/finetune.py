@@ -32,6 +32,7 @@ from .cli import bar_options
 from .data import eval_batches, train_batches
 from .errors import TrainingError
 from .optim import AdamW
+from .prefix_cache import prefetch
 
 
 @dataclass
@@ -166,7 +167,9 @@ def evaluate(params, config, dataset, settings: TrainSettings, feats=None, start
         batches = eval_batches(len(dataset), settings.batch_size)
     loss_sum, correct, total, preds = 0.0, 0, 0, []
     from .ops import cross_entropy_forward
-    for rows in batches:
+    for k, rows in enumerate(batches):
+        if k + 1 < len(batches):               # a prefix on disk: its next batch is read meanwhile
+            prefetch(feats, batches[k + 1])
         inputs, labels = batch_inputs(dataset, feats, rows, settings.pooling, settings.causal)
         logits = model.forward_cls(params, config, pooling=settings.pooling, dense=settings.dense,
                                    start=start if feats is not None else 0, lora=settings.lora,
@@ -295,6 +298,8 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
             acc, n_acc, seen = None, 0, 0        # gradients summed over the accumulated batches
             for bi in range(state.batch, len(batches)):
                 t0 = time.time()
+                if bi + 1 < len(batches):       # a prefix on disk: its next batch is read meanwhile
+                    prefetch(feats[0], batches[bi + 1])
                 loss, grads, _ = step_loss(batches[bi])
                 if not _all_finite(loss, grads):
                     bar.close()

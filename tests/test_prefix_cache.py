@@ -4,12 +4,14 @@ shallower one is the same bits; damaged or partial entries are recomputed; a pre
 memory limit stays on disk and trains the same; `python -m npgpt.cache ls|clear`."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 
 from npgpt import cache as cache_cli, finetune, model, params as P, prefix_cache
 from npgpt.config import GPT2Config, preset
+from npgpt.errors import TrainingError
 from npgpt.data import make_datasets, prepare_splits
 from npgpt.tokenizer import get_tokenizer
 
@@ -176,3 +178,105 @@ def test_depth_zero_is_the_embeddings(tmp_path, use_disk):
             want = params["wte"][ids] + params["wpe"][np.arange(len(ids))]          # [T,C]
             np.testing.assert_array_equal(flat[offsets[s]:offsets[s + 1]], want)
         assert prefix_cache.entries(str(tmp_path)) == []   # the embeddings are never written to disk
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first_pack(_):
+    raise _Stop
+
+
+@pytest.mark.parametrize("use_disk", [False, True])
+def test_a_failed_spilled_computation_leaves_no_file(tmp_path, use_disk):
+    """An error (or Ctrl-C) while a prefix above the memory limit is being written to its file
+    removes the partial file, in the cache folder and in the run folder alike."""
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=7, num_classes=2)
+    cdir, run = tmp_path / "cache", tmp_path / "run"
+    run.mkdir()
+    store = prefix_cache.PrefixCache(str(cdir), use_disk=use_disk, memory_limit=0, spill_dir=str(run), max_tokens=64)
+    with pytest.raises(_Stop):
+        store.activations(params, cfg, _random_seqs(40, seed=8), 2, "last_token", progress=_stop_after_first_pack)
+    assert os.listdir(run) == [] and (not cdir.exists() or os.listdir(cdir) == [])
+
+
+def test_the_run_folder_file_is_unlinked_while_it_is_written(tmp_path):
+    """Without the disk cache, the spilled prefix lives in the run folder with no name from its
+    first byte on: a killed run leaves nothing behind. It still trains from the same numbers."""
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=9, num_classes=2)
+    seqs = _random_seqs(40, seed=10)
+    run = tmp_path / "run"
+    run.mkdir()
+    seen = []
+    store = prefix_cache.PrefixCache(str(tmp_path / "cache"), use_disk=False, memory_limit=0, spill_dir=str(run),
+                                     max_tokens=64)
+    flat, off = store.activations(params, cfg, seqs, 2, "last_token", progress=lambda n: seen.append(os.listdir(run)))
+    assert len(seen) > 1 and all(s == [] for s in seen) and os.listdir(run) == []
+    ref, off_ref = prefix_cache.PrefixCache(use_disk=False, max_tokens=64).activations(params, cfg, seqs, 2, "last_token")
+    assert isinstance(flat, np.memmap) and not flat.flags.writeable
+    assert np.array_equal(off, off_ref) and np.array_equal(np.asarray(flat), ref)
+
+
+def test_a_killed_runs_partial_file_is_listed_then_removed(tmp_path, capsys):
+    """A run killed while writing its prefix into the cache leaves .<key>.<pid>.tmp.npy: `cache ls`
+    shows it, the next run removes it and says so; a file of a process still running, or one
+    written to in the last 2 minutes, is kept."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    dead = tmp_path / f".{'ab' * 16}.{p.pid}.tmp.npy"
+    live = tmp_path / f".{'cd' * 16}.{os.getpid()}.tmp.npy"
+    dead.write_bytes(b"\0" * (3 << 20))
+    live.write_bytes(b"\0" * 1024)
+    fresh = tmp_path / f".{'ef' * 16}.{p.pid}.tmp.npy"       # written to a moment ago: maybe another machine's
+    fresh.write_bytes(b"\0" * 1024)
+    old = time.time() - 600
+    for f in (dead, live):
+        os.utime(f, (old, old))
+    assert cache_cli.main(["ls", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{dead.name}  3.0 MiB  partial: left by a stopped run" in out
+    assert f"{live.name}  0.0 MiB  partial: being written" in out
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=11, num_classes=2)
+    logs = []
+    prefix_cache.PrefixCache(str(tmp_path), log=logs.append).activations(params, cfg, _random_seqs(5), 1, "last_token")
+    assert not dead.exists() and live.exists() and fresh.exists()
+    assert any(f"removed {dead.name} (3 MiB)" in s for s in logs)
+
+
+def test_too_little_disk_for_the_spill_is_one_clear_error(tmp_path, monkeypatch):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(prefix_cache.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=12, num_classes=2)
+    for use_disk, fix in ((True, "--cache-dir"), (False, "--out")):
+        store = prefix_cache.PrefixCache(str(tmp_path), use_disk=use_disk, memory_limit=0, spill_dir=str(tmp_path))
+        with pytest.raises(TrainingError) as e:
+            store.activations(params, cfg, _random_seqs(10), 1, "last_token")
+        msg = str(e.value)
+        assert "\n" not in msg and f"give {fix} on a larger disk" in msg and "--cache-memory" in msg
+        assert str(tmp_path) in msg and os.listdir(tmp_path) == []
+
+
+def test_prefetch_asks_for_any_examples_pages_and_changes_nothing(tmp_path):
+    """prefetch (madvise WILLNEED on the next batch of a memory-mapped prefix) takes examples at
+    any offset, not only page-aligned ones, and leaves the numbers alone; in memory it does nothing."""
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=24)
+    params = P.init_params(cfg, seed=13, num_classes=2)
+    seqs = _random_seqs(50, seed=14)
+    flat, off = prefix_cache.PrefixCache(str(tmp_path), memory_limit=0).activations(params, cfg, seqs, 1, "last_token")
+    assert isinstance(flat, np.memmap)
+    feats = [flat[off[u]:off[u + 1]] for u in range(len(seqs))]
+    before = [np.array(f) for f in feats]
+    assert any((f.ctypes.data % 4096) != 0 for f in feats)        # unaligned starts are exercised
+    prefix_cache.prefetch(feats, list(range(len(feats))))
+    prefix_cache.prefetch(feats, [len(feats) - 1, 0])
+    prefix_cache.prefetch(before, [0, 1])                          # arrays in memory: nothing to do
+    prefix_cache.prefetch(None, [0])
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, feats))
