@@ -179,6 +179,35 @@ def attention_backward(dout, saved):
     return kernels.attention_backward(dout, qkv, att, n_head, causal=causal)
 
 
+def attention_rows_forward(qkv, idx, B, T, n_head):
+    """The causal core for some rows of a [B,T] batch, packed: row r of qkv is position
+    idx[r] % T of sequence idx[r] // T, and idx holds positions 0..p_b of each sequence b (a
+    causal prefix). The rows go back on the [B,T] grid, the others left at zero; a causal query at
+    t <= p_b reads keys 0..t only, so the zeros are never read, and the rows idx of
+    `attention_forward` on the grid are exactly the result.
+
+    qkv [N,3C], idx [N] (sorted b*T + t) -> out [N,C]"""
+    grid = np.zeros((B * T, qkv.shape[1]), qkv.dtype)                       # [B*T,3C]
+    grid[idx] = qkv
+    out, att = kernels.attention_forward(grid.reshape(B, T, -1), n_head, causal=True)  # [B,T,C], [B,H,T,T]
+    return out.reshape(B * T, -1)[idx], (grid.reshape(B, T, -1), att, n_head, idx)
+
+
+def attention_rows_backward(dout, saved):
+    """Backward of `attention_rows_forward`: dout on the grid (zero at the other rows, whose outputs
+    were not used), `attention_backward` there, and the rows idx of dqkv. The other rows' queries
+    get zero upstream gradient, and their keys and values are seen by them alone, so nothing of
+    the rows idx is lost.
+
+    Saved: the qkv grid, att, n_head, idx. dout [N,C] -> dqkv [N,3C]"""
+    grid, att, n_head, idx = saved
+    B, T, _ = grid.shape
+    dgrid = np.zeros((B * T, dout.shape[1]), dout.dtype)                    # [B*T,C]
+    dgrid[idx] = dout
+    dqkv = kernels.attention_backward(dgrid.reshape(B, T, -1), grid, att, n_head, causal=True)  # [B,T,3C]
+    return dqkv.reshape(B * T, -1)[idx]
+
+
 def attention_query_forward(q, kv, pos, n_head):
     """The same core for one query per sequence, at position pos[b], attending keys 0..pos[b].
 

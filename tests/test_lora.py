@@ -91,6 +91,29 @@ def test_model_lora_gradients_match_finite_differences(pooling, dense):
         assert rel_error(got, num) < 1e-6, name
 
 
+@pytest.mark.parametrize("pooling", ["last_token", "first_token", "mean", "last_position"])
+def test_packed_lora_training_equals_dense(pooling):
+    """LoRA training on the seen rows alone (the default: positions 0..pos[b] packed, the last
+    block at the pooled rows) gives the dense path's loss, logits and LoRA gradients (float64),
+    from the ids and from cached embeddings padded with zeros."""
+    p, spec = lora_model(TINY)
+    ids, lengths, labels = batch(TINY, B=3, T=7)
+    lengths[0] = 5                          # every row padded: the seen rows end before T
+    ids[0, 5:] = model.PAD_ID
+    kw = dict(trainable="lora", lengths=lengths, pooling=pooling, lora=spec)
+    ref = model.loss_and_grads(p, TINY, ids, labels, dense=True, **kw)
+    x0 = model.forward_prefix(p, TINY, ids, 0)
+    if pooling != "last_position":          # the padding's embeddings are never read
+        x0[np.arange(7)[None, :] >= lengths[:, None]] = 0.0
+    for got in (model.loss_and_grads(p, TINY, ids, labels, **kw),
+                model.loss_and_grads(p, TINY, None, labels, x_start=x0, **kw)):
+        assert abs(got[0] - ref[0]) <= 1e-12 * abs(ref[0])
+        assert rel_error(got[2], ref[2]) <= 1e-12
+        assert set(got[1]) == set(ref[1]) == set(lora.trainable_names(TINY, spec))
+        for name in ref[1]:
+            assert rel_error(got[1][name], ref[1][name]) <= 1e-12, name
+
+
 @pytest.mark.parametrize("targets,train_head", [(("attn",), False), (("mlp", "head"), False),
                                                 (("attn", "mlp"), True), (("head",), False)])
 def test_lora_targets_and_train_head(targets, train_head):
