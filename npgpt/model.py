@@ -219,7 +219,7 @@ def block_backward(dx2, saved, i, grads, need_dx=True, full=True):
     dx1 = dx2 + dx1_ln                                                                      # [B,T,C]
     da = _lin_backward(dx1, fc_aproj, grads, full=full)                                     # [B,T,C]
     dqkv = (ops.attention_rows_backward if packed else ops.attention_backward)(da, attn)   # [B,T,3C]
-    dh1, dw, db = _qkv_backward(dqkv, fc_attn, i, grads, full=full)                         # [B,T,C]
+    dh1, dw, db = _qkv_backward(dqkv, fc_attn, i, grads, need_dx=need_dx or full, full=full)  # [B,T,C]
     if full:
         grads[f"h{i}/attn/c_attn/w"], grads[f"h{i}/attn/c_attn/b"] = dw, db
     if not need_dx and not full:
@@ -293,7 +293,7 @@ def block_backward_pooled(dx2, saved, i, grads, need_dx=True, full=True):
     dq, dkv = ops.attention_query_backward(da, attn)                                        # [B,C], [B,T,2C]
     dh1_q, dwq, dbq = _qkv_backward(dq, fc_q, i, grads, full=full)                          # [B,C]
     dkv_seen = dkv.reshape(B * T, 2 * C)[idx]                                               # [N,2C]
-    dh1, dwkv, dbkv = _qkv_backward(dkv_seen, fc_kv, i, grads, full=full)                   # [N,C]
+    dh1, dwkv, dbkv = _qkv_backward(dkv_seen, fc_kv, i, grads, need_dx=need_dx or full, full=full)  # [N,C]
     if full:
         grads[f"h{i}/attn/c_attn/w"] = np.concatenate([dwq, dwkv], axis=1)                  # [C,3C]
         grads[f"h{i}/attn/c_attn/b"] = np.concatenate([dbq, dbkv])                          # [3C]

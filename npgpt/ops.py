@@ -114,14 +114,18 @@ def lora_linear_backward(dy, saved, need_dx=True):
     """With g = scale * dy:  dB = (x A)^T g,  dA = x^T (g B^T),  dx = dy w^T + (g B^T) A^T.
     No gradient for the frozen w and b.
 
+    The scale multiplies the small products (no [N,Cout] copy of dy): g B^T = scale (dy B^T).
+
     Saved: x (as [N,Cin]), w, A, B, scale, x A [N,r].
     dy [...,Cout] -> dx [...,Cin] | None, dA [Cin,r], dB [r,Cout]"""
     x2, w, A, B, scale, xa = saved
     lead = dy.shape[:-1]
     dy2 = dy.reshape(-1, dy.shape[-1])                      # [N,Cout]
-    g = dy2 * dy2.dtype.type(scale)                         # [N,Cout]
-    dB = xa.T @ g                                           # [r,Cout]
-    gb = g @ B.T                                            # [N,r]
+    s = dy2.dtype.type(scale)
+    dB = xa.T @ dy2                                         # [r,Cout]
+    dB *= s
+    gb = dy2 @ B.T                                          # [N,r] = g B^T
+    gb *= s
     dA = x2.T @ gb                                          # [Cin,r]
     dx = None
     if need_dx:
