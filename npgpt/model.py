@@ -15,9 +15,12 @@ The trainable set (`trainable` argument):
 Speed without changing a number (see `forward_prefix` and `dense`):
 - The blocks below the first trainable one are a fixed function of the tokens, so their output can
   be computed once per example and passed back in as `x_start`.
+- With causal attention the pooled output of sequence b depends on positions 0..pos[b] alone, so
+  the blocks run on those rows only, packed one sequence after another (`seen_rows`): padding
+  is never computed (`dense=False`, the default).
 - The classifier reads one position per sequence, so in the last block only the keys and values
   need every position: queries, attention output, MLP, ln_f and head run at that position alone
-  (`dense=False`, the default). `dense=True` runs every position, as a textbook forward does.
+  (`dense=False`). `dense=True` runs every position, as a textbook forward does.
 """
 from __future__ import annotations
 
