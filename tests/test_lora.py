@@ -178,6 +178,34 @@ def test_file_round_trip_and_merge_cli(tmp_path, shared_data):
         lora.main(["merge", str(tmp_path / "merged.h5"), "--out", str(tmp_path / "again.h5")])
 
 
+@pytest.mark.parametrize("pooling", ["last_token", "first_token"])
+def test_classifier_with_lora_matches_forward_cls(tmp_path, shared_data, pooling):
+    """A LoRA classifier file scores texts as the model with its pairs does: last_token through
+    packed inference on the merged weights (to float32 rounding), first_token batched."""
+    from npgpt import infer
+    from npgpt.classify import load_classifier
+    p, spec = lora_model(TINY, dtype=np.float32)
+    meta = {"kind": "npgpt-classifier", "labels": ["ham", "spam"], "pooling": pooling,
+            "max_length": None, "lora": spec.to_dict()}
+    P.save_params(tmp_path / "c.h5", p, TINY, meta)
+    clf = load_classifier(tmp_path / "c.h5", bpe_dir=str(shared_data / "gpt2_bpe"))
+    texts = ["WINNER!! Claim your free prize now", "see you at 8?", "ok", "see you at 8?"]
+    tokens, _ = clf.encode(texts)
+    want = np.concatenate([model.forward_cls(p, TINY, np.array([t]), pooling=pooling, lora=spec) for t in tokens])
+    calls = []
+    real = infer.packed_logits
+    infer.packed_logits = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = clf.logits_of_tokens(tokens)
+    finally:
+        infer.packed_logits = real
+    assert bool(calls) == (pooling == "last_token")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want[0] - model.forward_cls(lora.merge(p, TINY, spec), TINY, np.array([tokens[0]]),
+                                           pooling=pooling)[0]).max() < 1e-4
+    assert not any(lora.is_lora_name(k) for k in clf.merged_params()) and clf.merged_params() is clf.merged_params()
+
+
 # ----------------------------------------------------------------------------- against PyTorch
 
 def _compare(cfg, B, T, lengths, seed, logits_tol, grad_tol):
