@@ -11,9 +11,18 @@ training loop's shuffled order.
 - npgpt: what `python -m npgpt.train --lora 16` runs: batches padded only to their longest
   message, the last block computed at the pooled position only, last-token pooling.
 
-The two step in turns (npgpt, torch, npgpt, ...) on the same batches, so a busy machine slows
-both alike; the report gives medians, min-max, their ratio, and the 5-epoch time each median
-implies (130 steps per epoch: a projection, marked as such, not a measured 5-epoch run).
+The job also evaluates, as appendix E's `train_classifier_simple` does with eval_freq 50 and
+eval_iter 5 (and `python -m npgpt.train` likewise): train and validation loss on 5 batches each at
+steps 0, 50, ..., 600 (13 times), train and validation accuracy on 5 batches each after every
+epoch: 180 forward passes of a batch of 8 without gradients in 650 steps. Those are timed as
+well (torch under `torch.no_grad()`, padded to 120; npgpt's `forward_cls` as in training).
+
+The two sides run in turns (npgpt step, torch step, npgpt eval batch, torch eval batch, ...) on
+the same batches, so a busy machine slows both alike; the report gives medians, min-max, their
+ratios, and the 5-epoch job time the medians imply (650 steps + 180 evaluation batches: a
+projection, marked as such, not a measured 5-epoch run).
+The reference's head reads ln_f at every position and keeps the last; here torch applies ln_f and
+the head at the last position only (under 0.1% of its step), which favours torch, if anything.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/lora.py --steps 20
 """
@@ -87,7 +96,7 @@ def main(argv=None):
 
     from npgpt import finetune, lora, model, optim
     from npgpt.config import preset
-    from npgpt.data import make_datasets, prepare_splits, train_batches
+    from npgpt.data import eval_batches, make_datasets, prepare_splits, train_batches
     from npgpt.params import init_params
     from npgpt.tokenizer import get_tokenizer
 
@@ -110,7 +119,11 @@ def main(argv=None):
     opt = optim.AdamW(lr=8e-4, weight_decay=0.1)
     t_opt = torch.optim.AdamW([p for p in tmodel.parameters() if p.requires_grad], lr=8e-4, weight_decay=0.1)
     batches = train_batches(len(train), 8, 123, 0)
-    it = {"npgpt": 0, "torch": 0}
+    val = make_datasets(splits, tok, "longest")[1]
+    val_feats = finetune.prefix_cache(params, cfg, val, 0, "last_token")
+    evals = [(train, feats, b) for b in eval_batches(len(train), 8)[:5]] + \
+        [(val, val_feats, b) for b in eval_batches(len(val), 8)[:5]]          # what one evaluation reads
+    it = {"npgpt": 0, "torch": 0, "npgpt eval": 0, "torch eval": 0}
 
     def npgpt_step():
         rows = batches[it["npgpt"] % len(batches)]
@@ -128,7 +141,21 @@ def main(argv=None):
         F.cross_entropy(logits, torch.as_tensor(train.labels[rows], dtype=torch.long)).backward()
         t_opt.step()
 
-    times = interleaved({"npgpt": npgpt_step, "torch": torch_step}, args.steps, warmup=args.warmup)
+    def npgpt_eval():
+        d, f, rows = evals[it["npgpt eval"] % len(evals)]
+        it["npgpt eval"] += 1
+        inputs, labels = finetune.batch_inputs(d, f, rows, "last_token")
+        model.forward_cls(params, cfg, lora=spec, **inputs)
+
+    def torch_eval():
+        d, _, rows = evals[it["torch eval"] % len(evals)]
+        it["torch eval"] += 1
+        ids = d.batch(rows)[0]                                                  # [8,120]
+        with torch.no_grad():
+            tmodel(torch.as_tensor(ids, dtype=torch.long))
+
+    times = interleaved({"npgpt": npgpt_step, "torch": torch_step, "npgpt eval": npgpt_eval,
+                         "torch eval": torch_eval}, args.steps, warmup=args.warmup)
     info = machine_info()
     print_info(info)
     print(f"LoRA rank {args.rank} on 124M (random weights): {n_np:,} trainable parameters on both sides; "
@@ -136,10 +163,16 @@ def main(argv=None):
     print(f"padding: torch {train.pad_to} tokens per row, every position; npgpt per batch "
           f"(mean batch length {np.mean([train.lengths[b].max() for b in batches[:args.steps + args.warmup]]):.1f})")
     s = {k: summary(v) for k, v in times.items()}
+    job = {}
     for k in ("npgpt", "torch"):
+        e = s[f"{k} eval"]
+        job[k] = 650 * s[k]["median"] + 180 * e["median"]
         print(f"{k:6s} step: median {s[k]['median']:.3f} s (min {s[k]['min']:.3f}, max {s[k]['max']:.3f}); "
-              f"5 epochs x 130 steps would take {650 * s[k]['median'] / 60:.1f} min (projection)")
-    print(f"ratio npgpt / torch (medians): {s['npgpt']['median'] / s['torch']['median']:.2f}")
+              f"eval batch: median {e['median']:.3f} s (min {e['min']:.3f}, max {e['max']:.3f})")
+        print(f"{k:6s} 5 epochs (650 steps + 180 eval batches) would take {job[k] / 60:.1f} min (projection)")
+    print(f"ratio npgpt / torch (medians): step {s['npgpt']['median'] / s['torch']['median']:.2f}, "
+          f"eval batch {s['npgpt eval']['median'] / s['torch eval']['median']:.2f}, "
+          f"5-epoch job {job['npgpt'] / job['torch']:.2f}")
     return 0
 
 

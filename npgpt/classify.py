@@ -100,11 +100,12 @@ class Classifier:
 
         lora, causal = spec_of(self.meta), self.meta.get("causal_mask", True)  # as in training
         pad_to = self.max_length if self.pooling == "last_position" or not causal else None
-        if lora is None and causal and (self.pooling == "last_token" or
-                                        (self.pooling == "last_position" and pad_to is not None)):
+        if causal and (self.pooling == "last_token" or (self.pooling == "last_position" and pad_to is not None)):
             from .infer import packed_logits        # grouping cannot matter: deduplicated, sorted, packed
-            return packed_logits(self.params, self.config, tokens, self.pooling, pad_to,
+            return packed_logits(self.merged_params(), self.config, tokens, self.pooling, pad_to,
                                  progress=bool(progress))                        # [N,K]
+        # the batched path: first_token / mean pooling, per-batch last_position, no causal mask
+        # (every token then sees the padding, so texts cannot be packed without it)
         logits = np.zeros((len(tokens), len(self.labels)), np.float32)          # [N,K]
         with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False) as bar:
             for rows in self.batches(tokens):
@@ -113,6 +114,20 @@ class Classifier:
                                            lora=lora, causal=causal)            # [B,K]
                 bar.update(len(rows))
         return logits
+
+    def merged_params(self) -> dict:
+        """The parameters to run without LoRA arrays: self.params, or for a LoRA model each W
+        folded into W + (alpha/r) A B once (`npgpt.lora.merge`), the same function to float32
+        rounding, so that packed inference (`npgpt.infer`) applies."""
+        from .lora import merge, spec_of
+        spec = spec_of(self.meta)
+        if spec is None:
+            return self.params
+        cached = self.__dict__.get("_merged")
+        if cached is None or cached[0] is not self.params:
+            cached = (self.params, merge(self.params, self.config, spec))
+            self.__dict__["_merged"] = cached
+        return cached[1]
 
     def predict_proba(self, texts, progress=False) -> np.ndarray:
         """Class probabilities [N, num_classes] (columns in the order of `labels`)."""

@@ -10,7 +10,8 @@ What makes it fast without changing a number:
   block s depend only on the tokens, so each example's are computed once, at its true length,
   and every epoch and every evaluation runs only the trainable blocks.
 - No padding waste: with last-token pooling and causal attention, padding never changes a result,
-  so batches are built from the cached activations padded only to the batch's longest example.
+  so batches are built from the cached activations padded only to the batch's longest example,
+  and the model runs its blocks on the real positions alone, packed (`model.seen_rows`).
 - Only what the loss reads: the last block runs at the pooled position alone (`model.dense=False`).
 
 Robustness: a checkpoint (`npgpt.checkpoint`) after every epoch and on Ctrl-C / SIGTERM; a

@@ -15,9 +15,12 @@ The trainable set (`trainable` argument):
 Speed without changing a number (see `forward_prefix` and `dense`):
 - The blocks below the first trainable one are a fixed function of the tokens, so their output can
   be computed once per example and passed back in as `x_start`.
+- With causal attention the pooled output of sequence b depends on positions 0..pos[b] alone, so
+  the blocks run on those rows only, packed one sequence after another (`seen_rows`): padding
+  is never computed (`dense=False`, the default).
 - The classifier reads one position per sequence, so in the last block only the keys and values
   need every position: queries, attention output, MLP, ln_f and head run at that position alone
-  (`dense=False`, the default). `dense=True` runs every position, as a textbook forward does.
+  (`dense=False`). `dense=True` runs every position, as a textbook forward does.
 """
 from __future__ import annotations
 
@@ -172,12 +175,14 @@ def _qkv_backward(dy, saved, i, grads, need_dx=True, full=True):
     return dx, None, None
 
 
-def block_forward(params, i, x, n_head, save=True, starts=None, lora=None, causal=True):
+def block_forward(params, i, x, n_head, save=True, starts=None, lora=None, causal=True, rows=None):
     """Block i over every position. x [B,T,C] -> x [B,T,C] (and what backward needs, if save).
 
     With `starts`, x is instead [N,C]: sequences packed one after another along the rows
     (sequence s is rows starts[s]..starts[s+1]-1), forward only. Every operation but attention
     works row by row, so only attention needs to know where the sequences begin.
+    With `rows` = (idx, B, T), x is [N,C] too: the rows idx (b*T + t, a causal prefix of each
+    sequence, see `seen_rows`) of a [B,T] batch, forward and backward (causal attention only).
     lora: a `npgpt.lora.LoraSpec` when params hold LoRA pairs; causal=False drops the causal mask."""
     h1, ln1 = ops.layernorm_forward(x, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))    # [B,T,C]
     qkv, fc_attn = _qkv_forward(params, i, h1, lora)                                        # [B,T,3C]
@@ -185,6 +190,10 @@ def block_forward(params, i, x, n_head, save=True, starts=None, lora=None, causa
         if save:
             raise ValueError("block_forward: packed sequences (starts) are forward only; pass save=False")
         a, attn = ops.attention_packed_forward(qkv, starts, n_head, causal=causal), None    # [N,C]
+    elif rows is not None:
+        if not causal:
+            raise ValueError("block_forward: rows= needs causal attention (later rows are dropped)")
+        a, attn = ops.attention_rows_forward(qkv, *rows, n_head)                            # [N,C]
     else:
         a, attn = ops.attention_forward(qkv, n_head, causal=causal)                         # [B,T,C]
     o, fc_aproj = _lin_forward(params, f"h{i}/attn/c_proj", a, lora)                        # [B,T,C]
@@ -194,7 +203,7 @@ def block_forward(params, i, x, n_head, save=True, starts=None, lora=None, causa
     gl, gelu = ops.gelu_forward(f)                                                          # [B,T,4C]
     m, fc_mproj = _lin_forward(params, f"h{i}/mlp/c_proj", gl, lora)                        # [B,T,C]
     x2 = x1 + m                                                                             # [B,T,C]
-    saved = (ln1, fc_attn, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) if save else None
+    saved = (ln1, fc_attn, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj, rows is not None) if save else None
     return x2, saved
 
 
@@ -203,7 +212,7 @@ def block_backward(dx2, saved, i, grads, need_dx=True, full=True):
     full=False (LoRA training): only the LoRA pairs get gradients, none of w, b, g.
 
     The residual x2 = x1 + m sends dx2 to both branches; x1 = x + o likewise."""
-    ln1, fc_attn, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj = saved
+    ln1, fc_attn, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj, packed = saved
     dgl = _lin_backward(dx2, fc_mproj, grads, full=full)                                    # [B,T,4C]
     df = ops.gelu_backward(dgl, gelu)                                                       # [B,T,4C]
     dh2 = _lin_backward(df, fc_fc, grads, full=full)                                        # [B,T,C]
@@ -212,8 +221,8 @@ def block_backward(dx2, saved, i, grads, need_dx=True, full=True):
         grads[f"h{i}/ln_2/g"], grads[f"h{i}/ln_2/b"] = dg, db
     dx1 = dx2 + dx1_ln                                                                      # [B,T,C]
     da = _lin_backward(dx1, fc_aproj, grads, full=full)                                     # [B,T,C]
-    dqkv = ops.attention_backward(da, attn)                                                 # [B,T,3C]
-    dh1, dw, db = _qkv_backward(dqkv, fc_attn, i, grads, full=full)                         # [B,T,C]
+    dqkv = (ops.attention_rows_backward if packed else ops.attention_backward)(da, attn)   # [B,T,3C]
+    dh1, dw, db = _qkv_backward(dqkv, fc_attn, i, grads, need_dx=need_dx or full, full=full)  # [B,T,C]
     if full:
         grads[f"h{i}/attn/c_attn/w"], grads[f"h{i}/attn/c_attn/b"] = dw, db
     if not need_dx and not full:
@@ -226,7 +235,7 @@ def block_backward(dx2, saved, i, grads, need_dx=True, full=True):
     return dx1 + dx_ln                                                                      # [B,T,C]
 
 
-def _seen_rows(B, T, pos):
+def seen_rows(B, T, pos):
     """The rows of a flattened [B*T] batch that the pooled outputs depend on: positions 0..pos[b] of
     each sequence (causal attention: later positions, padding among them, are never read).
     -> idx [N] (sorted row numbers b*T + t), qrow [B] (where each pooled row sits within idx)"""
@@ -236,16 +245,18 @@ def _seen_rows(B, T, pos):
     return idx, qrow
 
 
-def block_forward_pooled(params, i, x, pos, n_head, save=True, lora=None):
+def block_forward_pooled(params, i, x, pos, n_head, save=True, lora=None, packed=False):
     """Block i computed only where the classifier reads: keys and values at the positions a pooled
     query can see (0..pos[b], no padding after it), the rest (query, attention output, MLP) at
     position pos[b] of each sequence only. Causal attention only.
 
-    x [B,T,C], pos [B] -> y [B,C] (equal to block_forward(x)[b, pos[b]])"""
-    B, T, C = x.shape
-    rows = np.arange(B)
-    idx, qrow = _seen_rows(B, T, pos)                                                       # [N], [B]
-    xs = x.reshape(B * T, C)[idx]                                                           # [N,C]
+    x [B,T,C], pos [B] -> y [B,C] (equal to block_forward(x)[b, pos[b]]).
+    packed=True: x is [N,C] instead, the rows `seen_rows(B, max(pos)+1, pos)` alone (positions
+    0..pos[b] of each sequence, one sequence after another), and the backward returns theirs."""
+    B, C = len(pos), x.shape[-1]
+    T = int(np.max(pos)) + 1 if packed else x.shape[1]
+    idx, qrow = seen_rows(B, T, pos)                                                        # [N], [B]
+    xs = x if packed else x.reshape(B * T, C)[idx]                                          # [N,C]
     h1, ln1 = ops.layernorm_forward(xs, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))   # [N,C]
     kv_seen, fc_kv = _qkv_forward(params, i, h1, lora, parts="kv")                          # [N,2C]
     kv = np.zeros((B * T, 2 * C), kv_seen.dtype)                                            # [B*T,2C]
@@ -254,25 +265,26 @@ def block_forward_pooled(params, i, x, pos, n_head, save=True, lora=None):
     q, fc_q = _qkv_forward(params, i, h1[qrow], lora, parts="q")                            # [B,C]
     a, attn = ops.attention_query_forward(q, kv, pos, n_head)                               # [B,C]
     o, fc_aproj = _lin_forward(params, f"h{i}/attn/c_proj", a, lora)                        # [B,C]
-    x1 = x[rows, pos] + o                                                                   # [B,C]
+    x1 = xs[qrow] + o                                                                       # [B,C] (= x[b, pos[b]] + o)
     h2, ln2 = ops.layernorm_forward(x1, _p(params, i, "ln_2/g"), _p(params, i, "ln_2/b"))   # [B,C]
     f, fc_fc = _lin_forward(params, f"h{i}/mlp/c_fc", h2, lora)                             # [B,4C]
     gl, gelu = ops.gelu_forward(f)                                                          # [B,4C]
     m, fc_mproj = _lin_forward(params, f"h{i}/mlp/c_proj", gl, lora)                        # [B,C]
     x2 = x1 + m                                                                             # [B,C]
-    saved = (x.shape, pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) if save else None
+    saved = ((B, T, C, packed), pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) \
+        if save else None
     return x2, saved
 
 
 def block_backward_pooled(dx2, saved, i, grads, need_dx=True, full=True):
-    """Backward of `block_forward_pooled`: dx2 [B,C] at the pooled rows -> dx [B,T,C].
+    """Backward of `block_forward_pooled`: dx2 [B,C] at the pooled rows -> dx [B,T,C]
+    (packed: dx [N,C] of the seen rows).
 
     c_attn's gradient is the query part (from pooled rows) next to the key/value part (the seen
     rows); the residual carries dx1 to x only at the pooled rows; unseen rows get zero gradient.
     full=False (LoRA training): only the LoRA pairs get gradients."""
     shape, pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj = saved
-    B, T, C = shape
-    rows = np.arange(B)
+    B, T, C, packed = shape
     dgl = _lin_backward(dx2, fc_mproj, grads, full=full)                                    # [B,4C]
     df = ops.gelu_backward(dgl, gelu)                                                       # [B,4C]
     dh2 = _lin_backward(df, fc_fc, grads, full=full)                                        # [B,C]
@@ -284,7 +296,7 @@ def block_backward_pooled(dx2, saved, i, grads, need_dx=True, full=True):
     dq, dkv = ops.attention_query_backward(da, attn)                                        # [B,C], [B,T,2C]
     dh1_q, dwq, dbq = _qkv_backward(dq, fc_q, i, grads, full=full)                          # [B,C]
     dkv_seen = dkv.reshape(B * T, 2 * C)[idx]                                               # [N,2C]
-    dh1, dwkv, dbkv = _qkv_backward(dkv_seen, fc_kv, i, grads, full=full)                   # [N,C]
+    dh1, dwkv, dbkv = _qkv_backward(dkv_seen, fc_kv, i, grads, need_dx=need_dx or full, full=full)  # [N,C]
     if full:
         grads[f"h{i}/attn/c_attn/w"] = np.concatenate([dwq, dwkv], axis=1)                  # [C,3C]
         grads[f"h{i}/attn/c_attn/b"] = np.concatenate([dbq, dbkv])                          # [3C]
@@ -296,11 +308,12 @@ def block_backward_pooled(dx2, saved, i, grads, need_dx=True, full=True):
         grads[f"h{i}/ln_1/g"], grads[f"h{i}/ln_1/b"] = dg, db
     if not need_dx:
         return None
+    dx_seen[qrow] += dx1                                                                    # residual
+    if packed:
+        return dx_seen                                                                      # [N,C]
     dx = np.zeros((B * T, C), dx_seen.dtype)                                                # [B*T,C]
     dx[idx] = dx_seen
-    dx = dx.reshape(B, T, C)                                                                # [B,T,C]
-    dx[rows, pos] += dx1                                                                    # residual
-    return dx
+    return dx.reshape(B, T, C)                                                              # [B,T,C]
 
 
 # ----------------------------------------------------------------------------- forward
@@ -360,6 +373,12 @@ def _pooled_last_block(dense, causal, pooling):
     return not dense and causal and pooling != "mean"
 
 
+def _packed_blocks(dense, causal, start, L):
+    """Whether blocks start..L-1 may run on the seen rows alone (positions 0..pos[b]): with causal
+    attention no pooled output depends on a later position."""
+    return not dense and causal and start < L
+
+
 def mean_weights(pos, T, dtype=np.float32):
     """Mean pooling's weights: 1/(pos[b]+1) at positions 0..pos[b] of sequence b, 0 after.
     pos [B] -> w [B,T]"""
@@ -371,19 +390,33 @@ def _cls_forward(params, config, x, start, pos, save_from, dense, lora=None, cau
                  pooling="last_token"):
     """Blocks start..L-1 on x [B,T,C], then ln_f and the head at pos (or, for mean pooling, the
     mean of ln_f's output over positions 0..pos[b]). Saves what backward needs for blocks
-    >= save_from (and for ln_f/head when save_from <= L)."""
+    >= save_from (and for ln_f/head when save_from <= L).
+
+    Not dense (with causal attention): the blocks run on the seen rows alone, positions 0..pos[b]
+    of each sequence packed one after another (`seen_rows`): the padding after pos[b] is never
+    computed, and each matmul runs over the batch's real tokens only."""
     L = config.n_layer
     B = x.shape[0]
     rows = np.arange(B)
     saved = {}
+    packed = _packed_blocks(dense, causal, start, L)
+    if packed:
+        Tp, C = int(pos.max()) + 1, x.shape[2]
+        idx, _ = seen_rows(B, Tp, pos)                                                     # [N]
+        saved["packed"] = (x.shape, Tp, idx)
+        x = x[:, :Tp].reshape(B * Tp, C)[idx]                                              # [N,C]
     for i in range(start, L):
         last = (i == L - 1)
         if last and _pooled_last_block(dense, causal, pooling):
             x, saved[i] = block_forward_pooled(params, i, x, pos, config.n_head, save=i >= save_from,
-                                               lora=lora)                                  # [B,C]
+                                               lora=lora, packed=packed)                   # [B,C]
         else:
             x, saved[i] = block_forward(params, i, x, config.n_head, save=i >= save_from, lora=lora,
-                                        causal=causal)                                     # [B,T,C]
+                                        causal=causal, rows=(idx, B, Tp) if packed else None)  # [B,T,C]
+    if packed and pooling == "mean":         # the seen rows back on the [B,Tp] grid, zeros after pos
+        grid = np.zeros((B * Tp, C), x.dtype)
+        grid[idx] = x
+        x = grid.reshape(B, Tp, C)                                                         # [B,Tp,C]
     if pooling == "mean":                    # ln_f at every position, then the mean of the real ones
         h_all, saved["ln_f"] = ops.layernorm_forward(x, params["ln_f/g"], params["ln_f/b"])  # [B,T,C]
         w = mean_weights(pos, x.shape[1], h_all.dtype)                                     # [B,T]
@@ -465,12 +498,20 @@ def loss_and_grads(params, config: GPT2Config, ids, labels, trainable=1, lengths
         d = np.zeros(saved["pool"], dx.dtype)
         d[np.arange(len(pos)), pos] = dx
         dx = d
+    if "packed" in saved and pooling == "mean":   # the grid's seen rows
+        dx = dx.reshape(-1, dx.shape[-1])[saved["packed"][2]]                              # [N,C]
     for i in reversed(range(first, L)):
         need_dx = i > first or trainable == "all"
         if i == L - 1 and _pooled_last_block(dense, causal, pooling):
-            dx = block_backward_pooled(dx, saved[i], i, grads, need_dx=need_dx, full=full)  # [B,T,C]
+            dx = block_backward_pooled(dx, saved[i], i, grads, need_dx=need_dx, full=full)  # [N,C]
         else:
-            dx = block_backward(dx, saved[i], i, grads, need_dx=need_dx, full=full)         # [B,T,C]
+            dx = block_backward(dx, saved[i], i, grads, need_dx=need_dx, full=full)         # [N,C]
+    if "packed" in saved and dx is not None:      # the seen rows back in [B,T,C]; the rest is 0
+        shape, Tp, idx = saved["packed"]
+        d = np.zeros((shape[0] * Tp, shape[2]), dx.dtype)
+        d[idx] = dx
+        dx = np.zeros(shape, dx.dtype)
+        dx[:, :Tp] = d.reshape(shape[0], Tp, shape[2])                                     # [B,T,C]
     if trainable == "all":
         grads["wte"], grads["wpe"] = ops.embedding_backward(dx, emb)
     return loss, grads, logits

@@ -114,14 +114,18 @@ def lora_linear_backward(dy, saved, need_dx=True):
     """With g = scale * dy:  dB = (x A)^T g,  dA = x^T (g B^T),  dx = dy w^T + (g B^T) A^T.
     No gradient for the frozen w and b.
 
+    The scale multiplies the small products (no [N,Cout] copy of dy): g B^T = scale (dy B^T).
+
     Saved: x (as [N,Cin]), w, A, B, scale, x A [N,r].
     dy [...,Cout] -> dx [...,Cin] | None, dA [Cin,r], dB [r,Cout]"""
     x2, w, A, B, scale, xa = saved
     lead = dy.shape[:-1]
     dy2 = dy.reshape(-1, dy.shape[-1])                      # [N,Cout]
-    g = dy2 * dy2.dtype.type(scale)                         # [N,Cout]
-    dB = xa.T @ g                                           # [r,Cout]
-    gb = g @ B.T                                            # [N,r]
+    s = dy2.dtype.type(scale)
+    dB = xa.T @ dy2                                         # [r,Cout]
+    dB *= s
+    gb = dy2 @ B.T                                          # [N,r] = g B^T
+    gb *= s
     dA = x2.T @ gb                                          # [Cin,r]
     dx = None
     if need_dx:
@@ -177,6 +181,35 @@ def attention_backward(dout, saved):
     Saved: qkv and the softmax probabilities att. dout [B,T,C] -> dqkv [B,T,3C]"""
     qkv, att, n_head, causal = saved
     return kernels.attention_backward(dout, qkv, att, n_head, causal=causal)
+
+
+def attention_rows_forward(qkv, idx, B, T, n_head):
+    """The causal core for some rows of a [B,T] batch, packed: row r of qkv is position
+    idx[r] % T of sequence idx[r] // T, and idx holds positions 0..p_b of each sequence b (a
+    causal prefix). The rows go back on the [B,T] grid, the others left at zero; a causal query at
+    t <= p_b reads keys 0..t only, so the zeros are never read, and the rows idx of
+    `attention_forward` on the grid are exactly the result.
+
+    qkv [N,3C], idx [N] (sorted b*T + t) -> out [N,C]"""
+    grid = np.zeros((B * T, qkv.shape[1]), qkv.dtype)                       # [B*T,3C]
+    grid[idx] = qkv
+    out, att = kernels.attention_forward(grid.reshape(B, T, -1), n_head, causal=True)  # [B,T,C], [B,H,T,T]
+    return out.reshape(B * T, -1)[idx], (grid.reshape(B, T, -1), att, n_head, idx)
+
+
+def attention_rows_backward(dout, saved):
+    """Backward of `attention_rows_forward`: dout on the grid (zero at the other rows, whose outputs
+    were not used), `attention_backward` there, and the rows idx of dqkv. The other rows' queries
+    get zero upstream gradient, and their keys and values are seen by them alone, so nothing of
+    the rows idx is lost.
+
+    Saved: the qkv grid, att, n_head, idx. dout [N,C] -> dqkv [N,3C]"""
+    grid, att, n_head, idx = saved
+    B, T, _ = grid.shape
+    dgrid = np.zeros((B * T, dout.shape[1]), dout.dtype)                    # [B*T,C]
+    dgrid[idx] = dout
+    dqkv = kernels.attention_backward(dgrid.reshape(B, T, -1), grid, att, n_head, causal=True)  # [B,T,3C]
+    return dqkv.reshape(B * T, -1)[idx]
 
 
 def attention_query_forward(q, kv, pos, n_head):

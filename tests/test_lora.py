@@ -91,6 +91,29 @@ def test_model_lora_gradients_match_finite_differences(pooling, dense):
         assert rel_error(got, num) < 1e-6, name
 
 
+@pytest.mark.parametrize("pooling", ["last_token", "first_token", "mean", "last_position"])
+def test_packed_lora_training_equals_dense(pooling):
+    """LoRA training on the seen rows alone (the default: positions 0..pos[b] packed, the last
+    block at the pooled rows) gives the dense path's loss, logits and LoRA gradients (float64),
+    from the ids and from cached embeddings padded with zeros."""
+    p, spec = lora_model(TINY)
+    ids, lengths, labels = batch(TINY, B=3, T=7)
+    lengths[0] = 5                          # every row padded: the seen rows end before T
+    ids[0, 5:] = model.PAD_ID
+    kw = dict(trainable="lora", lengths=lengths, pooling=pooling, lora=spec)
+    ref = model.loss_and_grads(p, TINY, ids, labels, dense=True, **kw)
+    x0 = model.forward_prefix(p, TINY, ids, 0)
+    if pooling != "last_position":          # the padding's embeddings are never read
+        x0[np.arange(7)[None, :] >= lengths[:, None]] = 0.0
+    for got in (model.loss_and_grads(p, TINY, ids, labels, **kw),
+                model.loss_and_grads(p, TINY, None, labels, x_start=x0, **kw)):
+        assert abs(got[0] - ref[0]) <= 1e-12 * abs(ref[0])
+        assert rel_error(got[2], ref[2]) <= 1e-12
+        assert set(got[1]) == set(ref[1]) == set(lora.trainable_names(TINY, spec))
+        for name in ref[1]:
+            assert rel_error(got[1][name], ref[1][name]) <= 1e-12, name
+
+
 @pytest.mark.parametrize("targets,train_head", [(("attn",), False), (("mlp", "head"), False),
                                                 (("attn", "mlp"), True), (("head",), False)])
 def test_lora_targets_and_train_head(targets, train_head):
@@ -153,6 +176,34 @@ def test_file_round_trip_and_merge_cli(tmp_path, shared_data):
     assert np.abs(a - 0.5).max() > 1e-3      # the LoRA pairs do change the probabilities
     with pytest.raises(Exception, match="LoRA"):
         lora.main(["merge", str(tmp_path / "merged.h5"), "--out", str(tmp_path / "again.h5")])
+
+
+@pytest.mark.parametrize("pooling", ["last_token", "first_token"])
+def test_classifier_with_lora_matches_forward_cls(tmp_path, shared_data, pooling):
+    """A LoRA classifier file scores texts as the model with its pairs does: last_token through
+    packed inference on the merged weights (to float32 rounding), first_token batched."""
+    from npgpt import infer
+    from npgpt.classify import load_classifier
+    p, spec = lora_model(TINY, dtype=np.float32)
+    meta = {"kind": "npgpt-classifier", "labels": ["ham", "spam"], "pooling": pooling,
+            "max_length": None, "lora": spec.to_dict()}
+    P.save_params(tmp_path / "c.h5", p, TINY, meta)
+    clf = load_classifier(tmp_path / "c.h5", bpe_dir=str(shared_data / "gpt2_bpe"))
+    texts = ["WINNER!! Claim your free prize now", "see you at 8?", "ok", "see you at 8?"]
+    tokens, _ = clf.encode(texts)
+    want = np.concatenate([model.forward_cls(p, TINY, np.array([t]), pooling=pooling, lora=spec) for t in tokens])
+    calls = []
+    real = infer.packed_logits
+    infer.packed_logits = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = clf.logits_of_tokens(tokens)
+    finally:
+        infer.packed_logits = real
+    assert bool(calls) == (pooling == "last_token")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want[0] - model.forward_cls(lora.merge(p, TINY, spec), TINY, np.array([tokens[0]]),
+                                           pooling=pooling)[0]).max() < 1e-4
+    assert not any(lora.is_lora_name(k) for k in clf.merged_params()) and clf.merged_params() is clf.merged_params()
 
 
 # ----------------------------------------------------------------------------- against PyTorch

@@ -77,6 +77,22 @@ def test_pooled_and_cached_paths_equal_dense(dtype, rtol, trainable):
             assert rel_error(g[name], ref_g[name]) <= rtol, name
 
 
+@pytest.mark.parametrize("pooling", ["last_token", "first_token", "mean", "last_position"])
+@pytest.mark.parametrize("trainable", [2, "all"])
+def test_seen_rows_equal_dense(trainable, pooling):
+    """Every block on the seen rows alone (positions 0..pos[b] packed, `dense=False`) against every
+    position of the padded batch (`dense=True`): loss, logits and every gradient, float64."""
+    p = tiny_params()
+    ids, lengths, labels = batch()
+    ref = model.loss_and_grads(p, CFG, ids, labels, trainable, lengths, pooling=pooling, dense=True)
+    got = model.loss_and_grads(p, CFG, ids, labels, trainable, lengths, pooling=pooling)
+    assert abs(got[0] - ref[0]) <= 1e-12 * abs(ref[0])
+    assert rel_error(got[2], ref[2]) <= 1e-12
+    assert set(got[1]) == set(ref[1])
+    for name in ref[1]:
+        assert rel_error(got[1][name], ref[1][name]) <= 1e-12, name
+
+
 def test_unpadded_cache_equals_padded_batch():
     """The prefix of each example at its true length, re-padded with zeros, gives the same logits."""
     p = tiny_params(np.float32)

@@ -101,6 +101,29 @@ def test_attention_query():
     np.testing.assert_allclose(out, full[np.arange(B), pos], rtol=1e-12, atol=1e-14)
 
 
+def test_attention_rows():
+    """The seen rows of a batch, packed: gradients by finite differences, and equal to the full
+    causal attention on the padded batch read at those rows (whatever the padding holds)."""
+    B, T, H, D = 3, 5, 2, 3
+    C = H * D
+    pos = np.array([4, 0, 2])
+    idx = np.flatnonzero(np.arange(T)[None, :] <= pos[:, None])          # [N] b*T + t
+    qkv = randn(len(idx), 3 * C)
+    G = randn(len(idx), C)
+    out, saved = ops.attention_rows_forward(qkv, idx, B, T, H)
+    dqkv = ops.attention_rows_backward(G, saved)
+    f = lambda: (G * ops.attention_rows_forward(qkv, idx, B, T, H)[0]).sum()
+    assert rel_error(dqkv, numerical_grad(f, qkv)) <= TOL
+    grid = randn(B * T, 3 * C)                                           # padding: any values
+    grid[idx] = qkv
+    full, fsaved = ops.attention_forward(grid.reshape(B, T, 3 * C), H)
+    np.testing.assert_allclose(out, full.reshape(B * T, C)[idx], rtol=1e-12, atol=1e-14)
+    dgrid = np.zeros((B * T, C))
+    dgrid[idx] = G
+    dfull = ops.attention_backward(dgrid.reshape(B, T, C), fsaved).reshape(B * T, 3 * C)
+    np.testing.assert_allclose(dqkv, dfull[idx], rtol=1e-12, atol=1e-14)
+
+
 def test_cross_entropy():
     logits = randn(5, 3, scale=3.0)
     targets = np.array([0, 2, 1, 1, 0])
