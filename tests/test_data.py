@@ -186,24 +186,39 @@ def test_splits_disjoint_by_line(splits, pandas_messages):
             == both["Label"].to_numpy()).all()
 
 
-def test_split_matches_reference_code(splits, sms_path):
-    # The reference's steps (chapter 6), written from their description: pandas' default read,
-    # ham undersampled to the spam count, labels mapped, shuffled, cut 70 / 10 / rest.
+def reference_splits(sms_path, seed=123):
+    """The reference's steps (chapter 6), written from their description: pandas' default read,
+    ham undersampled to the spam count, labels mapped, shuffled, cut 70 / 10 / rest; `seed` is
+    the random_state of both sample() calls."""
     df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"])
     assert len(df) == 5572
     num_spam = df[df["Label"] == "spam"].shape[0]
     assert num_spam == 747
-    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
+    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=seed)
     balanced_df = pd.concat([ham_subset, df[df["Label"] == "spam"]])
     balanced_df["Label"] = balanced_df["Label"].map({"ham": 0, "spam": 1})
-    df = balanced_df.sample(frac=1, random_state=123).reset_index(drop=True)
+    df = balanced_df.sample(frac=1, random_state=seed).reset_index(drop=True)
     train_end = int(len(df) * 0.7)
     validation_end = train_end + int(len(df) * 0.1)
-    ref = df[:train_end], df[train_end:validation_end], df[validation_end:]
+    return df[:train_end], df[train_end:validation_end], df[validation_end:]
+
+
+def test_split_matches_reference_code(splits, sms_path):
+    ref = reference_splits(sms_path)
     assert [len(r) for r in ref] == [1045, 149, 300]
     for ours, theirs in zip(splits, ref):
         assert ours["Text"].tolist() == theirs["Text"].tolist()      # same messages, same order
         assert ours["Label"].tolist() == theirs["Label"].tolist()
+
+
+def test_another_seed_matches_reference_code_with_that_seed(sms_path, pandas_messages, tmp_path):
+    """The seed drives both the undersampling and the shuffle: seed 7 gives the reference's steps
+    with random_state=7 row for row (not, say, seed 7's ham rows in seed 123's order)."""
+    ref = reference_splits(sms_path, seed=7)
+    for ours in (balance_and_split(pandas_messages, seed=7), prepare_splits(sms_path, tmp_path, seed=7)):
+        for a, b in zip(ours, ref):
+            assert a["Text"].tolist() == b["Text"].tolist()
+            assert a["Label"].tolist() == b["Label"].tolist()
 
 
 def test_strict_parse_gives_another_split(sms_path, splits, tmp_path):
