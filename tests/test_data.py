@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import io
+import os
 import zipfile
 
 import numpy as np
@@ -492,7 +493,11 @@ def test_download_through_local_server(local_server, tmp_path, sms_path, splits)
 def test_download_failure_says_what_to_do(local_server, tmp_path):
     with pytest.raises(NpgptError, match=r"404.*SMSSpamCollection"):
         data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/missing.zip"], progress=False)
-    assert not (tmp_path / "data" / "SMSSpamCollection").exists()
+    assert not (tmp_path / "data").exists()             # no empty data folder left behind
+    (tmp_path / "mine").mkdir()                          # a folder the user made stays
+    with pytest.raises(NpgptError):
+        data.download_sms_spam(tmp_path / "mine", urls=[f"{local_server}/missing.zip"], progress=False)
+    assert os.listdir(tmp_path / "mine") == []
 
 
 def test_downloaded_file_that_is_not_a_zip(local_server, tmp_path):
@@ -500,3 +505,16 @@ def test_downloaded_file_that_is_not_a_zip(local_server, tmp_path):
     with pytest.raises(FormatError, match="not a readable zip"):
         data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/page.zip"], progress=False)
     assert not (tmp_path / "data" / "sms_spam_collection.zip").exists()  # a rerun downloads again
+
+
+def test_split_files_get_the_usual_permissions(sms_path, tmp_path):
+    # written through a private temporary file, but readable as any new file is (0666 less umask)
+    import os
+    import stat
+    umask = os.umask(0o022)
+    try:
+        prepare_splits(sms_path, tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ["train.csv", "validation.csv", "test.csv", "splits.json"]:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
