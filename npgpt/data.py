@@ -216,7 +216,7 @@ def read_sms_spam(path, skip_bad_lines=False, parse="pandas") -> pd.DataFrame:
         row = _parse_line(line)
         if isinstance(row, str):
             if not skip_bad_lines:
-                raise DataError(f"{path}: line {n}: {row}")
+                raise DataError(f"{path}: line {n}: {row} (--skip-bad-lines skips such lines)")
             skipped.append(f"line {n}: {row}")
         else:
             rows.append((*row, n))
@@ -271,7 +271,7 @@ def read_sms_spam_pandas(path, skip_bad_lines=False) -> pd.DataFrame:
         elif skip_bad_lines:
             skipped.append(f"line {line}: {reason}")
         else:
-            raise DataError(f"{path}: line {line}: {reason}")
+            raise DataError(f"{path}: line {line}: {reason} (--skip-bad-lines skips such lines)")
         line += 1 + label.count("\n") + (text.count("\n") if isinstance(text, str) else 0)
     if not rows:
         raise DataError(f"{path}: no messages")

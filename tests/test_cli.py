@@ -198,7 +198,7 @@ def test_train_missing_data(npgpt, bpe, cwd, tmp_path):
 def test_train_malformed_line(npgpt, bpe, malformed, tmp_path):
     line = one_error_line(npgpt("train", "--tiny", "--data", malformed, "--data-dir", tmp_path / "data",
                                 "--bpe-dir", bpe, "--out", tmp_path / "run", "--quiet", "--no-plots"), 1)
-    assert "line 3" in line and "no tab" in line
+    assert "line 3" in line and "no tab" in line and "--skip-bad-lines" in line
 
 
 def test_evaluate_missing_and_malformed_data(npgpt, model, bpe, malformed, tmp_path):
@@ -207,7 +207,7 @@ def test_evaluate_missing_and_malformed_data(npgpt, model, bpe, malformed, tmp_p
     assert "missing.txt: no such file" in line
     line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe,
                                 "--data", malformed, "--data-dir", tmp_path / "d"), 1)
-    assert "line 3" in line
+    assert "line 3" in line and "--skip-bad-lines" in line
 
 
 @pytest.mark.parametrize("module, args, message", [
