@@ -106,7 +106,9 @@ class Classifier:
             return packed_logits(self.params, self.config, tokens, self.pooling, pad_to,
                                  progress=bool(progress))                        # [N,K]
         logits = np.zeros((len(tokens), len(self.labels)), np.float32)          # [N,K]
-        with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False) as bar:
+        from .cli import bar_options
+        with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False,
+                  **bar_options()) as bar:
             for rows in self.batches(tokens):
                 ids, lengths = make_batch(tokens, rows, pad_to)                 # [B,T], [B]
                 logits[rows] = forward_cls(self.params, self.config, ids, lengths, self.pooling,

@@ -524,7 +524,8 @@ def make_datasets(splits, tok, padding="longest", context_length=1024, progress=
     from tqdm import tqdm
 
     total = sum(len(df) for df in splits)
-    with tqdm(total=total, unit="text", desc="tokenizing", disable=not progress or total < 5000,
+    from .cli import bar_options
+    with tqdm(total=total, unit="text", desc="tokenizing", disable=not progress or total < 5000, **bar_options(),
               leave=False) as bar:
         encoded = [tokenize(tok, df["Text"].tolist(), progress=bar.update) for df in splits]
     pad_to = pad_length(encoded[0].lengths, padding, context_length)

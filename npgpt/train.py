@@ -132,8 +132,9 @@ def build_parser():
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/spam-<size>-<time>, with -2, -3, ... if that exists)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run with its own settings (only --epochs, --threads, --quiet, "
-                        "--no-plots may be given with it); a finished run says so and is left as it is")
+                   help="continue an interrupted run with its own settings (with it give only --epochs, --threads, "
+                        "--quiet, --no-plots, --download, --debug and the cache flags); --epochs N beyond the "
+                        "run's extends it; a finished run says so and is left as it is")
     g.add_argument("--save", default="full", choices=["full", "trained"],
                    help="classifier.h5 with every array (full), or only the arrays that trained plus the "
                         "sha256 and path of the base weights, which must then be there to load it")
@@ -270,6 +271,16 @@ def choose_run_dir(args) -> str:
     return os.path.join("runs", f"{stem}-{size}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _not_a_folder(path) -> str:
+    """'X is a file, not a folder' for the first part of path that is a file; "" if none is."""
+    parts = os.path.normpath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        p = os.sep.join(parts[:i]) or os.sep
+        if os.path.exists(p) and not os.path.isdir(p):
+            return f"{p} is a file, not a folder"
+    return ""
+
+
 def create_run_dir(run_dir, explicit: bool) -> str:
     """Create the run folder, exclusively: a folder of that name made by another run meanwhile
     gets a suffix (-2, -3, ...) for a default name, and is an error for an --out that holds a run."""
@@ -277,7 +288,8 @@ def create_run_dir(run_dir, explicit: bool) -> str:
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise TrainingError(f"cannot write to the run folder {run_dir} (creating {parent}: {e.strerror or e})") from None
+        why = _not_a_folder(parent) or f"creating {parent}: {e.strerror or e}"
+        raise TrainingError(f"cannot write to the run folder {run_dir} ({why})") from None
     if explicit:
         try:
             os.mkdir(run_dir)
