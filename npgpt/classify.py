@@ -107,7 +107,9 @@ class Classifier:
         # the batched path: first_token / mean pooling, per-batch last_position, no causal mask
         # (every token then sees the padding, so texts cannot be packed without it)
         logits = np.zeros((len(tokens), len(self.labels)), np.float32)          # [N,K]
-        with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False) as bar:
+        from .cli import bar_options
+        with tqdm(total=len(tokens), unit="text", desc="classifying", disable=not progress, leave=False,
+                  **bar_options()) as bar:
             for rows in self.batches(tokens):
                 ids, lengths = make_batch(tokens, rows, pad_to)                 # [B,T], [B]
                 logits[rows] = forward_cls(self.params, self.config, ids, lengths, self.pooling,

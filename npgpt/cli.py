@@ -29,6 +29,22 @@ class _Parser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """A mistyped option is named first, with the option it is closest to: `--modle x.h5`
+        says "unrecognized option --modle (did you mean --model?)", not that --model is missing."""
+        args = sys.argv[1:] if args is None else list(args)
+        if not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):   # the subcommand checks
+            import difflib
+            known = sorted(self._option_string_actions)
+            for arg in args:
+                if arg == "--":
+                    break
+                name = arg.split("=", 1)[0]
+                if arg.startswith("--") and name not in self._option_string_actions:
+                    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                    self.error(f"unrecognized option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+        return super().parse_known_args(args, namespace)
+
 
 class HelpFormatter(argparse.HelpFormatter):
     """Adds "(default: X)" to an option's help when it has a default worth naming (not None,

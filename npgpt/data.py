@@ -78,12 +78,19 @@ def download_sms_spam(data_dir=DEFAULT_DATA_DIR, urls=None, progress=True) -> Pa
     target = data_dir / DATA_FILE
     if target.is_file():
         return target
+    made = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
     zip_path = data_dir / "sms_spam_collection.zip"
     urls = [urls] if isinstance(urls, str) else list(urls or source_urls())
-    download_file(urls, zip_path, expected_size=None, progress=progress,
-                  hint=f"download {UCI_URL} by other means and pass its path, "
-                       f"or put the {DATA_FILE} file in {data_dir}")
+    try:
+        download_file(urls, zip_path, expected_size=None, progress=progress,
+                      hint=f"download {UCI_URL} by other means and pass its path, "
+                           f"or put the {DATA_FILE} file in {data_dir}")
+    except BaseException:
+        if made:                        # a failed download leaves no empty data folder behind
+            with contextlib.suppress(OSError):
+                data_dir.rmdir()
+        raise
     try:
         return extract_sms_spam(zip_path, data_dir)
     finally:
@@ -132,19 +139,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back; once per call, no file made)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _temporary_beside(path: Path):
     """A fresh temporary file name in path's folder, renamed onto `path` when the block ends.
 
     The name is unique (tempfile), so two processes writing the same target never touch each
     other's half-written file; os.replace is atomic, so a reader sees the old file or the new one.
-    On an error the temporary file is removed and `path` is left as it was."""
+    On an error the temporary file is removed and `path` is left as it was. The file gets the
+    permissions any new file gets (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -200,7 +216,7 @@ def read_sms_spam(path, skip_bad_lines=False, parse="pandas") -> pd.DataFrame:
         row = _parse_line(line)
         if isinstance(row, str):
             if not skip_bad_lines:
-                raise DataError(f"{path}: line {n}: {row}")
+                raise DataError(f"{path}: line {n}: {row} (--skip-bad-lines skips such lines)")
             skipped.append(f"line {n}: {row}")
         else:
             rows.append((*row, n))
@@ -255,7 +271,7 @@ def read_sms_spam_pandas(path, skip_bad_lines=False) -> pd.DataFrame:
         elif skip_bad_lines:
             skipped.append(f"line {line}: {reason}")
         else:
-            raise DataError(f"{path}: line {line}: {reason}")
+            raise DataError(f"{path}: line {line}: {reason} (--skip-bad-lines skips such lines)")
         line += 1 + label.count("\n") + (text.count("\n") if isinstance(text, str) else 0)
     if not rows:
         raise DataError(f"{path}: no messages")
@@ -508,7 +524,8 @@ def make_datasets(splits, tok, padding="longest", context_length=1024, progress=
     from tqdm import tqdm
 
     total = sum(len(df) for df in splits)
-    with tqdm(total=total, unit="text", desc="tokenizing", disable=not progress or total < 5000,
+    from .cli import bar_options
+    with tqdm(total=total, unit="text", desc="tokenizing", disable=not progress or total < 5000, **bar_options(),
               leave=False) as bar:
         encoded = [tokenize(tok, df["Text"].tolist(), progress=bar.update) for df in splits]
     pad_to = pad_length(encoded[0].lengths, padding, context_length)

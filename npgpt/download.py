@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
+from .cli import bar_options
 from .errors import FormatError, NpgptError
 
 CHUNK = 1 << 20
@@ -81,7 +82,7 @@ def _fetch_once(url: str, part: str, expected_size, progress: bool, timeout: flo
 
         written = 0
         with open(part, "ab" if start else "wb") as f, \
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, **bar_options(),
                      desc=os.path.basename(part[:-len(".part")]), disable=not progress) as bar:
             try:
                 while True:

@@ -95,6 +95,25 @@ def generate_greedy(params, config: GPT2Config, ids, max_new_tokens: int, use_ca
     return ids
 
 
+class TextStream:
+    """Token ids in, text out, one token at a time. A GPT-2 token is a run of bytes that may end
+    inside a UTF-8 character (an emoji is often 2-3 tokens): its bytes wait until the character
+    is whole, so the pieces joined are `tok.decode(ids)`, never a "\ufffd" per half character."""
+
+    def __init__(self, tok):
+        import codecs
+        self.tok = tok
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        """The text this token completes ("" while a character is still incomplete)."""
+        return self.utf8.decode(self.tok.decode_single_token_bytes(token_id))
+
+    def end(self) -> str:
+        """What is left: a character cut off by the last token, as "\ufffd"."""
+        return self.utf8.decode(b"", final=True)
+
+
 def main(argv=None):
     parser = make_parser("python -m npgpt.generate",
                          "Greedy continuation of a prompt with pretrained GPT-2 weights.")
@@ -134,10 +153,11 @@ def main(argv=None):
     if ids.shape[1] == 0:
         raise NpgptError("the prompt is empty")
     if args.stream:
+        text = TextStream(tok)
         sys.stdout.write(args.prompt)
-        cb = lambda new: (sys.stdout.write(tok.decode([int(new[0, 0])])), sys.stdout.flush())
+        cb = lambda new: (sys.stdout.write(text.add(int(new[0, 0]))), sys.stdout.flush())
         generate_greedy(params, config, ids, args.max_new_tokens, not args.no_cache, cb)
-        sys.stdout.write("\n")
+        sys.stdout.write(text.end() + "\n")
     else:
         out = generate_greedy(params, config, ids, args.max_new_tokens, not args.no_cache)
         print(tok.decode(out[0].tolist()))

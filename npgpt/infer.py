@@ -93,5 +93,6 @@ def _progress(progress, n_texts, n_tokens):
     if not progress:
         return None, lambda n: None
     from tqdm import tqdm
-    bar = tqdm(total=n_tokens, unit="tok", desc=f"classifying {n_texts} texts", leave=False)
+    from .cli import bar_options
+    bar = tqdm(total=n_tokens, unit="tok", desc=f"classifying {n_texts} texts", leave=False, **bar_options())
     return bar, bar.update

@@ -45,6 +45,8 @@ class AdamW:
         return {"t": self.t, "arrays": d}
 
     def load_state_dict(self, state: dict) -> None:
+        """Take t, m and v from a state_dict, as copies: steps update the moments in place, so
+        sharing them would let two optimizers (or a kept state_dict) change each other."""
         self.t = int(state["t"])
-        self.m = {k[2:]: a for k, a in state["arrays"].items() if k.startswith("m/")}
-        self.v = {k[2:]: a for k, a in state["arrays"].items() if k.startswith("v/")}
+        self.m = {k[2:]: np.array(a) for k, a in state["arrays"].items() if k.startswith("m/")}
+        self.v = {k[2:]: np.array(a) for k, a in state["arrays"].items() if k.startswith("v/")}

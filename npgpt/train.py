@@ -132,8 +132,9 @@ def build_parser():
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/spam-<size>-<time>, with -2, -3, ... if that exists)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run with its own settings (only --epochs, --threads, --quiet, "
-                        "--no-plots may be given with it); a finished run says so and is left as it is")
+                   help="continue an interrupted run with its own settings (with it give only --epochs, --threads, "
+                        "--quiet, --no-plots, --download, --debug and the cache flags); --epochs N beyond the "
+                        "run's extends it; a finished run says so and is left as it is")
     g.add_argument("--save", default="full", choices=["full", "trained"],
                    help="classifier.h5 with every array (full), or only the arrays that trained plus the "
                         "sha256 and path of the base weights, which must then be there to load it")
@@ -270,6 +271,16 @@ def choose_run_dir(args) -> str:
     return os.path.join("runs", f"{stem}-{size}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _not_a_folder(path) -> str:
+    """'X is a file, not a folder' for the first part of path that is a file; "" if none is."""
+    parts = os.path.normpath(path).split(os.sep)
+    for i in range(1, len(parts) + 1):
+        p = os.sep.join(parts[:i]) or os.sep
+        if os.path.exists(p) and not os.path.isdir(p):
+            return f"{p} is a file, not a folder"
+    return ""
+
+
 def create_run_dir(run_dir, explicit: bool) -> str:
     """Create the run folder, exclusively: a folder of that name made by another run meanwhile
     gets a suffix (-2, -3, ...) for a default name, and is an error for an --out that holds a run."""
@@ -277,35 +288,101 @@ def create_run_dir(run_dir, explicit: bool) -> str:
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise TrainingError(f"cannot write to the run folder {run_dir} (creating {parent}: {e.strerror or e})") from None
+        why = _not_a_folder(parent) or f"creating {parent}: {e.strerror or e}"
+        raise TrainingError(f"cannot write to the run folder {run_dir} ({why})") from None
     if explicit:
         try:
             os.mkdir(run_dir)
         except FileExistsError:
-            if has_run(run_dir):
-                raise NpgptError(f"--out {run_dir} already holds a run: pass --resume {run_dir} to continue it, "
-                                 "or choose another --out") from None
+            pass                            # made by the user, or by another run a moment ago
         except OSError as e:
             raise TrainingError(f"cannot write to the run folder {run_dir} ({e.strerror or e})") from None
+        claim_run_dir(run_dir, "--out")
+        if has_run(run_dir):                # a run that started, and finished, since choose_run_dir
+            release_claims()
+            raise NpgptError(f"--out {run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+                             "or choose another --out")
         return run_dir
     for n in range(1, 1000):
         name = run_dir if n == 1 else f"{run_dir}-{n}"
         try:
             os.mkdir(name)
-            return name
         except FileExistsError:
             continue
         except OSError as e:
             raise TrainingError(f"cannot write to the run folder {name} ({e.strerror or e})") from None
+        claim_run_dir(name, "run folder")
+        return name
     raise TrainingError(f"cannot find a free run folder name next to {run_dir}")
+
+
+RUN_CLAIM = ".npgpt-run"     # in a run folder while a training process works in it: that process's pid
+_claimed: list = []          # the claim files this process made, removed when main returns
+
+
+def claim_run_dir(run_dir, flag: str) -> None:
+    """Make `run_dir` this process's alone: create its RUN_CLAIM file exclusively (O_EXCL), so two
+    processes started at once with the same --out (or --resume) cannot both write into it.
+    A claim left by a process that no longer runs (killed) is taken over; a live one is an error."""
+    path = os.path.join(run_dir, RUN_CLAIM)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _claim_pid(path)
+            if pid is None or _alive(pid):
+                who = f"pid {pid}" if pid else "see its " + RUN_CLAIM
+                raise NpgptError(f"{flag} {run_dir}: another training process ({who}) is using this run folder; "
+                                 f"wait for it to finish, or choose another folder (if none is running, delete "
+                                 f"{path})") from None
+            try:                           # left by a process that was killed: take it over
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            raise TrainingError(f"cannot write to the run folder {run_dir} ({e.strerror or e})") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        _claimed.append(path)
+        return
+    raise NpgptError(f"{flag} {run_dir}: cannot claim the run folder ({path} keeps changing)")
+
+
+def _claim_pid(path):
+    """The pid in a claim file; None while it is still empty (being written) or unreadable."""
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                         # exists, owned by someone else
+        return True
+    return True
+
+
+def release_claims() -> None:
+    while _claimed:
+        try:
+            os.remove(_claimed.pop())
+        except OSError:
+            pass
 
 
 def remove_if_empty(run_dir) -> bool:
     """Remove a run folder this run created if it holds nothing but the split CSVs written at its
-    start (they are worth keeping only with a checkpoint or a classifier)."""
+    start (they are worth keeping only with a checkpoint or a classifier) and this run's claim."""
     from .tabular import SPLIT_FILES
     try:
-        if set(os.listdir(run_dir)) <= set(SPLIT_FILES.values()):
+        if set(os.listdir(run_dir)) <= set(SPLIT_FILES.values()) | {RUN_CLAIM}:
             for name in os.listdir(run_dir):
                 os.remove(os.path.join(run_dir, name))
         os.rmdir(run_dir)
@@ -419,6 +496,13 @@ def save_outputs(run_dir, params, config, state, info, feats_summary, log, plots
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    finally:
+        release_claims()
+
+
+def _main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -440,6 +524,7 @@ def main(argv=None):
         info = resume_info(run_dir, args, argv, parser, log)
         if info is None:
             return 0
+        claim_run_dir(run_dir, "--resume")
     else:
         from .tabular import is_table
         table = args.data is not None and is_table(args.data)

@@ -134,6 +134,22 @@ def test_module_level_classify(clf, run_dir, bpe_dir):
     assert list(np.argmax(want, axis=1)) == k
 
 
+def test_progress_bar_is_quiet_when_not_on_a_terminal(clf, monkeypatch):
+    """stderr is not a terminal here (pytest captures it): the bar over many texts updates at most
+    every 30 s, as training's does (cli.bar_options), not tqdm's every 0.1 s into a log file."""
+    import tqdm as tqdm_module
+    made = []
+
+    class Spy(tqdm_module.tqdm):
+        def __init__(self, *a, **kw):
+            made.append(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(tqdm_module, "tqdm", Spy)
+    clf.predict_proba(["ok see you at 6", "WINNER!! Claim your free prize now"] * 60, progress=True)
+    assert made and all(kw.get("mininterval", 0.1) >= 30 for kw in made), made
+
+
 def test_single_string_is_one_text(clf):
     labels, probs = clf.classify("ok see you at 6")
     assert len(labels) == 1 and probs.shape == (1,)
@@ -174,6 +190,39 @@ def test_last_position_model_pads_to_training_length(lp_run_dir, bpe_dir):
     # the padding matters for this pooling: without it "hi" gets other logits
     unpadded = forward_cls(lp.params, lp.config, np.array([tokens[0]]), pooling="last_position")
     assert np.abs(softmax(unpadded)[0] - expected[0]).max() > 1e-4
+
+
+def test_last_position_pads_short_texts_to_the_stored_length(lp_run_dir, bpe_dir):
+    """Texts all shorter than the stored pad length (40): each is padded to 40, whatever batch it
+    is in, and not to the longest text of its batch, nor left unpadded."""
+    path = lp_run_dir / "classifier.h5"
+    lp = load_classifier(path, bpe_dir)
+    stored = load_params(path)[2]["max_length"]
+    assert stored == lp.max_length == 40
+    texts = ["hi", "Sorry, I'll call later", "U dun say so early hor... U c already then say...",
+             "WINNER!! Claim your free prize now"]
+    tokens = [encode(lp.tok, t) for t in texts]
+    assert max(map(len, tokens)) < stored - 5
+    ids, _ = make_batch(tokens, range(len(texts)), pad_to=stored)              # [4,40]
+    expected = softmax(forward_cls(lp.params, lp.config, ids, pooling="last_position"))   # [4,2]
+    k = expected.argmax(axis=1)
+
+    labels, probs = classify(texts, path, bpe_dir=bpe_dir)                     # the whole file path
+    assert labels == [lp.labels[i] for i in k]
+    np.testing.assert_allclose(probs, expected[np.arange(len(texts)), k], atol=TOL, rtol=0)
+    for batch_size in (1, 3, 8):
+        lp.batch_size = batch_size
+        np.testing.assert_allclose(lp.predict_proba(texts), expected, atol=TOL, rtol=0)
+    lp.batch_size = 8
+    for i, text in enumerate(texts):                                           # one text alone
+        np.testing.assert_allclose(lp.predict_proba([text])[0], expected[i], atol=TOL, rtol=0)
+
+    # the pad length matters: padded to the batch's longest text, or not at all, differs
+    ids_batch, _ = make_batch(tokens, range(len(texts)))                       # [4,T<40]
+    per_batch = softmax(forward_cls(lp.params, lp.config, ids_batch, pooling="last_position"))
+    unpadded = softmax(forward_cls(lp.params, lp.config, np.array([tokens[0]]), pooling="last_position"))
+    assert np.abs(per_batch - expected).max() > 1e-4
+    assert np.abs(unpadded[0] - expected[0]).max() > 1e-4
 
 
 def test_last_position_with_per_batch_padding_evaluates_as_training(shared_data, data_dir, tmp_path, bpe_dir):

@@ -198,7 +198,7 @@ def test_train_missing_data(npgpt, bpe, cwd, tmp_path):
 def test_train_malformed_line(npgpt, bpe, malformed, tmp_path):
     line = one_error_line(npgpt("train", "--tiny", "--data", malformed, "--data-dir", tmp_path / "data",
                                 "--bpe-dir", bpe, "--out", tmp_path / "run", "--quiet", "--no-plots"), 1)
-    assert "line 3" in line and "no tab" in line
+    assert "line 3" in line and "no tab" in line and "--skip-bad-lines" in line
 
 
 def test_evaluate_missing_and_malformed_data(npgpt, model, bpe, malformed, tmp_path):
@@ -207,7 +207,7 @@ def test_evaluate_missing_and_malformed_data(npgpt, model, bpe, malformed, tmp_p
     assert "missing.txt: no such file" in line
     line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe,
                                 "--data", malformed, "--data-dir", tmp_path / "d"), 1)
-    assert "line 3" in line
+    assert "line 3" in line and "--skip-bad-lines" in line
 
 
 @pytest.mark.parametrize("module, args, message", [
@@ -215,6 +215,11 @@ def test_evaluate_missing_and_malformed_data(npgpt, model, bpe, malformed, tmp_p
     ("classify", ["--model", "m.h5", "--batch-size", "0", "hi"], "--batch-size must be at least 1"),
     ("classify", ["hi"], "the following arguments are required: --model"),
     ("evaluate", ["--model", "m.h5", "--split", "dev"], "invalid choice: 'dev'"),
+    # a mistyped option is named, before a required option it hides, with the closest real one
+    ("classify", ["--modle", "m.h5", "hi"], "unrecognized option --modle (did you mean --model?)"),
+    ("train", ["--tiny", "--epoch", "2"], "unrecognized option --epoch (did you mean --epochs?)"),
+    ("train", ["--tiny", "--learning-rate=1e-3"], "unrecognized option --learning-rate"),
+    ("weights", ["download", "124M", "--dri", "w"], "unrecognized option --dri (did you mean --dir?)"),
 ])
 def test_usage_errors_exit_2(npgpt, module, args, message):
     r = npgpt(module, *args)
@@ -222,7 +227,8 @@ def test_usage_errors_exit_2(npgpt, module, args, message):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr                       # one line, no usage block
-    assert lines[0].startswith(f"python -m npgpt.{module}: error: ") and message in lines[0]
+    prog = f"python -m npgpt.{module}" + (f" {args[0]}" if module == "weights" else "")   # a subcommand's own
+    assert lines[0].startswith(f"{prog}: error: ") and message in lines[0]
 
 
 def test_debug_shows_the_traceback(npgpt, cwd):

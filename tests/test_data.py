@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import io
+import os
 import zipfile
 
 import numpy as np
@@ -186,24 +187,39 @@ def test_splits_disjoint_by_line(splits, pandas_messages):
             == both["Label"].to_numpy()).all()
 
 
-def test_split_matches_reference_code(splits, sms_path):
-    # The reference's steps (chapter 6), written from their description: pandas' default read,
-    # ham undersampled to the spam count, labels mapped, shuffled, cut 70 / 10 / rest.
+def reference_splits(sms_path, seed=123):
+    """The reference's steps (chapter 6), written from their description: pandas' default read,
+    ham undersampled to the spam count, labels mapped, shuffled, cut 70 / 10 / rest; `seed` is
+    the random_state of both sample() calls."""
     df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"])
     assert len(df) == 5572
     num_spam = df[df["Label"] == "spam"].shape[0]
     assert num_spam == 747
-    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
+    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=seed)
     balanced_df = pd.concat([ham_subset, df[df["Label"] == "spam"]])
     balanced_df["Label"] = balanced_df["Label"].map({"ham": 0, "spam": 1})
-    df = balanced_df.sample(frac=1, random_state=123).reset_index(drop=True)
+    df = balanced_df.sample(frac=1, random_state=seed).reset_index(drop=True)
     train_end = int(len(df) * 0.7)
     validation_end = train_end + int(len(df) * 0.1)
-    ref = df[:train_end], df[train_end:validation_end], df[validation_end:]
+    return df[:train_end], df[train_end:validation_end], df[validation_end:]
+
+
+def test_split_matches_reference_code(splits, sms_path):
+    ref = reference_splits(sms_path)
     assert [len(r) for r in ref] == [1045, 149, 300]
     for ours, theirs in zip(splits, ref):
         assert ours["Text"].tolist() == theirs["Text"].tolist()      # same messages, same order
         assert ours["Label"].tolist() == theirs["Label"].tolist()
+
+
+def test_another_seed_matches_reference_code_with_that_seed(sms_path, pandas_messages, tmp_path):
+    """The seed drives both the undersampling and the shuffle: seed 7 gives the reference's steps
+    with random_state=7 row for row (not, say, seed 7's ham rows in seed 123's order)."""
+    ref = reference_splits(sms_path, seed=7)
+    for ours in (balance_and_split(pandas_messages, seed=7), prepare_splits(sms_path, tmp_path, seed=7)):
+        for a, b in zip(ours, ref):
+            assert a["Text"].tolist() == b["Text"].tolist()
+            assert a["Label"].tolist() == b["Label"].tolist()
 
 
 def test_strict_parse_gives_another_split(sms_path, splits, tmp_path):
@@ -477,7 +493,11 @@ def test_download_through_local_server(local_server, tmp_path, sms_path, splits)
 def test_download_failure_says_what_to_do(local_server, tmp_path):
     with pytest.raises(NpgptError, match=r"404.*SMSSpamCollection"):
         data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/missing.zip"], progress=False)
-    assert not (tmp_path / "data" / "SMSSpamCollection").exists()
+    assert not (tmp_path / "data").exists()             # no empty data folder left behind
+    (tmp_path / "mine").mkdir()                          # a folder the user made stays
+    with pytest.raises(NpgptError):
+        data.download_sms_spam(tmp_path / "mine", urls=[f"{local_server}/missing.zip"], progress=False)
+    assert os.listdir(tmp_path / "mine") == []
 
 
 def test_downloaded_file_that_is_not_a_zip(local_server, tmp_path):
@@ -485,3 +505,16 @@ def test_downloaded_file_that_is_not_a_zip(local_server, tmp_path):
     with pytest.raises(FormatError, match="not a readable zip"):
         data.download_sms_spam(tmp_path / "data", urls=[f"{local_server}/page.zip"], progress=False)
     assert not (tmp_path / "data" / "sms_spam_collection.zip").exists()  # a rerun downloads again
+
+
+def test_split_files_get_the_usual_permissions(sms_path, tmp_path):
+    # written through a private temporary file, but readable as any new file is (0666 less umask)
+    import os
+    import stat
+    umask = os.umask(0o022)
+    try:
+        prepare_splits(sms_path, tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ["train.csv", "validation.csv", "test.csv", "splits.json"]:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name

@@ -29,7 +29,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Serves server.files {path: bytes}. server.modes {path: mode} changes how:
     'drop_once'  first response announces the full length, sends half, closes; Range honoured after
     'truncate'   every response announces the full length and sends half (Range ignored)
-    'no_range'   Range ignored: always 200 with the whole file"""
+    'no_range'   Range ignored: always 200 with the whole file
+    'from_zero'  a Range request is answered 206 with the whole file and Content-Range 0-"""
 
     def do_GET(self):
         srv = self.server
@@ -44,7 +45,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         mode = srv.modes.get(path, "normal")
         start = 0
         m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if m and mode in ("normal", "drop_once"):
+        if m and mode == "from_zero":
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-{len(body) - 1}/{len(body)}")
+        elif m and mode in ("normal", "drop_once"):
             start = int(m.group(1))
             if start >= len(body):
                 self.send_error(416, "Range Not Satisfiable")
@@ -134,6 +138,17 @@ def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
     (tmp_path / "f.bin.part").write_bytes(b"garbage that is not a prefix")
     download_file(server.url + "/f.bin", dest, **FAST)
     assert dest.read_bytes() == data
+
+
+def test_resume_answered_from_the_start_restarts_cleanly(server, tmp_path):
+    # a 206 whose Content-Range does not start where the part file ends must not be appended
+    server.files["/f.bin"] = data = payload()
+    server.modes["/f.bin"] = "from_zero"
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(data[:1000])
+    download_file(server.url + "/f.bin", dest, **FAST)
+    assert dest.read_bytes() == data
+    assert server.requests == [("/f.bin", "bytes=1000-"), ("/f.bin", None)]
 
 
 def test_part_longer_than_the_file_restarts(server, tmp_path):

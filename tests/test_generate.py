@@ -32,3 +32,50 @@ def test_greedy_cache_matches_recompute():
     assert a.shape == (1, 16)
     np.testing.assert_array_equal(a, b)
     assert len(set(a[0, 4:].tolist())) > 1     # not a degenerate constant continuation
+
+
+def test_text_stream_joins_split_characters(shared_data):
+    """--stream's decoder: token by token, the pieces add up to the decoded text, emoji and CJK
+    whose bytes span several tokens included (those tokens give "" until the character is whole)."""
+    from npgpt.generate import TextStream
+    from npgpt.tokenizer import encode, get_tokenizer
+
+    tok = get_tokenizer(shared_data / "gpt2_bpe")
+    text = "Smile 😀, ça va? 你好 — ok"
+    ids = encode(tok, text)
+    stream = TextStream(tok)
+    pieces = [stream.add(i) for i in ids]
+    assert "".join(pieces) + stream.end() == text
+    assert "" in pieces                                   # some token ended inside a character
+    cut = TextStream(tok)                                 # stopped inside the emoji
+    emoji = encode(tok, "😀")
+    assert len(emoji) > 1 and "".join(cut.add(i) for i in emoji[:-1]) == "" and cut.end() == "\ufffd"
+
+
+def test_cli_prints_the_greedy_continuation_streamed_or_not(shared_data, tmp_path):
+    """`python -m npgpt.generate` on a small random model with GPT-2's vocabulary: it prints the
+    prompt and generate_greedy's tokens decoded, with --stream the same text; a literal
+    "<|endoftext|>" in the prompt is plain text, as everywhere else."""
+    import os
+    import subprocess
+    import sys
+
+    from npgpt.tokenizer import decode, encode, get_tokenizer
+
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50257, n_ctx=64)
+    p = P.init_params(cfg, seed=3)
+    rng = np.random.default_rng(4)
+    p["wte"] = p["wte"] + rng.standard_normal(p["wte"].shape).astype(np.float32)   # varied tokens
+    P.save_params(tmp_path / "small.h5", p, cfg)
+    bpe = shared_data / "gpt2_bpe"
+    tok = get_tokenizer(bpe)
+    prompt = "Hi <|endoftext|> there, ça va? 😀"
+    want = decode(tok, generate_greedy(p, cfg, np.array([encode(tok, prompt)]), 20)[0])
+    assert want.startswith(prompt) and len(want) > len(prompt)
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    for extra in ([], ["--stream"]):
+        r = subprocess.run([sys.executable, "-m", "npgpt.generate", prompt, "--weights", str(tmp_path / "small.h5"),
+                            "--bpe-dir", str(bpe), "--max-new-tokens", "20", *extra],
+                           capture_output=True, text=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == want + "\n", extra

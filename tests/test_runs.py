@@ -180,6 +180,94 @@ def test_run_folder_names_are_unique(tmp_path, monkeypatch):
     assert b.endswith("-2")
 
 
+# `python -m npgpt.train` with time.strftime's run-folder stamp fixed, so that two processes
+# started at any moment collide on the default name runs/spam-tiny-<stamp> as if in one second
+_SAME_SECOND = ("import runpy, sys, time; real = time.strftime; "
+                "time.strftime = lambda f, *a: '20260101-000000' if f == '%Y%m%d-%H%M%S' else real(f, *a); "
+                "runpy.run_module('npgpt.train', run_name='__main__', alter_sys=True)")
+
+
+def _two_trainings_at_once(env, cwd, *args_each):
+    """Start one training process per argument list at the same moment; wait for all."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SAME_SECOND, "--tiny", "--data", "SMSSpamCollection",
+                               "--bpe-dir", "bpe", "--no-plots", "--quiet", "--epochs", "1", *args],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in args_each]
+    return [(p, *p.communicate(timeout=600)) for p in procs]
+
+
+def _fresh_home(home, tmp_path):
+    d = tmp_path / "home"
+    d.mkdir()
+    (d / "SMSSpamCollection").symlink_to(home / "SMSSpamCollection")
+    (d / "bpe").symlink_to(home / "bpe")
+    return d
+
+
+def _run_folder_of(stdout):
+    line = next(s for s in stdout.splitlines() if "run folder " in s)
+    return line.rsplit("run folder ", 1)[1].strip()
+
+
+def _complete_run_of_seed(folder, seed):
+    """The folder holds one whole run, that of the process given --seed seed."""
+    names = set(os.listdir(folder))
+    assert {"classifier.h5", "checkpoint.h5", "metrics.json", "train.csv", "validation.csv", "test.csv"} <= names
+    assert ".npgpt-run" not in names                       # the claim is released at the end
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["run_info"]["seed"] == seed
+    assert saved["metrics"]["final"]["test_accuracy"] > 0
+    from npgpt.params import load_params
+    assert load_params(folder / "classifier.h5")[2]["train_args"]["seed"] == seed
+
+
+def test_two_runs_started_in_the_same_second_get_two_folders(env, home, tmp_path):
+    cwd = _fresh_home(home, tmp_path)
+    results = _two_trainings_at_once(env, cwd, ["--seed", "1"], ["--seed", "2"])
+    folders = []
+    for p, out, err in results:
+        assert p.returncode == 0, err
+        folders.append(_run_folder_of(out))
+    assert sorted(folders) == [os.path.join("runs", "spam-tiny-20260101-000000"),
+                               os.path.join("runs", "spam-tiny-20260101-000000-2")]
+    assert sorted(os.listdir(cwd / "runs")) == ["spam-tiny-20260101-000000", "spam-tiny-20260101-000000-2"]
+    for folder, seed in zip(folders, (1, 2)):
+        _complete_run_of_seed(cwd / folder, seed)
+
+
+def test_two_runs_started_at_once_with_one_out_do_not_share_it(env, home, tmp_path):
+    """Same --out: one run trains in it, the other stops before writing anything, saying why."""
+    cwd = _fresh_home(home, tmp_path)
+    results = _two_trainings_at_once(env, cwd, ["--seed", "1", "--out", "runs/x"], ["--seed", "2", "--out", "runs/x"])
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 1], [err for _, _, err in results]
+    (winner, _, _), = [r for r in results if r[0].returncode == 0]
+    (_, lost_out, lost_err), = [r for r in results if r[0].returncode == 1]
+    line = lost_err.strip().splitlines()
+    assert len(line) == 1 and "Traceback" not in lost_err, lost_err
+    assert "runs/x" in line[0] and ("another training process" in line[0] or "already holds a run" in line[0])
+    assert "Ep 1" not in lost_out
+    _complete_run_of_seed(cwd / "runs" / "x", 1 if results[0][0] is winner else 2)
+    assert os.listdir(cwd / "runs") == ["x"]
+
+
+def test_a_claim_left_by_a_killed_run_is_taken_over(tmp_path, monkeypatch):
+    from npgpt import train
+    from npgpt.errors import NpgptError
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("r")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "r" / train.RUN_CLAIM).write_text(dead.stdout.strip())   # a pid that has exited
+    try:
+        assert train.create_run_dir("r", explicit=True) == "r"
+        assert (tmp_path / "r" / train.RUN_CLAIM).read_text() == str(os.getpid())
+        with pytest.raises(NpgptError, match=r"--out r: another training process \(pid \d+\) is using"):
+            train.claim_run_dir("r", "--out")                 # a live claim (this process's own)
+    finally:
+        train.release_claims()
+    assert os.listdir("r") == []
+
+
 @pytest.mark.parametrize("args, code, words", [
     (["--data", "missing.txt"], 1, ["missing.txt: no such file"]),
     (["--bpe-dir", "empty"], 1, ["encoder.json", "--bpe-dir"]),
@@ -397,7 +485,10 @@ def test_interrupt_at_the_start_leaves_a_checkpoint_or_nothing_and_says_which(en
     p = subprocess.Popen([sys.executable, "-m", "npgpt.train", "--tiny", "--data", "SMSSpamCollection",
                           "--bpe-dir", "bpe", "--no-plots", "--quiet", "--out", "run"], cwd=tmp_path,
                          env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True,
+                         # Ctrl-C as in a terminal even when pytest runs as a background job (which
+                         # starts with SIGINT ignored, and a child would inherit that)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:
         if line.startswith("model:"):          # printed just before the frozen blocks are cached
             p.send_signal(signal.SIGINT)

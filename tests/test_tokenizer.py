@@ -146,3 +146,24 @@ def test_local_files_leave_tiktoken_cache_env_alone(bpe_dir, tmp_path, monkeypat
     get_tokenizer(d)
     assert os.environ["TIKTOKEN_CACHE_DIR"] == str(tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # local files are not copied into tiktoken's cache
+
+
+def test_weights_folder_with_one_file_is_passed_over(bpe_dir, clean_env):
+    # weights/ holds only encoder.json (say, a copy half done): the next place, weights/124M, is used
+    (clean_env / "weights").mkdir()
+    shutil.copy(bpe_dir / "encoder.json", clean_env / "weights" / "encoder.json")
+    d = link_bpe_files(bpe_dir, clean_env / "weights" / "124M")
+    assert tokenizer.find_bpe_dir() == str(d.resolve())
+    assert get_tokenizer() is tokenizer._encoding_from_dir(str(d.resolve()))
+
+
+def test_bpe_file_bytes_are_checked(bpe_dir, tmp_path):
+    # what a classifier file stores: GPT-2's two files, never a wrong one
+    files = tokenizer.bpe_file_bytes(bpe_dir)
+    assert {n: hashlib.sha256(b).hexdigest() for n, b in files.items()} == BPE_FILES
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(bpe_dir / "encoder.json", bad / "encoder.json")
+    (bad / "vocab.bpe").write_text("#version: 0.2\nh e\n")
+    with pytest.raises(FormatError, match=r"vocab\.bpe: sha256 .* is not that of GPT-2's"):
+        tokenizer.bpe_file_bytes(bad)

@@ -170,6 +170,7 @@ def test_unwritable_output_fails_before_training(data_args, tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 1
     assert err.strip().startswith("error: cannot write to the run folder") and len(err.strip().splitlines()) == 1
+    assert f"{blocker} is a file, not a folder" in err
     assert "Ep 1" not in out
 
 
