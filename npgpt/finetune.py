@@ -183,6 +183,24 @@ def evaluate(params, config, dataset, settings: TrainSettings, feats=None, start
     return loss_sum / total, correct / total, np.concatenate(preds)
 
 
+def grouping_free(dataset, pooling, causal=True):
+    """Whether a message's logits are the same whichever messages share its batch: causal
+    attention with a pooling that reads no padding, or a fixed pad length for every batch."""
+    return (causal and pooling in ("last_token", "first_token", "mean")) or dataset.pad_to is not None
+
+
+def eval_groups(dataset, batches, pooling, causal=True):
+    """The estimate's batches as one forward pass when grouping does not change a result: the
+    last block's weights are then read once for all its messages instead of once per batch.
+    The loss is the same mean over the same messages."""
+    if len(batches) > 1 and grouping_free(dataset, pooling, causal):
+        return [np.concatenate(batches)]
+    return batches
+
+
+EVAL_BATCH = 64   # messages per forward pass of the final evaluation, when grouping is free
+
+
 def full_eval_batches(dataset, batch_size, pooling):
     """All rows, sorted by length where that is harmless (results then do not depend on how rows
     are grouped: last-token pooling, or a fixed pad length), so each batch pads little."""
@@ -276,6 +294,8 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
     eval_train = eval_batches(len(train), settings.batch_size)[:settings.eval_iter]
     eval_val = eval_batches(len(val), settings.batch_size)[:settings.eval_iter]
     n_tr, n_va = sum(map(len, eval_train)), sum(map(len, eval_val))   # messages behind each estimate
+    eval_train = eval_groups(train, eval_train, settings.pooling, settings.causal)
+    eval_val = eval_groups(val, eval_val, settings.pooling, settings.causal)
     m["estimate_messages"] = {"train": n_tr, "validation": n_va}
 
     def checkpoint(order=None):
@@ -348,7 +368,9 @@ def fit(params, config, datasets, settings: TrainSettings, run_dir, run_info: di
 
     final = {}
     for name, d, f in zip(("train", "validation", "test"), datasets, feats):
-        batches = full_eval_batches(d, settings.batch_size, settings.pooling)
+        size = max(settings.batch_size, EVAL_BATCH) if grouping_free(d, settings.pooling, settings.causal) \
+            else settings.batch_size
+        batches = full_eval_batches(d, size, settings.pooling)
         final[f"{name}_loss"], final[f"{name}_accuracy"], _ = evaluate(params, config, d, settings, f, fstart, batches)
     m["final"] = final
     return state, feats

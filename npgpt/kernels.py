@@ -250,6 +250,20 @@ def adamw_update_np(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
     p -= step_size * (m / denom)
 
 
+# ----------------------------------------------------------------------------- LayerNorm-then-linear gradients (NumPy)
+
+def ln_linear_grads_np(M, dc, w, g, b):
+    """The parameter gradients of y = LN(x) w + c from M = xhat^T dy and dc = sum_rows(dy)
+    (derived in `ops.layernorm_linear_param_grads`): dg = sum_j w * M, db = w dc, and
+    dw = g[:,None] * M + b[:,None] * dc[None,:], written over M.
+    M [Cin,Cout], dc [Cout], w [Cin,Cout], g [Cin], b [Cin] -> dw [Cin,Cout] (M), dg [Cin], db [Cin]"""
+    dg = np.einsum("ij,ij->i", w, M)                         # [Cin]  before M is overwritten
+    db = w @ dc                                              # [Cin]
+    M *= g[:, None]                                          # [Cin,Cout]
+    M += b[:, None] * dc[None, :]                            # [Cin,Cout]
+    return M, dg, db
+
+
 # ----------------------------------------------------------------------------- Numba helpers
 # Every fast-math flag except nnan and ninf: a NaN or inf in the inputs must come out as NaN/inf,
 # so that a diverging training run is noticed. (The kernels never form -inf themselves: they loop
@@ -777,6 +791,41 @@ def adamw_update_numba(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
                   dt(lr / (1 - beta1 ** t)), dt(np.sqrt(1 - beta2 ** t)), dt(eps))
 
 
+# ----------------------------------------------------------------------------- LayerNorm-then-linear gradients (Numba)
+# The NumPy twin passes over the [Cin,Cout] arrays five times (two sums, a scaling, an outer
+# product as a temporary, its addition); the kernel reads w and M once and writes M once.
+
+@njit(**_JIT)
+def _ln_linear_grads_kernel(M, dc, w, g, b, dg, db):
+    n_in, n_out = M.shape
+    zero = M.dtype.type(0)
+    for i in prange(n_in):                                   # rows of M are independent
+        sg = zero
+        sb = zero
+        gi = g[i]
+        bi = b[i]
+        for j in range(n_out):                               # along contiguous rows of M, w, dc
+            mij = M[i, j]
+            sg += w[i, j] * mij                              # dg[i] = sum_j w M
+            sb += w[i, j] * dc[j]                            # db[i] = (w dc)[i]
+            M[i, j] = gi * mij + bi * dc[j]                  # dw = g M + b dc
+        dg[i] = sg
+        db[i] = sb
+
+
+def ln_linear_grads_numba(M, dc, w, g, b):
+    """Numba twin of `ln_linear_grads_np` (M overwritten by dw). Mixed dtypes or arrays that are
+    not C-contiguous go to the NumPy twin."""
+    n_in, n_out = M.shape
+    _check_shapes("ln_linear_grads", dc=(dc, (n_out,)), w=(w, (n_in, n_out)), g=(g, (n_in,)), b=(b, (n_in,)))
+    if M.dtype.kind != "f" or any(not a.flags.c_contiguous or a.dtype != M.dtype for a in (M, dc, w, g, b)):
+        return ln_linear_grads_np(M, dc, w, g, b)
+    dg = np.empty(n_in, M.dtype)                             # [Cin]
+    db = np.empty(n_in, M.dtype)                             # [Cin]
+    _ln_linear_grads_kernel(M, dc, w, g, b, dg, db)
+    return M, dg, db
+
+
 # ----------------------------------------------------------------------------- finite check
 # Every step checks that no gradient is NaN or inf before AdamW uses it. `np.isfinite(g).all()`
 # writes a boolean array as large as g and reads it back; the kernel reads g once. A float is
@@ -841,6 +890,7 @@ if USE_NUMBA:
     gelu_backward = gelu_backward_numba
     adamw_update = adamw_update_numba
     all_finite = all_finite_numba
+    ln_linear_grads = ln_linear_grads_numba
     attention_forward = attention_forward_numba
     attention_packed_forward = attention_packed_forward_numba
     attention_backward = attention_backward_numba
@@ -853,6 +903,7 @@ else:
     gelu_backward = gelu_backward_np
     adamw_update = adamw_update_np
     all_finite = all_finite_np
+    ln_linear_grads = ln_linear_grads_np
     attention_forward = attention_forward_np
     attention_packed_forward = attention_packed_forward_np
     attention_backward = attention_backward_np

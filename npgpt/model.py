@@ -271,8 +271,9 @@ def block_forward_pooled(params, i, x, pos, n_head, save=True, lora=None, packed
     gl, gelu = ops.gelu_forward(f)                                                          # [B,4C]
     m, fc_mproj = _lin_forward(params, f"h{i}/mlp/c_proj", gl, lora)                        # [B,C]
     x2 = x1 + m                                                                             # [B,C]
-    saved = ((B, T, C, packed), pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj) \
-        if save else None
+    fuse = (_p(params, i, "attn/c_attn/w"), _p(params, i, "ln_1/b"))   # for the first trainable block
+    saved = ((B, T, C, packed), pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj,
+             fuse) if save else None
     return x2, saved
 
 
@@ -282,8 +283,10 @@ def block_backward_pooled(dx2, saved, i, grads, need_dx=True, full=True):
 
     c_attn's gradient is the query part (from pooled rows) next to the key/value part (the seen
     rows); the residual carries dx1 to x only at the pooled rows; unseen rows get zero gradient.
-    full=False (LoRA training): only the LoRA pairs get gradients."""
-    shape, pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj = saved
+    full=False (LoRA training): only the LoRA pairs get gradients.
+    As the first trainable block (need_dx=False, full), ln_1 and c_attn's gradients come from one
+    product (`ops.layernorm_linear_param_grads`): no gradient for ln_1's output is formed."""
+    shape, pos, idx, qrow, ln1, fc_kv, fc_q, attn, fc_aproj, ln2, fc_fc, gelu, fc_mproj, fuse = saved
     B, T, C, packed = shape
     dgl = _lin_backward(dx2, fc_mproj, grads, full=full)                                    # [B,4C]
     df = ops.gelu_backward(dgl, gelu)                                                       # [B,4C]
@@ -294,8 +297,11 @@ def block_backward_pooled(dx2, saved, i, grads, need_dx=True, full=True):
     dx1 = dx2 + dx1_ln                                                                      # [B,C]
     da = _lin_backward(dx1, fc_aproj, grads, full=full)                                     # [B,C]
     dq, dkv = ops.attention_query_backward(da, attn)                                        # [B,C], [B,T,2C]
-    dh1_q, dwq, dbq = _qkv_backward(dq, fc_q, i, grads, full=full)                          # [B,C]
     dkv_seen = dkv.reshape(B * T, 2 * C)[idx]                                               # [N,2C]
+    if full and not need_dx and fc_q[0] == fc_kv[0] == "plain":
+        _attn_ln_param_grads(dq, dkv_seen, qrow, ln1, fuse, i, grads)
+        return None
+    dh1_q, dwq, dbq = _qkv_backward(dq, fc_q, i, grads, full=full)                          # [B,C]
     dh1, dwkv, dbkv = _qkv_backward(dkv_seen, fc_kv, i, grads, need_dx=need_dx or full, full=full)  # [N,C]
     if full:
         grads[f"h{i}/attn/c_attn/w"] = np.concatenate([dwq, dwkv], axis=1)                  # [C,3C]
@@ -314,6 +320,23 @@ def block_backward_pooled(dx2, saved, i, grads, need_dx=True, full=True):
     dx = np.zeros((B * T, C), dx_seen.dtype)                                                # [B*T,C]
     dx[idx] = dx_seen
     return dx.reshape(B, T, C)                                                              # [B,T,C]
+
+
+def _attn_ln_param_grads(dq, dkv_seen, qrow, ln1, fuse, i, grads):
+    """c_attn's and ln_1's gradients of the pooled block when its input needs none:
+    M = xhat^T [dq | dkv], the query columns over the pooled rows, key and value over the seen ones.
+    dq [B,C], dkv_seen [N,2C] -> grads h{i}/attn/c_attn/w, /b, h{i}/ln_1/g, /b"""
+    x, mean, rstd, g = ln1                                                                  # [N,C], [N], [N], [C]
+    w, b = fuse                                                                             # [C,3C], [C]
+    C = x.shape[1]
+    xhat = (x - mean[:, None]) * rstd[:, None]                                              # [N,C]
+    M = np.empty((C, 3 * C), np.result_type(xhat, dq))                                      # [C,3C]
+    np.matmul(xhat[qrow].T, dq, out=M[:, :C])                                               # [C,C]
+    np.matmul(xhat.T, dkv_seen, out=M[:, C:])                                               # [C,2C]
+    dc = np.concatenate([dq.sum(axis=0), dkv_seen.sum(axis=0)])                             # [3C]
+    dw, dg, db = ops.layernorm_linear_param_grads(M, dc, w, g, b)
+    grads[f"h{i}/attn/c_attn/w"], grads[f"h{i}/attn/c_attn/b"] = dw, dc
+    grads[f"h{i}/ln_1/g"], grads[f"h{i}/ln_1/b"] = dg, db
 
 
 # ----------------------------------------------------------------------------- forward

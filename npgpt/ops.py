@@ -96,6 +96,24 @@ def linear_backward(dy, saved, need_dx=True, need_dw=True):
     return dx, dw, db
 
 
+def layernorm_linear_param_grads(M, dc, w, g, b, out=None):
+    """The parameter gradients of y = LN(x) @ w + c when x itself needs no gradient (the first
+    trainable block, whose input is the frozen prefix), from one product M instead of two.
+
+    With xhat the normalised rows of x and h = xhat * g + b the LayerNorm output, the usual
+    backward computes dw = h^T dy and dh = dy w^T (an [N,Cout] x [Cout,Cin] product) only to sum
+    dg = sum_rows(xhat * dh), db = sum_rows(dh). Writing both through M = xhat^T dy:
+        dw[i,j] = sum_n h[n,i] dy[n,j] = g[i] M[i,j] + b[i] dc[j]        (dc = sum_rows dy)
+        dg[i]   = sum_n xhat[n,i] sum_j dy[n,j] w[i,j] = sum_j w[i,j] M[i,j]
+        db[i]   = sum_n sum_j dy[n,j] w[i,j] = (w dc)[i]
+    Each column block of M may come from its own rows (the pooled block's query columns see one
+    row per sequence, its key and value columns every seen row): the sums over rows stay per column.
+
+    M [Cin,Cout] = xhat^T dy (overwritten: it becomes dw), dc [Cout], w [Cin,Cout], g [Cin], b [Cin]
+    -> dw [Cin,Cout] (M itself), dg [Cin], db [Cin]"""
+    return kernels.ln_linear_grads(M, dc, w, g, b)          # [Cin,Cout], [Cin], [Cin]
+
+
 def lora_linear_forward(x, w, b, A, B, scale):
     """y = x @ w + b + scale * (x @ A) @ B   (LoRA: w, b frozen, a low-rank update A B trains;
     scale = alpha / r).

@@ -307,6 +307,25 @@ def test_adamw_numba_matches_numpy_and_formulas(dtype, weight_decay):
     assert np.array_equal(a[1], b[1])                        # the gradient is read, not written
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ln_linear_grads_numba_matches_numpy(dtype):
+    r = np.random.default_rng(7)
+    Cin, Cout = 37, 53
+    M, w = (r.standard_normal((Cin, Cout)).astype(dtype) for _ in range(2))
+    dc = r.standard_normal(Cout).astype(dtype)
+    g, b = (r.standard_normal(Cin).astype(dtype) for _ in range(2))
+    ref = K.ln_linear_grads_np(M.copy(), dc, w, g, b)
+    M2 = M.copy()
+    got = K.ln_linear_grads_numba(M2, dc, w, g, b)
+    assert got[0] is M2                                      # dw is written over M
+    for u, v in zip(got, ref):
+        assert u.dtype == dtype and rel_err(u, v) <= TOL[dtype]
+    M64, w64, dc64, g64, b64 = (a.astype(np.float64) for a in (M, w, dc, g, b))
+    assert rel_err(ref[0], g64[:, None] * M64 + b64[:, None] * dc64[None, :]) <= TOL[dtype]
+    assert rel_err(ref[1], (w64 * M64).sum(axis=1)) <= TOL[dtype]
+    assert rel_err(ref[2], w64 @ dc64) <= TOL[dtype]
+
 def test_adamw_numba_updates_non_contiguous_arrays_in_place():
     """A strided view cannot be updated through a flat copy: it goes to the NumPy twin."""
     p, g, m, v = adamw_state((6, 10), np.float32, seed=11)

@@ -63,6 +63,29 @@ def test_linear():
     assert dw2 is None and db2 is None and np.array_equal(dx, dx2)
 
 
+
+def test_layernorm_linear_param_grads():
+    """The one-product parameter gradients of y = LN(x) w + c equal finite differences and the
+    two-product chain (linear_backward, then layernorm_backward), float64."""
+    N, Cin, Cout = 7, 5, 6
+    x = 0.3 + randn(N, Cin)
+    g, b = 1 + randn(Cin, scale=0.1), randn(Cin, scale=0.1)
+    w, c = randn(Cin, Cout), randn(Cout)
+    G = randn(N, Cout)
+    h, ln = ops.layernorm_forward(x, g, b)
+    _, lin = ops.linear_forward(h, w, c)
+    dh, dw_ref, dc_ref = ops.linear_backward(G, lin)
+    _, dg_ref, db_ref = ops.layernorm_backward(dh, ln)
+    x2, mean, rstd, _ = ln
+    xhat = (x2 - mean[:, None]) * rstd[:, None]
+    dc = G.sum(axis=0)
+    dw, dg, db = ops.layernorm_linear_param_grads(xhat.T @ G, dc, w, g, b)
+    for got, ref in ((dw, dw_ref), (dc, dc_ref), (dg, dg_ref), (db, db_ref)):
+        assert rel_error(got, ref) <= 1e-12
+    f = lambda: (G * ops.linear_forward(ops.layernorm_forward(x, g, b)[0], w, c)[0]).sum()
+    for got, arr in ((dw, w), (dg, g), (db, b)):
+        assert rel_error(got, numerical_grad(f, arr)) <= TOL
+
 def test_gelu():
     x = randn(4, 7, scale=2.0)
     G = randn(4, 7)
