@@ -9,7 +9,7 @@ beforehand (the same ids for every side); each row times the forward passes from
 logits.
 
   npgpt packed        `npgpt.infer.packed_logits`, what `classify --file` and `evaluate` run:
-                      repeated texts once, sorted by length, packed without padding, the last
+                      repeated texts once, shared first tokens once, packed without padding, the last
                       block only at the last real token (last-token pooling).
   torch classify_review   the reference's `classify_review`: one text at a time, padded to 120
                       tokens, the logits at the last position (`torch.inference_mode`).

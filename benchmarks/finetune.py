@@ -11,7 +11,8 @@ an evaluation every 50 steps, accuracies after each epoch and at the end. Each s
 own process, on the same number of threads; its wall time (launch to exit) and peak resident
 memory (the child's own getrusage maximum) are measured from outside.
 
-  npgpt     `python -m npgpt.train --random-init ...` as a user runs it: last-real-token pooling,
+  npgpt     `python -m npgpt.train --weights ...` as a user runs it (the weights: 124M-shaped
+            random ones, written to an HDF5 file before the runs): last-real-token pooling,
             the frozen blocks 0..10 computed once per distinct message at its true length (many
             messages packed into each matmul), the last block only where the head reads (keys
             and values at the real tokens, the rest at the last one).
@@ -103,15 +104,26 @@ def count_work(args, work_dir):
 
     def last_block(rows, lengths, backward):
         """The pooled last block: keys and values (2 of c_attn's 3 parts) at each message's real
-        tokens, the query, c_proj and the MLP at one row per message."""
-        fwd = 2 * int(lengths[rows].sum()) * C * 2 * C + 2 * len(rows) * 10 * C * C
-        return 3 * fwd if backward else fwd          # backward: a dW and a dX matmul per forward one
+        tokens, the query, c_proj and the MLP at one row per message (10 C^2 per message).
+        Backward: c_proj and the MLP a dW and a dX product each (2 x 9 C^2 per message); c_attn,
+        whose input (the frozen prefix) needs no gradient, one product for ln_1's and its own
+        gradients (`ops.layernorm_linear_param_grads`): as many FLOPs as its forward."""
+        kv = 2 * int(lengths[rows].sum()) * C * 2 * C
+        per_message = 2 * len(rows) * C * C
+        return 2 * kv + (10 + 1 + 18) * per_message if backward else kv + 10 * per_message
 
-    def unique_tokens(d):
-        """Tokens of the distinct messages of a split (a repeated message is computed once)."""
-        return sum(len(t) for t in {tuple(t[:n]) for t, n in zip(d.tokens, d.lengths)})
+    def prefix_rows(datasets, max_tokens=2048):
+        """Rows the frozen prefix computes: the distinct messages of all splits (a repeated message
+        once), in the packs `npgpt.prefix_cache` makes, the first tokens a message shares with the
+        one before it in its pack once (`npgpt.prefix_tree`)."""
+        from npgpt import prefix_tree
+        from npgpt.prefix_cache import packs
+        seqs = list({tuple(t[:n]): np.array(t[:n]) for d in datasets for t, n in zip(d.tokens, d.lengths)}.values())
+        ordered = [seqs[j] for j in prefix_tree.lexicographic(seqs)]
+        own = np.array([len(s) for s in ordered]) - prefix_tree.shared_lengths(ordered)
+        return sum(len(prefix_tree.layout(ordered[a:b]).ids) for a, b in packs(own, max_tokens))
 
-    npg = {"prefix": sum(unique_tokens(d) for d in (train, val, test)) * (L - 1) * LIN,
+    npg = {"prefix": prefix_rows((train, val, test)) * (L - 1) * LIN,
            "steps": 0, "evals": 0}
     ref = {"steps": 0, "evals": 0}
     step, eval_rows = -1, []
@@ -164,9 +176,21 @@ SWEEP = [("2", "5e-5", "last-token"), ("2", "1e-4", "last-token"), ("1", "5e-5",
          ("1", "1e-4", "last-token"), ("1", "5e-5", "last-position")]
 
 
+def weights_file(work_dir):
+    """124M-shaped random weights in npgpt's HDF5 format, written once before any run: each npgpt
+    run reads them as a user's run reads the converted GPT-2 weights (`--weights`)."""
+    path = os.path.join(work_dir, "gpt2-124M-random.h5")
+    if not os.path.exists(path):
+        from npgpt.config import preset
+        from npgpt.params import init_params, save_params
+        config = preset("124M")
+        save_params(path, init_params(config, seed=123), config)
+    return path
+
+
 def run_npgpt(args, work_dir, k, extra=(), cache_dir=None):
     out = os.path.join(work_dir, f"npgpt-run{k}")
-    cmd = [sys.executable, "-u", "-m", "npgpt.train", "--random-init", "--data", args.data,
+    cmd = [sys.executable, "-u", "-m", "npgpt.train", "--weights", weights_file(work_dir), "--data", args.data,
            "--bpe-dir", args.bpe_dir, "--data-dir", os.path.join(work_dir, f"data-npgpt{k}"), "--out", out,
            "--epochs", str(args.epochs), "--threads", str(args.threads), "--quiet", "--no-plots",
            "--cache-dir", cache_dir or os.path.join(work_dir, f"prefix-cache-{k}"), *extra]

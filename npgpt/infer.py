@@ -1,15 +1,17 @@
-"""Fast inference for many texts: deduplicated, sorted by length, packed without padding.
+"""Fast inference for many texts: deduplicated, packed without padding, shared first tokens once.
 
     logits = packed_logits(params, config, tokens)          # tokens: list of id lists -> [N,K]
 
 What a batch of padded texts would compute, without the padding:
 - Repeated texts (the same token ids) are computed once.
-- The distinct sequences are sorted by length and packed one after another along one axis, about
-  `max_tokens` rows per pack, so every matmul of blocks 0..L-2 is one large GEMM over real tokens
-  only; attention keeps each sequence to itself (`model.block_forward(..., starts=...)`).
+- The distinct sequences are sorted in lexicographic order and packed one after another along
+  one axis, about `max_tokens` rows per pack, so every matmul of blocks 0..L-2 is one large GEMM
+  over real tokens only; the first tokens a sequence shares with the one before it are computed
+  once (`npgpt.prefix_tree`), and attention keeps each sequence to its own rows
+  (`model.block_forward(..., tree=...)`).
 - The last block runs only where the head reads (`model.block_forward_pooled`: keys and values
-  at every real token, the rest at the pooled one), on the pack laid out as a [B,T,C] batch;
-  sorted lengths make that batch nearly free of padding.
+  at every real token, the rest at the pooled one), on the pack laid out as a [B,T,C] batch
+  (it computes the seen rows alone, so the batch's padding costs memory, not time).
 
 Pooling: last_token reads each sequence's last real token, so the result does not depend on which
 texts share a pack: a text gets the same logits as `model.forward_cls` on it alone (to float32
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import model, ops
+from . import model, ops, prefix_tree
 from .prefix_cache import packs
 
 
@@ -47,11 +49,12 @@ def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)                 # [S]
     if lengths.min() < 1 or lengths.max() > config.n_ctx:
         raise ValueError(f"packed_logits: sequence lengths must be in 1..{config.n_ctx}")
-    order = np.argsort(lengths, kind="stable")                                  # [S] shortest first
+    order = prefix_tree.lexicographic(seqs)                                     # [S]
+    own = lengths[order] - prefix_tree.shared_lengths([seqs[j] for j in order])  # [S] rows each computes
     out = np.zeros((len(seqs), K), np.float32)                                  # [S,K]
     bar, update = _progress(progress, len(tokens), int(lengths.sum()))
     try:
-        for a, b in packs(lengths[order], max_tokens):
+        for a, b in packs(own, max_tokens):
             rows = order[a:b]
             out[rows] = _pack_logits(params, config, [seqs[r] for r in rows])
             update(int(lengths[rows].sum()))
@@ -62,22 +65,22 @@ def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max
 
 
 def _pack_logits(params, config, seqs):
-    """Logits [S,K] of one pack of sequences: blocks 0..L-2 packed, the last block pooled."""
+    """Logits [S,K] of one pack of sequences: blocks 0..L-2 on the pack's new rows (shared first
+    tokens once), the last block pooled."""
     L = config.n_layer
-    lengths = np.array([len(s) for s in seqs])                                  # [S]
-    starts = np.concatenate([[0], np.cumsum(lengths)])                          # [S+1]
-    ids = np.concatenate(seqs)                                                  # [N]
-    pos = np.arange(len(ids)) - np.repeat(starts[:-1], lengths)                 # [N]
-    x = params["wte"][ids] + params["wpe"][pos]                                 # [N,C]
+    lay = prefix_tree.layout(seqs)
+    lengths = np.diff(lay.pstarts)                                              # [S]
+    x = params["wte"][lay.ids] + params["wpe"][lay.pos]                         # [N,C] new rows
     for i in range(L - 1):
-        x, _ = model.block_forward(params, i, x, config.n_head, save=False, starts=starts)  # [N,C]
+        x, _ = model.block_forward(params, i, x, config.n_head, save=False, tree=lay.tree)  # [N,C]
     S, T, C = len(seqs), int(lengths.max()), x.shape[1]
     last = lengths - 1                                                          # [S] pooled positions
     if L == 0:
-        h = x[starts[1:] - 1]                                                   # [S,C]
+        h = x[lay.path[lay.pstarts[1:] - 1]]                                    # [S,C]
     else:
+        pos = np.arange(len(lay.path)) - np.repeat(lay.pstarts[:-1], lengths)   # [P] every position
         xb = np.zeros((S, T, C), x.dtype)                                       # [S,T,C]
-        xb[np.repeat(np.arange(S), lengths), pos] = x                           # unpacked; pads stay 0
+        xb[np.repeat(np.arange(S), lengths), pos] = x[lay.path]                 # unpacked; pads stay 0
         h, _ = model.block_forward_pooled(params, L - 1, xb, last, config.n_head, save=False)  # [S,C]
     h, _ = ops.layernorm_forward(h, params["ln_f/g"], params["ln_f/b"])         # [S,C]
     logits, _ = ops.linear_forward(h, params["cls/w"], params["cls/b"])         # [S,K]

@@ -124,6 +124,21 @@ def attention_packed_forward_np(qkv, starts, n_head, causal=True):
     return out
 
 
+def attention_tree_forward_np(qkv, path, pstarts, first_new, n_head):
+    """Causal `attention_forward_np` for sequences that share their first tokens (a prefix tree):
+    row path[pstarts[s] + t] of qkv holds position t of sequence s, and rows may be shared by
+    several sequences (positions 0..first_new[s]-1 of s are rows another sequence computed).
+    Only the rows new to each sequence (positions first_new[s]..) are written. Forward only.
+
+    qkv [N,3C], path [P] (row of each position), pstarts [S+1], first_new [S] -> out [N,C]"""
+    out = np.zeros((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype)            # [N,C]
+    for s in range(len(pstarts) - 1):
+        rows = path[pstarts[s]:pstarts[s + 1]]                                 # [T_s]
+        o = attention_forward_np(qkv[rows][None], n_head, True)[0][0]          # [T_s,C]
+        out[rows[first_new[s]:]] = o[first_new[s]:]
+    return out
+
+
 def attention_backward_np(dout, qkv, att, n_head, causal=True):
     """Backward of `attention_forward_np`, from the saved qkv and softmax probabilities att.
     (The mask needs no special case: masked entries of att are 0, so their gradients are too;
@@ -541,6 +556,66 @@ def attention_packed_forward_numba(qkv, starts, n_head, causal=True):
     return out
 
 
+@njit(fastmath=_FASTMATH, cache=True)
+def _head_rows(x, rows, start, D):
+    """x[rows, start:start+D] as a contiguous copy [T,D] (rows [T] of a packed x [N,3C])."""
+    T = rows.shape[0]
+    out = np.empty((T, D), x.dtype)                          # [T,D]
+    for t in range(T):
+        r = rows[t]
+        for d in range(D):
+            out[t, d] = x[r, start + d]
+    return out
+
+
+@njit(**_JIT)
+def _attention_tree_forward_kernel(qkv, path, pstarts, first_new, n_head, out):
+    N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    S = pstarts.shape[0] - 1
+    scale = qkv.dtype.type(1.0 / np.sqrt(D))
+    for sh in prange(S * n_head):                            # (sequence, head) pairs write disjoint rows
+        s = sh // n_head
+        h = sh % n_head
+        rows = path[pstarts[s]:pstarts[s + 1]]               # [T] the sequence's rows, shared ones first
+        T = rows.shape[0]
+        q = _head_rows(qkv, rows, h * D, D)                  # [T,D]
+        k = _head_rows(qkv, rows, C + h * D, D)              # [T,D]
+        v = _head_rows(qkv, rows, 2 * C + h * D, D)          # [T,D]
+        p = np.empty((T, T), qkv.dtype)                      # [T,T] scratch
+        _causal_dots(q, k, scale, p, True)
+        _causal_softmax_rows(p, True)
+        o = _lower_matmul(p, v, True)                        # [T,D]
+        for t in range(first_new[s], T):                     # the rows this sequence owns
+            for d in range(D):
+                out[rows[t], h * D + d] = o[t, d]
+
+
+def attention_tree_forward_numba(qkv, path, pstarts, first_new, n_head):
+    """Numba twin of `attention_tree_forward_np`. qkv [N,3C], path [P], pstarts [S+1], first_new [S]
+    -> out [N,C]. Every row must be new to exactly one sequence (it is then written once)."""
+    dt = _float_dtype(qkv)
+    qkv = _c(qkv, dt)
+    N, C3 = qkv.shape
+    _head_dim("attention_tree_forward", C3 // 3, n_head)
+    path = np.ascontiguousarray(path, dtype=np.int64)
+    pstarts = np.ascontiguousarray(pstarts, dtype=np.int64)
+    first_new = np.ascontiguousarray(first_new, dtype=np.int64)
+    S = len(pstarts) - 1
+    lengths = np.diff(pstarts)
+    if (S < 1 or pstarts[0] != 0 or pstarts[-1] != len(path) or np.any(lengths < 1)
+            or first_new.shape != (S,) or np.any(first_new < 0) or np.any(first_new >= lengths)
+            or (len(path) and (path.min() < 0 or path.max() >= N))):
+        raise ValueError("attention_tree_forward: path, pstarts and first_new do not describe sequences of rows")
+    owned = np.concatenate([path[a + f:b] for a, b, f in zip(pstarts[:-1], pstarts[1:], first_new)])
+    if len(owned) != N or np.any(np.bincount(owned, minlength=N) != 1):
+        raise ValueError("attention_tree_forward: every row must be new to exactly one sequence")
+    out = np.empty((N, C3 // 3), dt)                         # [N,C]
+    _attention_tree_forward_kernel(qkv, path, pstarts, first_new, n_head, out)
+    return out
+
+
 @njit(**_JIT)
 def _attention_backward_kernel(dout, qkv, att, n_head, causal, dqkv):
     B, T, C3 = qkv.shape
@@ -893,6 +968,7 @@ if USE_NUMBA:
     ln_linear_grads = ln_linear_grads_numba
     attention_forward = attention_forward_numba
     attention_packed_forward = attention_packed_forward_numba
+    attention_tree_forward = attention_tree_forward_numba
     attention_backward = attention_backward_numba
     attention_query_forward = attention_query_forward_numba
     attention_query_backward = attention_query_backward_numba
@@ -906,6 +982,7 @@ else:
     ln_linear_grads = ln_linear_grads_np
     attention_forward = attention_forward_np
     attention_packed_forward = attention_packed_forward_np
+    attention_tree_forward = attention_tree_forward_np
     attention_backward = attention_backward_np
     attention_query_forward = attention_query_forward_np
     attention_query_backward = attention_query_backward_np

@@ -175,7 +175,7 @@ def _qkv_backward(dy, saved, i, grads, need_dx=True, full=True):
     return dx, None, None
 
 
-def block_forward(params, i, x, n_head, save=True, starts=None, lora=None, causal=True, rows=None):
+def block_forward(params, i, x, n_head, save=True, starts=None, lora=None, causal=True, rows=None, tree=None):
     """Block i over every position. x [B,T,C] -> x [B,T,C] (and what backward needs, if save).
 
     With `starts`, x is instead [N,C]: sequences packed one after another along the rows
@@ -183,10 +183,16 @@ def block_forward(params, i, x, n_head, save=True, starts=None, lora=None, causa
     works row by row, so only attention needs to know where the sequences begin.
     With `rows` = (idx, B, T), x is [N,C] too: the rows idx (b*T + t, a causal prefix of each
     sequence, see `seen_rows`) of a [B,T] batch, forward and backward (causal attention only).
+    With `tree` = (path, pstarts, first_new), x is [N,C]: the rows of sequences that share their
+    first tokens, each shared row once (`npgpt.prefix_tree`), forward only, causal attention.
     lora: a `npgpt.lora.LoraSpec` when params hold LoRA pairs; causal=False drops the causal mask."""
     h1, ln1 = ops.layernorm_forward(x, _p(params, i, "ln_1/g"), _p(params, i, "ln_1/b"))    # [B,T,C]
     qkv, fc_attn = _qkv_forward(params, i, h1, lora)                                        # [B,T,3C]
-    if starts is not None:
+    if tree is not None:
+        if save or not causal:
+            raise ValueError("block_forward: shared-prefix rows (tree) are forward only, causal; pass save=False")
+        a, attn = ops.attention_tree_forward(qkv, *tree, n_head), None                      # [N,C]
+    elif starts is not None:
         if save:
             raise ValueError("block_forward: packed sequences (starts) are forward only; pass save=False")
         a, attn = ops.attention_packed_forward(qkv, starts, n_head, causal=causal), None    # [N,C]

@@ -190,6 +190,17 @@ def attention_packed_forward(qkv, starts, n_head, causal=True):
     return kernels.attention_packed_forward(qkv, starts, n_head, causal=causal)  # [N,C]
 
 
+
+def attention_tree_forward(qkv, path, pstarts, first_new, n_head):
+    """The causal core for sequences sharing their first tokens, each shared row computed once
+    (`npgpt.prefix_tree`): sequence s reads rows path[pstarts[s]:pstarts[s+1]] as its positions
+    0..T_s-1 and owns those from first_new[s] on. With causal attention a position depends only
+    on the tokens up to it, so two sequences that begin alike have the same rows there.
+    Forward only: for frozen blocks, nothing is saved.
+
+    qkv [N,3C], path [P], pstarts [S+1], first_new [S] -> out [N,C]"""
+    return kernels.attention_tree_forward(qkv, path, pstarts, first_new, n_head)  # [N,C]
+
 def attention_backward(dout, saved):
     """Through out = att v and att = softmax(s): datt = dout v^T, dv = att^T dout,
     ds = att * (datt - sum(datt * att)), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D).

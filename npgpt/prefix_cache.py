@@ -49,10 +49,10 @@ import time
 
 import numpy as np
 
-from . import kernels, model
+from . import kernels, model, prefix_tree
 from .errors import TrainingError
 
-VERSION = 1
+VERSION = 2              # 2: shared first tokens computed once (npgpt.prefix_tree)
 ENV = "NPGPT_CACHE_DIR"
 
 
@@ -292,12 +292,14 @@ class PrefixCache:
             self.log(f"computing the frozen prefix: {what}, {rows} tokens x {cols} = {nbytes / 2**20:.0f} MiB")
         out, tmp_path = self._new_array(key, rows, cols, dtype)
         try:
-            self._compute(params, config, seqs, lengths, offsets, src, start_depth, depth, out, progress,
-                          lora, causal)
+            computed = self._compute(params, config, seqs, lengths, offsets, src, start_depth, depth, out,
+                                     progress, lora, causal)
         except BaseException:                            # an error or Ctrl-C: leave no partial file
             if tmp_path is not None and os.path.exists(tmp_path):
                 os.remove(tmp_path)
             raise
+        if depth > 0 and computed is not None and computed < rows:
+            self.log(f"computed {computed} of the {rows} rows: first tokens that several sequences share, once")
         if use_disk:
             try:
                 out = self.write(key, out, meta, tmp_path)
@@ -325,7 +327,12 @@ class PrefixCache:
     def _compute(self, params, config, seqs, lengths, offsets, src, start_depth, depth, out, progress,
                  lora, causal):
         """Fill out [N,C] with the activations entering block `depth`, pack by pack, from the
-        embeddings (src None) or from src, the activations entering block start_depth."""
+        embeddings (src None) or from src, the activations entering block start_depth.
+        Causal attention: sequences in lexicographic order, the first tokens a sequence shares
+        with the one before it in its pack computed once (`npgpt.prefix_tree`)."""
+        if causal:
+            return self._compute_shared(params, config, seqs, lengths, offsets, src, start_depth, depth,
+                                        out, progress, lora)
         for a, b in packs(lengths, self.max_tokens):
             lo, hi = offsets[a], offsets[b]
             starts = offsets[a:b + 1] - lo                                             # [n+1]
@@ -341,6 +348,30 @@ class PrefixCache:
             out[lo:hi] = x
             if progress:
                 progress(int(hi - lo))
+
+
+    def _compute_shared(self, params, config, seqs, lengths, offsets, src, start_depth, depth, out,
+                        progress, lora):
+        """`_compute` for causal attention, on each pack's new rows alone (see `npgpt.prefix_tree`)."""
+        order = prefix_tree.lexicographic(seqs)                                   # [S]
+        computed = 0                                                               # rows computed
+        own = lengths[order] - prefix_tree.shared_lengths([seqs[j] for j in order])  # [S] rows each computes
+        for a, b in packs(own, self.max_tokens):
+            members = order[a:b]                                                   # [n] sequence indices
+            lay = prefix_tree.layout([seqs[j] for j in members])
+            if src is None:
+                x = params["wte"][lay.ids] + params["wpe"][lay.pos]                # [n_new,C]
+            else:
+                x = np.array(src[offsets[members][lay.seq] + lay.pos])             # [n_new,C]
+            for i in range(start_depth, depth):
+                x, _ = model.block_forward(params, i, x, config.n_head, save=False, tree=lay.tree,
+                                           lora=lora)                              # [n_new,C]
+            for m, j in enumerate(members):                                        # every position, shared or not
+                out[offsets[j]:offsets[j + 1]] = x[lay.rows_of(m)]
+            computed += len(lay.ids)
+            if progress:
+                progress(int(lengths[members].sum()))
+        return computed
 
 
 def prefetch(feats, rows) -> None:

@@ -13,6 +13,9 @@ def _setup(seed=0, n=50, max_len=30, n_layer=3, K=3):
     params = P.init_params(cfg, seed=seed, num_classes=K)
     rng = np.random.default_rng(seed)
     tokens = [list(rng.integers(0, 50257, size=int(rng.integers(1, max_len)))) for _ in range(n)]
+    for j in range(8, 16):                                          # texts that begin like others
+        tokens.append(tokens[j][:1 + len(tokens[j]) // 2] + list(rng.integers(0, 50257, size=3)))
+    tokens.append(tokens[20] + tokens[21][:2])                      # one text all prefix of another
     tokens += [tokens[3], tokens[0], tokens[3]]                     # repeats
     return cfg, params, tokens
 

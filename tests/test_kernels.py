@@ -146,6 +146,39 @@ def test_attention_packed_numba_matches_numpy_and_each_sequence_alone(dtype, len
         assert rel_err(out[s:e], alone[0]) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_tree_numba_matches_numpy_and_each_sequence_alone(dtype):
+    from npgpt import prefix_tree
+    H, D = 3, 5
+    seqs = [np.array(s) for s in ([1], [1, 2, 3], [1, 2, 4, 4, 5], [1, 2, 4, 6], [7, 7], [8] * 40, [8] * 41)]
+    lay = prefix_tree.layout(seqs)
+    assert len(lay.ids) == 1 + 2 + 3 + 1 + 2 + 41
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((len(lay.ids), 3 * H * D)).astype(dtype)     # [N,3C]
+    out = K.attention_tree_forward_numba(qkv, *lay.tree, H)
+    out_np = K.attention_tree_forward_np(qkv, *lay.tree, H)
+    assert out.dtype == dtype and out.shape == (len(lay.ids), H * D)
+    assert rel_err(out, out_np) <= TOL[dtype]
+    for m in range(len(seqs)):                                # each sequence as if alone
+        rows = lay.rows_of(m)
+        alone, _ = K.attention_forward_np(qkv[rows][None], H)
+        assert rel_err(out[rows], alone[0]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("case", ["owned twice", "owned by none", "first_new too large", "row out of range"])
+def test_attention_tree_rejects_bad_layouts(case):
+    path, pstarts, first_new = np.array([0, 1, 0, 2]), np.array([0, 2, 4]), np.array([0, 1])
+    if case == "owned twice":
+        first_new = np.array([0, 0])
+    elif case == "owned by none":
+        path = np.array([0, 1, 0, 1])
+    elif case == "first_new too large":
+        first_new = np.array([0, 2])
+    else:
+        path = np.array([0, 1, 0, 3])
+    with pytest.raises(ValueError, match="attention_tree_forward"):
+        K.attention_tree_forward_numba(np.zeros((3, 9), np.float32), path, pstarts, first_new, 1)
+
 @pytest.mark.parametrize("starts", [[0, 3, 3, 6], [1, 6], [0, 5], [0, 7]])
 def test_attention_packed_rejects_bad_starts(starts):
     qkv = np.zeros((6, 9), np.float32)
