@@ -14,7 +14,7 @@ memory (the child's own getrusage maximum) are measured from outside.
   npgpt     `python -m npgpt.train --weights ...` as a user runs it (the weights: 124M-shaped
             random ones, written to an HDF5 file before the runs): last-real-token pooling,
             the frozen blocks 0..10 computed once per distinct message at its true length (many
-            messages packed into each matmul), the last block only where the head reads (keys
+            messages packed into each matmul, the first tokens that messages share once), the last block only where the head reads (keys
             and values at the real tokens, the rest at the last one).
   PyTorch   benchmarks/torch_finetune.py: the reference's procedure (every message padded to 120
             tokens, the logits at the last position, all 12 blocks every step and every evaluation).
@@ -32,7 +32,8 @@ every message padded to 120, so other token ids) computes its own prefix. Their 
 with one cold run.
 
 Work and lower bound: the matmul FLOPs of the linear layers each side must do (npgpt: blocks 0..10
-once over every token of the distinct messages of train, validation and test at true length,
+once over the rows of the distinct messages of train, validation and test at true length that its
+packs compute (a first token shared with the message before it in the pack: once),
 then per step and per evaluation the last block's rows; PyTorch: all 12 blocks over 8 x 120 tokens per step and per
 evaluation batch, plus the last block's backward), divided by a GEMM peak measured here with
 NumPy at the same thread count (the best of the model's linear-layer shapes at 4096 rows).
