@@ -151,7 +151,7 @@ def bias_rows(calls):
     r = interleaved(fns, max(10, calls // 4))
     mm = sum(v for k, v in r.items() if k.startswith("matmul"))
     ba = sum(v for k, v in r.items() if k.startswith("bias"))
-    return {"matmuls ms": mm, "bias adds ms": ba, "bias share": ba / mm}
+    return {"matmuls": mm, "bias adds": ba, "bias share": ba / mm}
 
 
 def main(argv=None):
@@ -166,7 +166,7 @@ def main(argv=None):
         out[name] = r
         print(f"\n{name}:")
         for k, v in r.items():
-            print(f"  {k:32s} {v:9.3f}" + (" ms" if isinstance(v, float) and "share" not in k and k != "rows" else ""))
+            print(f"  {k:32s} " + (f"{v:9d}" if isinstance(v, int) else f"{v:9.3f}" + ("" if "share" in k else " ms")))
     write_json(args.json, out)
 
 
