@@ -118,11 +118,8 @@ def count_work(args, work_dir):
         once), in the packs `npgpt.prefix_cache` makes, the first tokens a message shares with the
         one before it in its pack once (`npgpt.prefix_tree`)."""
         from npgpt import prefix_tree
-        from npgpt.prefix_cache import packs
         seqs = list({tuple(t[:n]): np.array(t[:n]) for d in datasets for t, n in zip(d.tokens, d.lengths)}.values())
-        ordered = [seqs[j] for j in prefix_tree.lexicographic(seqs)]
-        own = np.array([len(s) for s in ordered]) - prefix_tree.shared_lengths(ordered)
-        return sum(len(prefix_tree.layout(ordered[a:b]).ids) for a, b in packs(own, max_tokens))
+        return sum(len(lay.ids) for _, lay in prefix_tree.packed_layouts(seqs, max_tokens))
 
     npg = {"prefix": prefix_rows((train, val, test)) * (L - 1) * LIN,
            "steps": 0, "evals": 0}

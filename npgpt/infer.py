@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import model, ops, prefix_tree
-from .prefix_cache import packs
 
 
 def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max_tokens=2048, progress=None):
@@ -49,14 +48,11 @@ def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)                 # [S]
     if lengths.min() < 1 or lengths.max() > config.n_ctx:
         raise ValueError(f"packed_logits: sequence lengths must be in 1..{config.n_ctx}")
-    order = prefix_tree.lexicographic(seqs)                                     # [S]
-    own = lengths[order] - prefix_tree.shared_lengths([seqs[j] for j in order])  # [S] rows each computes
     out = np.zeros((len(seqs), K), np.float32)                                  # [S,K]
     bar, update = _progress(progress, len(tokens), int(lengths.sum()))
     try:
-        for a, b in packs(own, max_tokens):
-            rows = order[a:b]
-            out[rows] = _pack_logits(params, config, [seqs[r] for r in rows])
+        for rows, lay in prefix_tree.packed_layouts(seqs, max_tokens):         # rows [n]
+            out[rows] = _pack_logits(params, config, lay)
             update(int(lengths[rows].sum()))
     finally:
         if bar is not None:
@@ -64,16 +60,15 @@ def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max
     return out[np.array(where)]                                                 # [N,K]
 
 
-def _pack_logits(params, config, seqs):
-    """Logits [S,K] of one pack of sequences: blocks 0..L-2 on the pack's new rows (shared first
-    tokens once), the last block pooled."""
+def _pack_logits(params, config, lay):
+    """Logits [S,K] of one pack of sequences (its `prefix_tree.Layout`): blocks 0..L-2 on the
+    pack's new rows (shared first tokens once), the last block pooled."""
     L = config.n_layer
-    lay = prefix_tree.layout(seqs)
     lengths = np.diff(lay.pstarts)                                              # [S]
     x = params["wte"][lay.ids] + params["wpe"][lay.pos]                         # [N,C] new rows
     for i in range(L - 1):
         x, _ = model.block_forward(params, i, x, config.n_head, save=False, tree=lay.tree)  # [N,C]
-    S, T, C = len(seqs), int(lengths.max()), x.shape[1]
+    S, T, C = len(lengths), int(lengths.max()), x.shape[1]
     last = lengths - 1                                                          # [S] pooled positions
     if L == 0:
         h = x[lay.path[lay.pstarts[1:] - 1]]                                    # [S,C]

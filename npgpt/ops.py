@@ -96,7 +96,7 @@ def linear_backward(dy, saved, need_dx=True, need_dw=True):
     return dx, dw, db
 
 
-def layernorm_linear_param_grads(M, dc, w, g, b, out=None):
+def layernorm_linear_param_grads(M, dc, w, g, b):
     """The parameter gradients of y = LN(x) @ w + c when x itself needs no gradient (the first
     trainable block, whose input is the frozen prefix), from one product M instead of two.
 
@@ -190,7 +190,6 @@ def attention_packed_forward(qkv, starts, n_head, causal=True):
     return kernels.attention_packed_forward(qkv, starts, n_head, causal=causal)  # [N,C]
 
 
-
 def attention_tree_forward(qkv, path, pstarts, first_new, n_head):
     """The causal core for sequences sharing their first tokens, each shared row computed once
     (`npgpt.prefix_tree`): sequence s reads rows path[pstarts[s]:pstarts[s+1]] as its positions
@@ -200,6 +199,7 @@ def attention_tree_forward(qkv, path, pstarts, first_new, n_head):
 
     qkv [N,3C], path [P], pstarts [S+1], first_new [S] -> out [N,C]"""
     return kernels.attention_tree_forward(qkv, path, pstarts, first_new, n_head)  # [N,C]
+
 
 def attention_backward(dout, saved):
     """Through out = att v and att = softmax(s): datt = dout v^T, dv = att^T dout,

@@ -349,20 +349,15 @@ class PrefixCache:
             if progress:
                 progress(int(hi - lo))
 
-
     def _compute_shared(self, params, config, seqs, lengths, offsets, src, start_depth, depth, out,
                         progress, lora):
         """`_compute` for causal attention, on each pack's new rows alone (see `npgpt.prefix_tree`)."""
-        order = prefix_tree.lexicographic(seqs)                                   # [S]
         computed = 0                                                               # rows computed
-        own = lengths[order] - prefix_tree.shared_lengths([seqs[j] for j in order])  # [S] rows each computes
-        for a, b in packs(own, self.max_tokens):
-            members = order[a:b]                                                   # [n] sequence indices
-            lay = prefix_tree.layout([seqs[j] for j in members])
+        for members, lay in prefix_tree.packed_layouts(seqs, self.max_tokens):    # members [n]
             if src is None:
                 x = params["wte"][lay.ids] + params["wpe"][lay.pos]                # [n_new,C]
             else:
-                x = np.array(src[offsets[members][lay.seq] + lay.pos])             # [n_new,C]
+                x = np.asarray(src[offsets[members][lay.seq] + lay.pos])           # [n_new,C] a copy
             for i in range(start_depth, depth):
                 x, _ = model.block_forward(params, i, x, config.n_head, save=False, tree=lay.tree,
                                            lora=lora)                              # [n_new,C]

@@ -65,11 +65,16 @@ class Layout:
         return self.path[self.pstarts[s]:self.pstarts[s + 1]]
 
 
-def layout(seqs) -> Layout:
+def layout(seqs, shared=None) -> Layout:
     """The shared-prefix layout of sequences in the order given (sort them with `lexicographic`
-    for the most sharing): sequence j reads its first `shared_lengths` tokens' rows from j-1."""
-    shared = shared_lengths(seqs)                                               # [S]
+    for the most sharing): sequence j reads its first shared[j] tokens' rows from j-1.
+    shared: `shared_lengths(seqs)` when None (the first sequence shares nothing whatever it says)."""
+    shared = shared_lengths(seqs) if shared is None else np.array(shared, dtype=np.int64)  # [S]
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)                  # [S]
+    if not len(seqs):
+        empty = np.zeros(0, np.int64)
+        return Layout(empty, empty, empty, empty, np.zeros(1, np.int64), empty)
+    shared[0] = 0
     pstarts = np.concatenate([[0], np.cumsum(lengths)])                         # [S+1]
     path = np.empty(int(pstarts[-1]), dtype=np.int64)                           # [P]
     ids, pos, seq = [], [], []
@@ -80,8 +85,19 @@ def layout(seqs) -> Layout:
             path[pstarts[j]:pstarts[j] + k] = path[pstarts[j - 1]:pstarts[j - 1] + k]
         path[pstarts[j] + k:pstarts[j + 1]] = np.arange(n, n + T - k)
         ids.append(np.asarray(s[k:], dtype=np.int64))
-        pos.append(np.arange(k, T))
-        seq.append(np.full(T - k, j))
+        pos.append(np.arange(k, T, dtype=np.int64))
+        seq.append(np.full(T - k, j, dtype=np.int64))
         n += T - k
-    cat = (lambda parts: np.concatenate(parts).astype(np.int64)) if seqs else (lambda parts: np.zeros(0, np.int64))
-    return Layout(cat(ids), cat(pos), cat(seq), path, pstarts, shared)
+    return Layout(np.concatenate(ids), np.concatenate(pos), np.concatenate(seq), path, pstarts, shared)
+
+
+def packed_layouts(seqs, max_tokens: int):
+    """The sequences in lexicographic order, in packs of about max_tokens computed rows, each pack
+    with its layout (sharing stops at a pack's first sequence).
+    -> list of (members [n] indices into seqs, Layout of those sequences in that order)"""
+    from .prefix_cache import packs                  # (prefix_cache imports this module)
+    order = lexicographic(seqs)                                                 # [S]
+    ordered = [seqs[j] for j in order]
+    shared = shared_lengths(ordered)                                            # [S]
+    own = np.array([len(s) for s in ordered], dtype=np.int64) - shared          # [S] rows each computes
+    return [(order[a:b], layout(ordered[a:b], shared[a:b])) for a, b in packs(own, max_tokens)]

@@ -209,3 +209,34 @@ def test_disk_full_keeps_previous_checkpoint(data_args, tmp_path, monkeypatch):
     with h5py.File(out / "checkpoint.h5", "r") as f:
         state = json.loads(f.attrs["state"])["run_state"]
     assert state["epoch"] == 1 and state["batch"] == 0
+
+
+def _spam(lengths, pad_to, seed=0):
+    from npgpt.data import SpamDataset
+    rng = np.random.default_rng(seed)
+    tokens = [list(rng.integers(0, 50000, n)) for n in lengths]
+    return SpamDataset(tokens, np.array(lengths), rng.integers(0, 2, len(lengths)), np.arange(len(lengths)), pad_to)
+
+
+@pytest.mark.parametrize("pooling,pad_to,causal,free", [
+    ("last_token", None, True, True), ("mean", None, True, True), ("last_position", 12, True, True),
+    ("last_position", None, True, False), ("last_token", None, False, False), ("last_token", 12, False, True)])
+def test_estimate_batches_merge_only_where_grouping_changes_nothing(pooling, pad_to, causal, free):
+    """Estimates run their batches as one forward pass only where a message's logits do not depend
+    on its batch; there the loss and accuracy equal the batch-by-batch ones."""
+    cfg = preset("tiny")
+    params = P.init_params(cfg, seed=3, num_classes=2)
+    d = _spam([3, 9, 1, 12, 5, 7, 2, 11, 4, 6], pad_to)
+    batches = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([6, 7, 8, 9])]
+    assert finetune.grouping_free(d, pooling, causal) is free
+    groups = finetune.eval_groups(d, batches, pooling, causal)
+    s = finetune.TrainSettings(pooling=pooling, causal=causal)
+    by_batch = finetune.evaluate(params, cfg, d, s, batches=batches)
+    merged = finetune.evaluate(params, cfg, d, s, batches=[np.concatenate(batches)])
+    if not free:                              # one pass would change the loss: the batches stay
+        assert groups is batches
+        assert merged[0] != pytest.approx(by_batch[0], rel=1e-6)
+        return
+    assert len(groups) == 1 and np.array_equal(groups[0], np.arange(10))
+    assert merged[0] == pytest.approx(by_batch[0], rel=1e-6) and merged[1] == by_batch[1]
+    np.testing.assert_array_equal(merged[2], by_batch[2])
