@@ -1,0 +1,129 @@
+"""Files on disk: the few mechanisms every writer of npgpt shares, each written once.
+
+    atomic_write(path)      a file appears whole or not at all (temporary name, fsync, rename)
+    write_json(path, obj)   a JSON file, written that way
+    temp_path(folder, name) a temporary file name that says which process writes it
+    temp_owner(name)        ... and reads that process back from the name
+    sha256_file(path)       the sha256 of a file's bytes, read in chunks
+    process_alive(pid)      whether a process runs on this machine
+
+Why a write is atomic: a reader (another run, a later `--resume`, the user's `ls`) sees either the
+old file or the new one, never half of one, and a failed or interrupted write (a full disk, Ctrl-C,
+a kill) leaves the old file as it was. The bytes go to a temporary file in the same folder (a
+rename is atomic only within one file system), which is flushed to the disk (fsync) and then
+renamed over the target; the folder is fsynced too, so that the rename itself survives a crash.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(folder, name: str) -> str:
+    """A fresh temporary path in `folder` for a file that will become `name`: `.<name>.<pid>.<random>.tmp`.
+    The pid tells a later process whether the writer still runs (`temp_owner`), so a file left by a
+    killed process can be told from one being written now."""
+    fd, path = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
+    os.close(fd)
+    return path
+
+
+def temp_owner(filename: str):
+    """The pid in a name made by `temp_path`, or None when the name is not one of those."""
+    parts = os.path.basename(filename).split(".")
+    # "", name parts..., pid, random, "tmp"
+    if len(parts) < 5 or parts[0] != "" or parts[-1] != TEMP_SUFFIX[1:] or not parts[-3].isdigit():
+        return None
+    return int(parts[-3])
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def fsync_folder(folder) -> None:
+    """Make a rename in `folder` durable (where the system lets a folder be opened and synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp, path) -> None:
+    """Move the finished file `tmp` onto `path`: fsync its bytes, rename, fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """`with atomic_write(path) as tmp: <write the file tmp>`: on success tmp becomes `path`, with
+    the permissions any new file gets (0666 less the umask, not tempfile's private 0600); on an
+    error tmp is removed and `path` is left as it was. The folder must exist."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temp_path(folder, os.path.basename(path))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        replace_durably(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def write_json(path, obj, indent=1) -> None:
+    """Write obj as JSON to path, atomically."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=indent)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Write bytes to path, atomically."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes (hex), read 4 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one owned by another user counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                         # exists, but owned by someone else
+        return True
+    return True
