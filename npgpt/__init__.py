@@ -1,7 +1,12 @@
 """npgpt: GPT-2 from scratch in NumPy, backward pass by hand, fine-tuned on the CPU.
 
-Importing npgpt changes nothing in the process. The command-line tools call `tune_runtime()`
-(below) first thing; call it yourself, before importing NumPy, to get the same speed in a script.
+    npgpt.fit(texts, labels, model="tiny")      -> a trained Classifier (npgpt.api)
+    npgpt.load_classifier("runs/x/classifier.h5")
+    npgpt.GPT2Classifier(model="tiny").fit(X, y) scikit-learn's conventions (npgpt.estimator)
+
+Importing npgpt changes nothing in the process and imports nothing heavy. The command-line tools
+call `tune_runtime()` (below) first thing; call it yourself, before importing NumPy, to get the
+same speed in a script. docs/modules.md maps the modules.
 """
 import os as _os
 
@@ -66,3 +71,11 @@ def load_classifier(path, bpe_dir=None, batch_size=8):
     """Read a classifier file written by `fit`, `Classifier.save` or `python -m npgpt.train`."""
     from .classify import load_classifier as _load
     return _load(path, bpe_dir, batch_size)
+
+
+def __getattr__(name):
+    """`npgpt.GPT2Classifier`, imported when first used (so `import npgpt` stays light)."""
+    if name == "GPT2Classifier":
+        from .estimator import GPT2Classifier
+        return GPT2Classifier
+    raise AttributeError(f"module 'npgpt' has no attribute {name!r}")

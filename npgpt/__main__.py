@@ -40,7 +40,7 @@ def main(argv=None):
     tune_runtime()                        # before the command imports NumPy
     import importlib
     from .cli import run
-    module = importlib.import_module(f"npgpt.{name}")
+    module = importlib.import_module(f"npgpt.cli.{name}")
     run(module.main, argv[1:], prog=f"npgpt {name}")
 
 

@@ -8,8 +8,8 @@ One HDF5 file, `checkpoint.h5` in the run folder:
     attrs["state"]     JSON: epoch, batch in epoch, global step, examples seen, AdamW step count,
                        metrics so far, the run's arguments
 
-Written atomically: a temporary file, flushed and fsynced, then renamed over the old one. A write
-that fails (disk full, Ctrl-C) leaves the previous checkpoint as it was.
+Written atomically (`npgpt.fileio.atomic_write`): a write that fails (disk full, Ctrl-C) leaves
+the previous checkpoint as it was.
 """
 from __future__ import annotations
 
@@ -19,47 +19,31 @@ import os
 import numpy as np
 
 from .errors import FormatError, TrainingError
+from .fileio import atomic_write
 
 CHECKPOINT = "checkpoint.h5"
 
 
 def save_checkpoint(run_dir, params: dict, trainable: list, opt, state: dict, order=None) -> str:
+    """Write the run's checkpoint (atomically: the previous one stays whole until this one is)."""
     import h5py
 
     path = os.path.join(run_dir, CHECKPOINT)
-    tmp = path + ".tmp"
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["state"] = json.dumps(state)
-            f.attrs["adam_t"] = opt.t
-            for name in trainable:
-                f.create_dataset(f"params/{name}", data=params[name])
-                if name in opt.m:
-                    f.create_dataset(f"adam/m/{name}", data=opt.m[name])
-                    f.create_dataset(f"adam/v/{name}", data=opt.v[name])
-            if order is not None:
-                f.create_dataset("order", data=np.asarray(order))
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        try:   # make the rename itself durable
-            dfd = os.open(run_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise TrainingError(f"cannot write checkpoint {path} ({e.strerror or e}); "
-                                "the previous checkpoint is unchanged") from None
-        raise
+        with atomic_write(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["state"] = json.dumps(state)
+                f.attrs["adam_t"] = opt.t
+                for name in trainable:
+                    f.create_dataset(f"params/{name}", data=params[name])
+                    if name in opt.m:
+                        f.create_dataset(f"adam/m/{name}", data=opt.m[name])
+                        f.create_dataset(f"adam/v/{name}", data=opt.v[name])
+                if order is not None:
+                    f.create_dataset("order", data=np.asarray(order))
+    except OSError as e:
+        raise TrainingError(f"cannot write checkpoint {path} ({e.strerror or e}); "
+                            "the previous checkpoint is unchanged") from None
     return path
 
 
@@ -105,23 +89,25 @@ def strip_params(path) -> int:
     import h5py
 
     path = os.fspath(path)
-    tmp = path + ".tmp"
     try:
-        with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
-            for k, v in src.attrs.items():
-                dst.attrs[k] = v
-            for name in src:
-                if name != "params":
-                    src.copy(src[name], dst, name=name)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise TrainingError(f"cannot rewrite checkpoint {path} ({e.strerror or e}); it is unchanged") from None
-        raise
+        with atomic_write(path) as tmp:
+            with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
+                for k, v in src.attrs.items():
+                    dst.attrs[k] = v
+                for name in src:
+                    if name != "params":
+                        src.copy(src[name], dst, name=name)
+    except OSError as e:
+        raise TrainingError(f"cannot rewrite checkpoint {path} ({e.strerror or e}); it is unchanged") from None
     return os.path.getsize(path)
+
+
+def read_state(run_dir) -> dict:
+    """The JSON state of a run folder's checkpoint: run_state, the run's settings."""
+    import h5py
+    path = os.path.join(run_dir, CHECKPOINT)
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["state"])
+    except Exception as e:
+        raise FormatError(f"{path}: not a readable checkpoint ({e})") from None

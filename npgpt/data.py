@@ -1,6 +1,7 @@
-"""The SMS Spam Collection: fetch, parse, balance, split; and, for any labelled text, tokenize, batch.
+"""The SMS Spam Collection: fetch, parse, balance, split, as the reference does.
 
-(A user's own tables are read and split by `npgpt.tabular`; from there on both take this path.)
+(A user's own tables are read and split by `npgpt.tabular`; both are then tokenized and batched
+by `npgpt.dataset`.)
 
 The pipeline, one function a step:
 
@@ -9,10 +10,6 @@ The pipeline, one function a step:
                                            (parse="pandas", the reference's read, or "strict")
     balance_and_split                      undersample ham, shuffle, 70/10/20 -> 3 DataFrames
     prepare_splits                         all of the above, writing/reusing train/validation/test.csv
-    tokenize                               texts -> TokenRows (all ids in one flat array, with offsets)
-    make_datasets                          DataFrames -> SpamDataset (token ids, lengths, labels)
-    train_batches / eval_batches           index arrays per batch
-    make_batch                             ids [B,T] right-padded with 50256, lengths [B]
 
 `Line` is the 1-based line number where a message starts in SMSSpamCollection. The corpus has
 duplicate messages (5574 lines, 5171 distinct), so Line, not Text, identifies a row.
@@ -34,17 +31,15 @@ import csv
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from .dataset import SEED
 from .errors import DataError, FormatError
-from .tokenizer import PAD_ID, encode
+from .fileio import atomic_write, write_bytes
 
 LABELS = ("ham", "spam")             # label id 0, 1
 SPLITS = ("train", "validation", "test")
@@ -54,7 +49,6 @@ DATA_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 MIRROR_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
 DEFAULT_DATA_DIR = "data"            # under the current directory
-SEED = 123
 HEADER_WORDS = ("label", "labels", "class", "category", "target", "type")
 
 
@@ -113,7 +107,7 @@ def extract_sms_spam(zip_path, out_dir) -> Path:
         raise FormatError(f"{zip_path}: no {DATA_FILE} inside (nor inside a zip within it)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in found.items():
-        _write_atomic(out_dir / name, data)
+        write_bytes(out_dir / name, data)
     return out_dir / DATA_FILE
 
 
@@ -132,38 +126,6 @@ def _find_members(zf: zipfile.ZipFile, names: set, depth: int) -> dict:
                 if DATA_FILE in found:
                     break
     return found
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    with _temporary_beside(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it and putting it back; once per call, no file made)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _temporary_beside(path: Path):
-    """A fresh temporary file name in path's folder, renamed onto `path` when the block ends.
-
-    The name is unique (tempfile), so two processes writing the same target never touch each
-    other's half-written file; os.replace is atomic, so a reader sees the old file or the new one.
-    On an error the temporary file is removed and `path` is left as it was. The file gets the
-    permissions any new file gets (0666 less the umask), not mkstemp's private 0600."""
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +333,7 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, p in zip(splits, csvs):
         write_split_csv(split, p)
-    _write_atomic(out_dir / SPLITS_RECIPE, json.dumps(recipe).encode())
+    write_bytes(out_dir / SPLITS_RECIPE, json.dumps(recipe).encode())
     return tuple(_tag(s, messages.attrs["skipped"], messages.attrs["warning"]) for s in splits)
 
 
@@ -387,7 +349,7 @@ def _read_recipe(out_dir: Path):
 def write_split_csv(df: pd.DataFrame, path) -> None:
     """Write a split atomically, every text quoted (a bare "\r" inside a text would otherwise
     end the CSV row)."""
-    with _temporary_beside(Path(path)) as tmp:
+    with atomic_write(path) as tmp:
         df.to_csv(tmp, index=False, encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC)
 
 
@@ -419,184 +381,9 @@ def read_split_csv(path) -> pd.DataFrame:
     return df
 
 
-# ---------------------------------------------------------------------------------------------
-# Tokenizing and batching
-
-
-@dataclass
-class SpamDataset:
-    """One split, tokenized. Row i: tokens[i] (unpadded ids), lengths[i], labels[i]."""
-    tokens: object        # TokenRows (or a list of id lists), each row already cut to the length limit
-    lengths: np.ndarray   # [N] int64, len(tokens[i])
-    labels: np.ndarray    # [N] int64, class ids (SMS: 0 ham / 1 spam)
-    lines: np.ndarray     # [N] int64, line in SMSSpamCollection (-1 if unknown)
-    pad_to: int | None    # batches are padded to this length; None: to each batch's longest
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batch(self, indices):
-        """ids [B,T] int64, lengths [B] int64, labels [B] int64 for the given rows."""
-        ids, lengths = make_batch(self.tokens, indices, self.pad_to)
-        return ids, lengths, self.labels[np.asarray(indices)]
-
-
-def pad_length(train_lengths, padding="longest", context_length=1024):
-    """The length every batch is padded to, or None to pad each batch to its own longest row.
-
-    padding: "longest" (the longest training example, cut to context_length: the reference's 120),
-    an int (a fixed length), or "batch".
-    """
-    if padding == "longest":
-        lengths = [t if np.isscalar(t) else len(t) for t in train_lengths]   # lengths, or token lists
-        return int(min(max(lengths), context_length))
-    if padding == "batch":
-        return None
-    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
-        if not 1 <= padding <= context_length:
-            raise DataError(f"pad length {padding} is outside 1..{context_length} (the context length)")
-        return int(padding)
-    raise DataError(f"padding must be 'longest', 'batch' or a length, got {padding!r}")
-
-
-class TokenRows:
-    """Token ids of many texts in one flat array: row i is ids[offsets[i]:offsets[i+1]].
-
-    `rows[i]` is a view of that slice (no Python list per text), `len(rows)` the number of rows,
-    so a TokenRows stands wherever a list of id lists did (make_batch, the prefix cache)."""
-
-    def __init__(self, ids, offsets):
-        self.ids = np.asarray(ids, dtype=np.int64)              # [sum of lengths]
-        self.offsets = np.asarray(offsets, dtype=np.int64)      # [N+1], offsets[0] = 0
-
-    @classmethod
-    def from_lists(cls, lists):
-        lengths = np.array([len(t) for t in lists], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        ids = np.fromiter((i for t in lists for i in t), dtype=np.int64, count=int(offsets[-1]))
-        return cls(ids, offsets)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)                            # [N]
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        return self.ids[self.offsets[i]:self.offsets[i + 1]]
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def cut(self, limit: int) -> "TokenRows":
-        """Every row cut to its first `limit` ids."""
-        lengths = np.minimum(self.lengths, limit)               # [N]
-        keep = np.arange(len(self.ids)) - np.repeat(self.offsets[:-1], self.lengths) < np.repeat(lengths, self.lengths)
-        return TokenRows(self.ids[keep], np.concatenate([[0], np.cumsum(lengths)]))
-
-
-def tokenize(tok, texts, batch_size=1024, progress=None) -> TokenRows:
-    """GPT-2 ids of every text (special tokens as plain text), encoded in batches of
-    `batch_size` (tiktoken's threads) into one flat TokenRows. progress(n) after each batch."""
-    texts = list(texts)
-    ids, offsets = [], [np.zeros(1, np.int64)]
-    end = 0
-    for start in range(0, len(texts), batch_size):
-        lists = tok.encode_batch(texts[start:start + batch_size], disallowed_special=())
-        lengths = np.array([len(t) for t in lists], dtype=np.int64)
-        ids.append(np.fromiter((i for t in lists for i in t), dtype=np.int64, count=int(lengths.sum())))
-        offsets.append(end + np.cumsum(lengths))
-        end += int(lengths.sum())
-        if progress:
-            progress(len(lists))
-    return TokenRows(np.concatenate(ids) if ids else np.zeros(0, np.int64), np.concatenate(offsets))
-
-
-def make_datasets(splits, tok, padding="longest", context_length=1024, progress=False):
-    """Tokenize each DataFrame of `splits` (the first is the training set) into a SpamDataset.
-
-    Each frame has columns Label (class id) and Text, optionally Line. Every split is cut to the
-    same limit: the pad length, or context_length with "batch" padding. So with "longest",
-    validation and test messages longer than the longest training message are truncated to it,
-    as in the reference. progress: a tqdm bar over the texts when True.
-    """
-    from tqdm import tqdm
-
-    total = sum(len(df) for df in splits)
-    from .cli import bar_options
-    with tqdm(total=total, unit="text", desc="tokenizing", disable=not progress or total < 5000, **bar_options(),
-              leave=False) as bar:
-        encoded = [tokenize(tok, df["Text"].tolist(), progress=bar.update) for df in splits]
-    pad_to = pad_length(encoded[0].lengths, padding, context_length)
-    limit = pad_to if pad_to is not None else context_length
-    datasets = []
-    for df, rows in zip(splits, encoded):
-        lines = df["Line"].to_numpy(np.int64) if "Line" in df.columns else np.full(len(df), -1, np.int64)
-        empty = np.flatnonzero(rows.lengths == 0)
-        if len(empty):
-            raise DataError(f"message {empty[0]} (line {lines[empty[0]]}) has no tokens")
-        tokens = rows.cut(limit)
-        datasets.append(SpamDataset(
-            tokens=tokens,
-            lengths=tokens.lengths,                                       # [N]
-            labels=df["Label"].to_numpy(np.int64),                        # [N]
-            lines=lines,                                                  # [N]
-            pad_to=pad_to))
-    return tuple(datasets)
-
-
-TextDataset = SpamDataset   # the same tokenized split, for any labelled text
-
-
-def make_batch(token_lists, indices, pad_to=None):
-    """Right-pad the chosen rows with PAD_ID (50256) into one array.
-
-    T = pad_to, or the longest chosen row when None; rows longer than pad_to are cut.
-    Returns ids [B,T] int64 and lengths [B] int64 (real tokens per row; the last one is at
-    lengths-1).
-    """
-    rows = [token_lists[i] for i in np.asarray(indices, dtype=np.int64).tolist()]
-    if not rows:
-        raise ValueError("make_batch: no rows chosen")
-    lengths = np.array([len(r) for r in rows], dtype=np.int64)          # [B]
-    if pad_to is not None:
-        lengths = np.minimum(lengths, pad_to)
-    if lengths.min() == 0:
-        raise DataError("make_batch: a message has no tokens")
-    T = int(pad_to) if pad_to is not None else int(lengths.max())
-    ids = np.full((len(rows), T), PAD_ID, dtype=np.int64)               # [B,T]
-    for b, row in enumerate(rows):
-        ids[b, :lengths[b]] = row[:lengths[b]]
-    return ids, lengths
-
-
-def train_batches(n_examples, batch_size, seed=SEED, epoch=0):
-    """Index arrays [batch_size] of one training epoch: shuffled, last partial batch dropped.
-
-    The order depends only on (seed, epoch) (both >= 0), so a resumed run sees the same batches.
-    Each index appears at most once per epoch; the n_examples % batch_size left over are skipped.
-    """
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
-    n_batches = n_examples // batch_size
-    if n_batches == 0:
-        raise DataError(f"batch size {batch_size} is larger than the {n_examples} training examples")
-    order = np.random.default_rng([seed, epoch]).permutation(n_examples)  # [N]
-    return [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
-
-
-def eval_batches(n_examples, batch_size):
-    """Index arrays covering 0..n_examples-1 in order; the last batch may be smaller."""
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
-    return [np.arange(start, min(start + batch_size, n_examples))
-            for start in range(0, n_examples, batch_size)]
-
-
 if __name__ == "__main__":          # a library module: say where its commands are
     import sys
-    print("npgpt.data is a library module (the SMS Spam Collection: fetch, parse, split, batches).\n"
+    print("npgpt.data is a library module (the SMS Spam Collection: fetch, parse, split).\n"
           "Its work is done by: python -m npgpt.train --data FILE [--data-dir DIR]  and  "
           "python -m npgpt.evaluate --data FILE (see --help of each).", file=sys.stderr)
     sys.exit(2)

@@ -9,7 +9,6 @@ is retried from where it stopped.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -18,8 +17,9 @@ import time
 import urllib.error
 import urllib.request
 
-from .cli import bar_options
 from .errors import FormatError, NpgptError
+from .fileio import replace_durably, sha256_file
+from .progress import bar
 
 CHUNK = 1 << 20
 USER_AGENT = "npgpt (python urllib)"
@@ -44,8 +44,6 @@ def _content_range(value: str | None):
 def _fetch_once(url: str, part: str, expected_size, progress: bool, timeout: float) -> int:
     """One HTTP request: append to (or restart) `part`. Returns the bytes written by this request;
     raises _Failed unless `part` is then complete."""
-    from tqdm import tqdm
-
     have = os.path.getsize(part) if os.path.exists(part) else 0
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     if have:
@@ -82,8 +80,8 @@ def _fetch_once(url: str, part: str, expected_size, progress: bool, timeout: flo
 
         written = 0
         with open(part, "ab" if start else "wb") as f, \
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, **bar_options(),
-                     desc=os.path.basename(part[:-len(".part")]), disable=not progress) as bar:
+                bar(enabled=progress, total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=os.path.basename(part[:-len(".part")])) as shown:
             try:
                 while True:
                     chunk = resp.read(CHUNK)
@@ -91,7 +89,7 @@ def _fetch_once(url: str, part: str, expected_size, progress: bool, timeout: flo
                         break
                     f.write(chunk)
                     written += len(chunk)
-                    bar.update(len(chunk))
+                    shown.update(len(chunk))
             except (OSError, http.client.HTTPException) as e:
                 raise _Failed(f"connection lost after {start + written} bytes ({type(e).__name__}: {e})",
                               retry=True) from None
@@ -136,7 +134,7 @@ def download_file(urls, dest, expected_size: int | None = None, progress: bool =
             before = os.path.getsize(part) if os.path.exists(part) else 0
             try:
                 _fetch_once(url, part, expected_size, progress, timeout)
-                os.replace(part, dest)
+                replace_durably(part, dest)
                 return dest
             except _Failed as e:
                 reason, retry = str(e), e.retry
@@ -151,14 +149,6 @@ def download_file(urls, dest, expected_size: int | None = None, progress: bool =
             time.sleep(retry_wait)
     hint = hint or f"download it by other means and save it as {dest}"
     raise NpgptError(f"could not download {os.path.basename(dest)} ({'; '.join(failures)}); {hint}")
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_sha256(path, expected: str, remove: bool = True) -> None:

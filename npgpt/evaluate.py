@@ -1,4 +1,4 @@
-"""`python -m npgpt.evaluate`: how well a trained classifier does on labelled texts.
+"""How well a trained classifier does on labelled texts (`python -m npgpt.evaluate` is its command line).
 
     python -m npgpt.evaluate --model runs/<name>/classifier.h5 --data FILE [--errors 5] [--json]
     python -m npgpt.evaluate --model runs/<name>/classifier.h5 [--split test]
@@ -25,16 +25,12 @@ A ratio whose denominator is 0 (no text predicted c, say) is reported as 0.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":      # `python -m npgpt.evaluate`: the runtime settings before NumPy loads
-    from npgpt import tune_runtime
-    tune_runtime()
-
-import json
-import sys
+if __name__ == "__main__":      # `python -m npgpt.evaluate`: the command line, npgpt.cli.evaluate
+    from npgpt.cli import hand_over
+    hand_over("evaluate")
 
 import numpy as np
 
-from .cli import make_parser, run
 from .errors import DataError
 
 
@@ -154,136 +150,3 @@ def _label_ids(labels, names) -> np.ndarray:
                 raise DataError(f"label {i + 1} ({lab!r}) is not a class id in 0..{len(names) - 1}")
             ids.append(int(lab))
     return np.array(ids, dtype=np.int64)
-
-
-def format_report(result: dict, width=70) -> str:
-    """The metrics as aligned lines: accuracy, per-class table, averages, confusion, mistakes."""
-    from .classify import shorten
-
-    names = result["labels"]
-    w = max(9, max(len(s) for s in names) + 2)
-    lines = [f"accuracy   {result['accuracy'] * 100:6.2f}%   loss {result['loss']:.4f} (mean cross-entropy)"]
-    if "roc_auc" in result:
-        pos = result["positive"]
-        rule = f"p({pos}) >= {result['threshold']}" if result["threshold"] is not None else "the larger probability"
-        lines.append(f"positive class {pos} ({rule}): precision {result['precision'] * 100:.2f}%, "
-                     f"recall {result['recall'] * 100:.2f}%, F1 {result['f1'] * 100:.2f}%, "
-                     f"ROC AUC {result['roc_auc']:.4f}")
-    lines.append(f"{'':<{w}}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}")
-    for name, m in result["per_class"].items():
-        lines.append(f"{name:<{w}}{m['precision'] * 100:9.2f}%{m['recall'] * 100:9.2f}%{m['f1'] * 100:9.2f}%"
-                     f"{m['support']:>10}")
-    for avg in ("macro", "weighted"):
-        m = result[avg]
-        lines.append(f"{avg + ' avg':<{w}}{m['precision'] * 100:9.2f}%{m['recall'] * 100:9.2f}%"
-                     f"{m['f1'] * 100:9.2f}%{result['n']:>10}")
-    lines.append("confusion matrix (rows: true label, columns: predicted)")
-    lines.append(" " * (w + 2) + "".join(f"{s:>{w}}" for s in names))
-    for name, row in zip(names, result["confusion"]):
-        lines.append(f"  {name:<{w}}" + "".join(f"{c:>{w}}" for c in row))
-    if result.get("errors"):
-        lines.append(f"the {len(result['errors'])} most confident mistakes:")
-        for e in result["errors"]:
-            where = f"line {e['line']}" if e["line"] is not None else f"text {e['index'] + 1}"
-            lines.append(f"  {where}: {e['true']} called {e['predicted']} ({e['probability']:.3f})  "
-                         f"{shorten(e['text'], width)}")
-    return "\n".join(lines)
-
-
-def build_parser():
-    p = make_parser("python -m npgpt.evaluate",
-                    "Accuracy, per-class precision/recall/F1, the confusion matrix (and ROC AUC for two "
-                    "classes) of a trained classifier on a whole file of labelled texts, or on the run's test split.")
-    p.add_argument("--model", required=True, help="the classifier, runs/<name>/classifier.h5")
-    p.add_argument("--data", default=None,
-                   help="labelled texts to score as they are (.csv/.tsv/.jsonl/.parquet, or an SMSSpamCollection "
-                        "file); default: the run's --split")
-    p.add_argument("--text-column", default=None, help="text column of --data (default: the model's)")
-    p.add_argument("--label-column", default=None, help="label column of --data (default: the model's)")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
-                   help="without --data: which of the run's splits to score")
-    p.add_argument("--data-dir", default="data",
-                   help="without --data, for runs that kept no split CSVs: where train/validation/test.csv live")
-    p.add_argument("--parse", default="pandas", choices=["pandas", "strict"],
-                   help="how an SMSSpamCollection file is read (as in python -m npgpt.train)")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed rows of --data and report them")
-    p.add_argument("--errors", type=int, default=0, metavar="N", help="show the N most confident mistakes")
-    p.add_argument("--threshold", type=float, default=None, metavar="T",
-                   help="two classes: predict the positive (second) class when its probability is >= T")
-    p.add_argument("--bpe-dir", default=None,
-                   help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
-                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="texts per forward pass (default: the training batch size)")
-    p.add_argument("--json", action="store_true", help="print every metric as one JSON object")
-    p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON object to FILE")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def load_labelled(args, clf):
-    """(texts, labels, lines, description) of what main scores."""
-    import os
-    from .data import SPLITS, prepare_splits, read_sms_spam
-    from .tabular import is_table, read_table
-
-    train_args = clf.meta.get("train_args") or {}
-    if args.data is not None:
-        if is_table(args.data):
-            text_col = args.text_column or clf.meta.get("text_column") or train_args.get("text_column") or "text"
-            label_col = args.label_column or clf.meta.get("label_column") or train_args.get("label_column") or "label"
-            df = read_table(args.data, text_col, label_col, skip_bad_lines=args.skip_bad_lines)
-        else:
-            df = read_sms_spam(args.data, skip_bad_lines=args.skip_bad_lines, parse=args.parse)
-        if df.attrs.get("warning"):
-            print(df.attrs["warning"], file=sys.stderr)
-        return df["Text"].tolist(), df["Label"].tolist(), df["Line"].to_numpy(), f"{args.data} (whole file)"
-    run_csv = os.path.join(os.path.dirname(os.path.abspath(clf.path)), f"{args.split}.csv")
-    if os.path.isfile(run_csv):
-        import pandas as pd
-        df = pd.read_csv(run_csv, keep_default_na=False, dtype={"Text": str}, encoding="utf-8")
-        labels = df["Name"].astype(str).tolist() if "Name" in df.columns else df["Label"].to_numpy()
-        lines = df["Line"].to_numpy() if "Line" in df.columns else None
-        return df["Text"].tolist(), labels, lines, f"{args.split} split"
-    splits = prepare_splits(None, args.data_dir, progress=not args.quiet, parse=args.parse)
-    df = splits[SPLITS.index(args.split)]
-    return df["Text"].tolist(), df["Label"].to_numpy(), df["Line"].to_numpy(), f"{args.split} split"
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    if args.errors < 0:
-        parser.error("--errors must be at least 0")
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        parser.error("--threshold must be a probability in 0..1")
-    from .classify import load_classifier
-
-    clf = load_classifier(args.model, args.bpe_dir)
-    if args.threshold is not None and len(clf.labels) != 2:
-        parser.error(f"--threshold needs a two-class model; {args.model} has {len(clf.labels)} classes")
-    # training's batch size by default: a model trained with last-position pooling and per-batch
-    # padding then sees exactly the batches training evaluated on
-    clf.batch_size = args.batch_size or int((clf.meta.get("train_args") or {}).get("batch_size") or clf.batch_size)
-    texts, labels, lines, what = load_labelled(args, clf)
-    result = evaluate_classifier(clf, texts, labels, threshold=args.threshold, errors=args.errors,
-                                 progress=not args.quiet, lines=lines)
-    result.update(model=clf.path, data=args.data, split=None if args.data else args.split,
-                  pooling=clf.pooling, max_length=clf.max_length)
-    if args.out:
-        from .finetune import _write_json
-        _write_json(args.out, result)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        cut = f", {result['truncated']} cut to {clf.limit} tokens" if result["truncated"] else ""
-        print(f"{clf.path}: pooling {clf.pooling}, texts cut to {clf.limit} tokens")
-        print(f"{what}: {result['n']} messages{cut}")
-        print(format_report(result))
-    return 0
-
-
-if __name__ == "__main__":
-    run(main)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GPT2Config
-from .params import param_shapes
+from .config import param_shapes
 
 
 def param_count(config: GPT2Config, num_classes: int | None = None, names=None) -> int:

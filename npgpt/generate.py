@@ -11,17 +11,13 @@ the prefix.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":      # `python -m npgpt.generate`: the runtime settings before NumPy loads
-    from npgpt import tune_runtime
-    tune_runtime()
-
-import os
-import sys
+if __name__ == "__main__":      # `python -m npgpt.generate`: the command line, npgpt.cli.generate
+    from npgpt.cli import hand_over
+    hand_over("generate")
 
 import numpy as np
 
-from . import ops
-from .cli import make_parser, run
+from . import fastops
 from .config import GPT2Config
 from .errors import NpgptError
 
@@ -52,7 +48,7 @@ def lm_forward_cached(params, config: GPT2Config, ids, cache: list):
     x = params["wte"][ids] + params["wpe"][start:start + t]                 # [B,t,C]
     for i in range(config.n_layer):
         p = lambda n: params[f"h{i}/{n}"]
-        h, _ = ops.layernorm_forward(x, p("ln_1/g"), p("ln_1/b"))            # [B,t,C]
+        h, _ = fastops.layernorm_forward(x, p("ln_1/g"), p("ln_1/b"))            # [B,t,C]
         qkv = h @ p("attn/c_attn/w") + p("attn/c_attn/b")                   # [B,t,3C]
         q, k, v = (a.reshape(B, t, H, C // H).transpose(0, 2, 1, 3)
                    for a in np.split(qkv, 3, axis=-1))                      # [B,H,t,D] each
@@ -64,10 +60,10 @@ def lm_forward_cached(params, config: GPT2Config, ids, cache: list):
             cache.append((k, v))
         a = _attend(q, k, v, start).transpose(0, 2, 1, 3).reshape(B, t, C)  # [B,t,C]
         x = x + a @ p("attn/c_proj/w") + p("attn/c_proj/b")                 # [B,t,C]
-        h, _ = ops.layernorm_forward(x, p("ln_2/g"), p("ln_2/b"))            # [B,t,C]
-        f, _ = ops.gelu_forward(h @ p("mlp/c_fc/w") + p("mlp/c_fc/b"))      # [B,t,4C]
+        h, _ = fastops.layernorm_forward(x, p("ln_2/g"), p("ln_2/b"))            # [B,t,C]
+        f, _ = fastops.gelu_forward(h @ p("mlp/c_fc/w") + p("mlp/c_fc/b"))      # [B,t,4C]
         x = x + f @ p("mlp/c_proj/w") + p("mlp/c_proj/b")                   # [B,t,C]
-    h, _ = ops.layernorm_forward(x, params["ln_f/g"], params["ln_f/b"])      # [B,t,C]
+    h, _ = fastops.layernorm_forward(x, params["ln_f/g"], params["ln_f/b"])      # [B,t,C]
     return h @ params["wte"].T                                              # [B,t,V]
 
 
@@ -112,57 +108,3 @@ class TextStream:
     def end(self) -> str:
         """What is left: a character cut off by the last token, as "\ufffd"."""
         return self.utf8.decode(b"", final=True)
-
-
-def main(argv=None):
-    parser = make_parser("python -m npgpt.generate",
-                         "Greedy continuation of a prompt with pretrained GPT-2 weights.")
-    parser.add_argument("prompt", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=15, help="tokens to generate")
-    parser.add_argument("--model-size", default="124M", help="124M, 355M, 774M or 1558M")
-    parser.add_argument("--weights", default=None,
-                        help="converted HDF5 weights (default: weights/gpt2-<size>.h5)")
-    parser.add_argument("--bpe-dir", default=None,
-                        help="folder with GPT-2's encoder.json and vocab.bpe (default: $NPGPT_BPE_DIR, else the "
-                             "folder of --weights or its <size>/ subfolder, else tiktoken's cache or download)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the prefix for every token")
-    parser.add_argument("--stream", action="store_true", help="print tokens as they come")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be at least 1")
-    from .params import load_params
-    from .tokenizer import get_tokenizer
-
-    from .tokenizer import N_VOCAB
-
-    path = args.weights or os.path.join("weights", f"gpt2-{args.model_size}.h5")
-    if os.path.isdir(path):
-        raise NpgptError(f"--weights {path}: is a folder, expected a converted .h5 file (a downloaded "
-                         f"checkpoint folder converts with `python -m npgpt.weights convert {path}`)")
-    if not os.path.exists(path):
-        raise NpgptError(f"no weights at {path}: run `python -m npgpt.weights download {args.model_size}` "
-                         f"(or pass --weights)")
-    params, config, meta = load_params(path)
-    if config.vocab_size != N_VOCAB:
-        raise NpgptError(f"--weights {path}: its vocabulary has {config.vocab_size} tokens, GPT-2's tokenizer "
-                         f"{N_VOCAB}: generate needs GPT-2 weights (python -m npgpt.weights download)")
-    if "cls/w" in params:
-        params = {k: v for k, v in params.items() if not k.startswith("cls/")}   # a classifier's LM body
-    tok = get_tokenizer(args.bpe_dir, weights_dir=os.path.dirname(path) or ".")
-    ids = np.array([tok.encode(args.prompt, disallowed_special=())], dtype=np.int64)
-    if ids.shape[1] == 0:
-        raise NpgptError("the prompt is empty")
-    if args.stream:
-        text = TextStream(tok)
-        sys.stdout.write(args.prompt)
-        cb = lambda new: (sys.stdout.write(text.add(int(new[0, 0]))), sys.stdout.flush())
-        generate_greedy(params, config, ids, args.max_new_tokens, not args.no_cache, cb)
-        sys.stdout.write(text.end() + "\n")
-    else:
-        out = generate_greedy(params, config, ids, args.max_new_tokens, not args.no_cache)
-        print(tok.decode(out[0].tolist()))
-    return 0
-
-
-if __name__ == "__main__":
-    run(main)

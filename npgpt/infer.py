@@ -8,8 +8,8 @@ What a batch of padded texts would compute, without the padding:
   one axis, about `max_tokens` rows per pack, so every matmul of blocks 0..L-2 is one large GEMM
   over real tokens only; the first tokens a sequence shares with the one before it are computed
   once (`npgpt.prefix_tree`), and attention keeps each sequence to its own rows
-  (`model.block_forward(..., tree=...)`).
-- The last block runs only where the head reads (`model.block_forward_pooled`: keys and values
+  (`fastmodel.SharedPrefix`).
+- The last block runs only where the head reads (`fastmodel.block_forward_pooled`: keys and values
   at every real token, the rest at the pooled one), on the pack laid out as a [B,T,C] batch
   (it computes the seen rows alone, so the batch's padding costs memory, not time).
 
@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import model, ops, prefix_tree
+from . import fastmodel, fastops, ops, prefix_tree
+from .model import PAD_ID
+
+POOLINGS = ("last_token", "last_position")     # the head reads the last (padded) position
 
 
 def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max_tokens=2048, progress=None):
@@ -37,7 +40,7 @@ def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max
     for t in tokens:                                   # dedupe: token sequence -> its row in seqs
         ids = tuple(int(i) for i in t)
         if pooling == "last_position":
-            ids = ids[:pad_to] + (model.PAD_ID,) * (pad_to - min(len(ids), pad_to))
+            ids = ids[:pad_to] + (PAD_ID,) * (pad_to - min(len(ids), pad_to))
         if ids not in first:
             first[ids] = len(seqs)
             seqs.append(np.array(ids, dtype=np.int64))
@@ -66,8 +69,9 @@ def _pack_logits(params, config, lay):
     L = config.n_layer
     lengths = np.diff(lay.pstarts)                                              # [S]
     x = params["wte"][lay.ids] + params["wpe"][lay.pos]                         # [N,C] new rows
+    tree = fastmodel.SharedPrefix(*lay.tree, config.n_head)
     for i in range(L - 1):
-        x, _ = model.block_forward(params, i, x, config.n_head, save=False, tree=lay.tree)  # [N,C]
+        x, _ = fastmodel.block_forward(params, i, x, tree)                     # [N,C]
     S, T, C = len(lengths), int(lengths.max()), x.shape[1]
     last = lengths - 1                                                          # [S] pooled positions
     if L == 0:
@@ -76,8 +80,8 @@ def _pack_logits(params, config, lay):
         pos = np.arange(len(lay.path)) - np.repeat(lay.pstarts[:-1], lengths)   # [P] every position
         xb = np.zeros((S, T, C), x.dtype)                                       # [S,T,C]
         xb[np.repeat(np.arange(S), lengths), pos] = x[lay.path]                 # unpacked; pads stay 0
-        h, _ = model.block_forward_pooled(params, L - 1, xb, last, config.n_head, save=False)  # [S,C]
-    h, _ = ops.layernorm_forward(h, params["ln_f/g"], params["ln_f/b"])         # [S,C]
+        h, _ = fastmodel.block_forward_pooled(params, L - 1, xb, last, config.n_head)  # [S,C]
+    h, _ = fastops.layernorm_forward(h, params["ln_f/g"], params["ln_f/b"])     # [S,C]
     logits, _ = ops.linear_forward(h, params["cls/w"], params["cls/b"])         # [S,K]
     return logits
 
@@ -90,7 +94,6 @@ def _progress(progress, n_texts, n_tokens):
         progress = n_texts >= 1000 and sys.stderr.isatty()
     if not progress:
         return None, lambda n: None
-    from tqdm import tqdm
-    from .cli import bar_options
-    bar = tqdm(total=n_tokens, unit="tok", desc=f"classifying {n_texts} texts", leave=False, **bar_options())
-    return bar, bar.update
+    from .progress import bar
+    b = bar(total=n_tokens, unit="tok", desc=f"classifying {n_texts} texts", leave=False)
+    return b, b.update

@@ -1,38 +1,32 @@
-"""Hot loops: LayerNorm, GELU, the causal attention core, and the AdamW update.
+"""Numba kernels: the loops NumPy runs badly, compiled, for the operations of `npgpt.ops` and
+`npgpt.fastops`.
 
-Each kernel has a plain-NumPy twin (suffix `_np`) that states the math in a few vectorised lines;
-the Numba versions (suffix `_numba`) compute the same numbers with loops compiled by Numba, parallel
-over rows (LayerNorm), elements (GELU, AdamW) or (batch, head) pairs (attention). The tests compare
-every kernel with its twin. The public names (no suffix) are what the model calls:
+Each kernel computes the numbers of a NumPy function that states its math (named in its
+docstring: `ops.layernorm_forward`, `fastops.attention_query_forward_np`, ...); the tests compare
+every kernel with that function. Nothing calls these directly but `npgpt.fastops`, which chooses
+between a kernel and its NumPy statement (NPGPT_NUMBA=0: always NumPy).
 
-    layernorm_forward(x, g, b, eps=1e-5)      layernorm_backward(dy, x, mean, rstd, g)
-    gelu_forward(x)                           gelu_backward(dy, x)
-    attention_forward(qkv, n_head, causal=True)   attention_backward(dout, qkv, att, n_head, causal=True)
-    attention_packed_forward(qkv, starts, n_head, causal=True)   (packed along the rows; forward only)
-    (causal=False: no mask, every query sees every key: the `--no-causal-mask` experiment)
-    attention_query_forward(q, kv, pos, n_head)
-    attention_query_backward(dout, q, kv, att, pos, n_head)
-    adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)   (in place)
-    all_finite(x)                             (no NaN, no inf: the training loop's divergence check)
+    layernorm_forward(x, g, b, eps) -> y, mean, rstd          layernorm_backward(dy, x, mean, rstd, g) -> dx, dg, db
+    gelu_forward(x) -> y                                      gelu_backward(dy, x) -> dx            (float32)
+    attention_forward(qkv, n_head, causal) -> out, att        attention_backward(dout, qkv, att, n_head, causal) -> dqkv
+    attention_packed_forward(qkv, starts, n_head, causal)     attention_tree_forward(qkv, path, pstarts, first_new, n_head)
+    attention_query_forward(q, kv, pos, n_head) -> out, att   attention_query_backward(dout, q, kv, att, pos, n_head) -> dq, dkv
+    adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, wd)    (in place)
+    ln_linear_grads(M, dc, w, g, b) -> dw, dg, db             all_finite(x) -> bool
 
-Switch: the public names point at the Numba versions; with the environment variable
-`NPGPT_NUMBA=0` set before import they point at the NumPy twins instead (slower, but nothing is
-compiled, and the twins are easy to step through in a debugger).
+Parallel over rows (LayerNorm), elements (GELU, AdamW) or (sequence, head) pairs (attention).
 
-Dtypes: float32 by default, float64 works too; outputs take the inputs' dtype. LayerNorm's Numba
-kernels accumulate means and variances in float64 whatever the input dtype (a variance is a
-difference of nearly equal sums). The attention kernels compute in the input dtype: in float32 the
-compiler works on 16 values per vector instead of 8, and their sums are short. GELU's kernel is
-float32 only (its tanh is a float32 approximation); other dtypes go to its NumPy twin. The kernels
-read contiguous arrays; the wrappers copy non-contiguous views (such as slices of qkv) first.
+Dtypes: float32 by default, float64 works too; outputs take the inputs' dtype. LayerNorm's kernels
+accumulate means and variances in float64 whatever the input dtype (a variance is a difference of
+nearly equal sums). The attention kernels compute in the input dtype: in float32 the compiler
+works on 16 values per vector instead of 8, and their sums are short. GELU's kernels are float32
+only (their tanh is a float32 approximation). The kernels read contiguous arrays; the wrappers
+copy non-contiguous views (such as slices of qkv) first, and check every shape (compiled loops do
+not check bounds).
 
 Compilation: each kernel is compiled on its first call for each dtype and cached on disk
 (`cache=True`), next to this file in `__pycache__`, or, when the package directory is read-only,
 in Numba's user-wide cache (`~/.cache/numba`, or `NUMBA_CACHE_DIR` when that is set).
-
-Threads: `set_num_threads(n)` sets the thread count of the Numba kernels and of BLAS (NumPy's
-matmul, through threadpoolctl when it is installed). The model calls kernels and matmuls one after
-the other, never at the same time, so both may use every core without oversubscribing the CPU.
 (Numba's default thread pool is not meant to be entered from several Python threads at once:
 call the kernels from one thread.)
 
@@ -40,243 +34,10 @@ Shapes: N rows, C channels, B batch, T time, H heads, D = C/H head size.
 """
 from __future__ import annotations
 
-import os
-
-import numba
 import numpy as np
 from numba import njit, prange
 
-
-# ----------------------------------------------------------------------------- LayerNorm (NumPy)
-
-def layernorm_forward_np(x, g, b, eps=1e-5):
-    """y = (x - mean) * rstd * g + b, rstd = 1/sqrt(var + eps), biased variance, per row.
-
-    x [N,C], g [C], b [C] -> y [N,C], mean [N], rstd [N]"""
-    mean = x.mean(axis=-1)                                   # [N]
-    xc = x - mean[:, None]                                   # [N,C]
-    var = (xc * xc).mean(axis=-1)                            # [N]
-    rstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)        # [N]
-    y = xc * rstd[:, None] * g + b                           # [N,C]
-    return y, mean, rstd
-
-
-def layernorm_backward_np(dy, x, mean, rstd, g):
-    """With xhat = (x - mean) * rstd and dxhat = dy * g:
-    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
-    dg = sum_rows(dy * xhat), db = sum_rows(dy).
-
-    dy [N,C], x [N,C], mean [N], rstd [N], g [C] -> dx [N,C], dg [C], db [C]"""
-    xhat = (x - mean[:, None]) * rstd[:, None]               # [N,C]
-    dxhat = dy * g                                           # [N,C]
-    dx = rstd[:, None] * (dxhat
-                          - dxhat.mean(axis=-1, keepdims=True)
-                          - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))   # [N,C]
-    dg = (dy * xhat).sum(axis=0)                             # [C]
-    db = dy.sum(axis=0)                                      # [C]
-    return dx, dg, db
-
-
-# ----------------------------------------------------------------------------- attention (NumPy)
-
-def _split_heads(x, n_head):
-    B, T, C = x.shape
-    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)      # [B,H,T,D]
-
-
-def _merge_heads(x):
-    B, H, T, D = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)                    # [B,T,C]
-
-
-def attention_forward_np(qkv, n_head, causal=True):
-    """Causal multi-head attention core.
-
-    q, k, v = split(qkv, 3) (in that order); per head:
-    att = softmax(q k^T / sqrt(D) + causal mask); out = att v.
-    causal=False: no mask, every query sees every key.
-
-    qkv [B,T,3C] -> out [B,T,C], att [B,H,T,T] (softmax probabilities, zero above the diagonal)"""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = (_split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))  # [B,H,T,D] each
-    scale = 1.0 / np.sqrt(C // n_head)
-    scores = (q @ k.transpose(0, 1, 3, 2)) * scale                          # [B,H,T,T]
-    mask = np.triu(np.ones((T, T), dtype=bool), k=1)                        # [T,T] True above diagonal
-    if causal:
-        scores = np.where(mask, -np.inf, scores)
-    scores = scores - scores.max(axis=-1, keepdims=True)
-    e = np.exp(scores)
-    att = (e / e.sum(axis=-1, keepdims=True)).astype(qkv.dtype)             # [B,H,T,T]
-    out = _merge_heads(att @ v)                                             # [B,T,C]
-    return out, att
-
-
-def attention_packed_forward_np(qkv, starts, n_head, causal=True):
-    """`attention_forward_np` for sequences of different lengths packed one after another along
-    the rows (no padding): sequence s is rows starts[s]..starts[s+1]-1 and attends only to itself.
-    Forward only (for frozen blocks): the probabilities are not kept.
-
-    qkv [N,3C], starts [S+1] (0 = starts[0] < ... < starts[S] = N) -> out [N,C]"""
-    out = np.empty((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype)            # [N,C]
-    for s, e in zip(starts[:-1], starts[1:]):
-        out[s:e] = attention_forward_np(qkv[None, s:e], n_head, causal)[0][0]  # [T_s,C]
-    return out
-
-
-def attention_tree_forward_np(qkv, path, pstarts, first_new, n_head):
-    """Causal `attention_forward_np` for sequences that share their first tokens (a prefix tree):
-    row path[pstarts[s] + t] of qkv holds position t of sequence s, and rows may be shared by
-    several sequences (positions 0..first_new[s]-1 of s are rows another sequence computed).
-    Only the rows new to each sequence (positions first_new[s]..) are written. Forward only.
-
-    qkv [N,3C], path [P] (row of each position), pstarts [S+1], first_new [S] -> out [N,C]"""
-    out = np.zeros((qkv.shape[0], qkv.shape[1] // 3), qkv.dtype)            # [N,C]
-    for s in range(len(pstarts) - 1):
-        rows = path[pstarts[s]:pstarts[s + 1]]                                 # [T_s]
-        o = attention_forward_np(qkv[rows][None], n_head, True)[0][0]          # [T_s,C]
-        out[rows[first_new[s]:]] = o[first_new[s]:]
-    return out
-
-
-def attention_backward_np(dout, qkv, att, n_head, causal=True):
-    """Backward of `attention_forward_np`, from the saved qkv and softmax probabilities att.
-    (The mask needs no special case: masked entries of att are 0, so their gradients are too;
-    `causal` is accepted for symmetry with the Numba kernel.)
-
-    datt = dout v^T; dv = att^T dout; dscores = att * (datt - sum(datt * att)) (softmax);
-    dq = dscores k / sqrt(D); dk = dscores^T q / sqrt(D).
-
-    dout [B,T,C], qkv [B,T,3C], att [B,H,T,T] -> dqkv [B,T,3C]"""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = (_split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))  # [B,H,T,D]
-    scale = 1.0 / np.sqrt(C // n_head)
-    do = _split_heads(dout, n_head)                                         # [B,H,T,D]
-    datt = do @ v.transpose(0, 1, 3, 2)                                     # [B,H,T,T]
-    dv = att.transpose(0, 1, 3, 2) @ do                                     # [B,H,T,D]
-    dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))       # [B,H,T,T]
-    dq = (dscores @ k) * scale                                              # [B,H,T,D]
-    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale                        # [B,H,T,D]
-    dqkv = np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)  # [B,T,3C]
-    return dqkv.astype(qkv.dtype)
-
-
-def _check_pos(pos, B, T):
-    """pos as an int64 array [B] with 0 <= pos < T (the kernels index keys 0..pos[b])."""
-    pos = np.ascontiguousarray(pos, dtype=np.int64)
-    if pos.shape != (B,):
-        raise ValueError(f"attention_query: pos has shape {pos.shape}, expected ({B},)")
-    if B and (pos.min() < 0 or pos.max() >= T):
-        raise ValueError(f"attention_query: pos must lie in [0, {T - 1}], got {pos.min()}..{pos.max()}")
-    return pos
-
-
-def attention_query_forward_np(q, kv, pos, n_head):
-    """Attention for one query per sequence: the query at position pos[b] attends to keys 0..pos[b].
-
-    This is what the classifier needs in the last block: it reads one position per sequence.
-
-    q [B,C], kv [B,T,2C] (keys then values), pos [B] -> out [B,C], att [B,H,T] (zero past pos)"""
-    B, T, C2 = kv.shape
-    C = C2 // 2
-    D = C // n_head
-    pos = _check_pos(pos, B, T)
-    qh = q.reshape(B, n_head, 1, D)                                         # [B,H,1,D]
-    k, v = (_split_heads(a, n_head) for a in np.split(kv, 2, axis=-1))      # [B,H,T,D]
-    scores = (qh @ k.transpose(0, 1, 3, 2))[:, :, 0, :] / np.sqrt(D)        # [B,H,T]
-    mask = np.arange(T)[None, :] > np.asarray(pos)[:, None]                 # [B,T]
-    scores = np.where(mask[:, None, :], -np.inf, scores)
-    scores = scores - scores.max(axis=-1, keepdims=True)
-    e = np.exp(scores)
-    att = (e / e.sum(axis=-1, keepdims=True)).astype(q.dtype)               # [B,H,T]
-    out = (att[:, :, None, :] @ v)[:, :, 0, :].reshape(B, C)                # [B,C]
-    return out, att
-
-
-def attention_query_backward_np(dout, q, kv, att, pos, n_head):
-    """Backward of `attention_query_forward_np` (same formulas as the full core, one query row).
-
-    dout [B,C], q [B,C], kv [B,T,2C], att [B,H,T], pos [B] -> dq [B,C], dkv [B,T,2C]"""
-    B, T, C2 = kv.shape
-    C = C2 // 2
-    D = C // n_head
-    pos = _check_pos(pos, B, T)
-    scale = 1.0 / np.sqrt(D)
-    qh = q.reshape(B, n_head, D)                                            # [B,H,D]
-    do = dout.reshape(B, n_head, D)                                         # [B,H,D]
-    k, v = (_split_heads(a, n_head) for a in np.split(kv, 2, axis=-1))      # [B,H,T,D]
-    datt = np.einsum("bhd,bhtd->bht", do, v)                                # [B,H,T]
-    dv = att[..., None] * do[:, :, None, :]                                 # [B,H,T,D]
-    dscores = att * (datt - (datt * att).sum(axis=-1, keepdims=True))       # [B,H,T]
-    dq = np.einsum("bht,bhtd->bhd", dscores, k) * scale                     # [B,H,D]
-    dk = dscores[..., None] * qh[:, :, None, :] * scale                     # [B,H,T,D]
-    dkv = np.concatenate([_merge_heads(dk), _merge_heads(dv)], axis=-1)     # [B,T,2C]
-    return dq.reshape(B, C).astype(q.dtype), dkv.astype(q.dtype)
-
-
-# ----------------------------------------------------------------------------- GELU (NumPy)
-
-_GELU_K = np.sqrt(2.0 / np.pi)
-_GELU_A = 0.044715
-
-
-def gelu_forward_np(x):
-    """y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)   (GPT-2's tanh form).
-
-    x [...] -> y [...]"""
-    k, a = x.dtype.type(_GELU_K), x.dtype.type(_GELU_A)
-    t = np.tanh(k * (x + a * x * x * x))                     # [...]
-    return 0.5 * x * (1 + t)                                 # [...]
-
-
-def gelu_backward_np(dy, x):
-    """dx = dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)), t = tanh(u),
-    with t recomputed from x (cheaper than keeping it).
-
-    dy [...], x [...] -> dx [...]"""
-    k, a = x.dtype.type(_GELU_K), x.dtype.type(_GELU_A)
-    t = np.tanh(k * (x + a * x * x * x))                     # [...]
-    dudx = k * (1 + 3 * a * x * x)                           # [...]
-    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx)
-
-
-# ----------------------------------------------------------------------------- AdamW (NumPy)
-
-def adamw_update_np(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step on one array, in place, with torch.optim.AdamW's formulas (t counts from 1):
-
-        p = p * (1 - lr * weight_decay)
-        m = m + (1 - beta1) (g - m)                  (= beta1 m + (1 - beta1) g)
-        v = beta2 v + (1 - beta2) g^2
-        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-
-    p, g, m, v [...] (p, m, v updated in place)"""
-    step_size = lr / (1 - beta1 ** t)
-    bias2_sqrt = np.sqrt(1 - beta2 ** t)
-    if weight_decay:
-        p *= 1 - lr * weight_decay
-    m += (1 - beta1) * (g - m)
-    v *= beta2
-    v += (1 - beta2) * (g * g)
-    denom = np.sqrt(v)
-    denom /= bias2_sqrt
-    denom += eps
-    p -= step_size * (m / denom)
-
-
-# ----------------------------------------------------------------------------- LayerNorm-then-linear gradients (NumPy)
-
-def ln_linear_grads_np(M, dc, w, g, b):
-    """The parameter gradients of y = LN(x) w + c from M = xhat^T dy and dc = sum_rows(dy)
-    (derived in `ops.layernorm_linear_param_grads`): dg = sum_j w * M, db = w dc, and
-    dw = g[:,None] * M + b[:,None] * dc[None,:], written over M.
-    M [Cin,Cout], dc [Cout], w [Cin,Cout], g [Cin], b [Cin] -> dw [Cin,Cout] (M), dg [Cin], db [Cin]"""
-    dg = np.einsum("ij,ij->i", w, M)                         # [Cin]  before M is overwritten
-    db = w @ dc                                              # [Cin]
-    M *= g[:, None]                                          # [Cin,Cout]
-    M += b[:, None] * dc[None, :]                            # [Cin,Cout]
-    return M, dg, db
+from .ops import GELU_A, GELU_K, check_positions
 
 
 # ----------------------------------------------------------------------------- Numba helpers
@@ -303,6 +64,13 @@ def _check_shapes(name, **shapes):
     for arg, (a, want) in shapes.items():
         if a.shape != tuple(want):
             raise ValueError(f"{name}: {arg} has shape {a.shape}, expected {tuple(want)}")
+
+
+def contiguous_float(*arrays) -> bool:
+    """Whether every array is C-contiguous and of the first one's float dtype (what the flat
+    kernels read)."""
+    first = arrays[0]
+    return first.dtype.kind == "f" and all(a.flags.c_contiguous and a.dtype == first.dtype for a in arrays)
 
 
 def _head_dim(name, C, n_head):
@@ -332,8 +100,8 @@ def _layernorm_forward_kernel(x, g, b, eps, y, mean, rstd):
         rstd[n] = r
 
 
-def layernorm_forward_numba(x, g, b, eps=1e-5):
-    """Numba twin of `layernorm_forward_np`. x [N,C], g [C], b [C] -> y [N,C], mean [N], rstd [N]"""
+def layernorm_forward(x, g, b, eps=1e-5):
+    """ops.layernorm_forward's numbers. x [N,C], g [C], b [C] -> y [N,C], mean [N], rstd [N]"""
     dt = _float_dtype(x, g, b)
     x, g, b = _c(x, dt), _c(g, dt), _c(b, dt)
     N, C = x.shape
@@ -376,8 +144,8 @@ def _layernorm_backward_kernel(dy, x, mean, rstd, g, rows, dx, dg_part, db_part)
                 dx[n, c] = r * (dy[n, c] * g[c] - s1 - xh * s2)
 
 
-def layernorm_backward_numba(dy, x, mean, rstd, g):
-    """Numba twin of `layernorm_backward_np`.
+def layernorm_backward(dy, x, mean, rstd, g):
+    """ops.layernorm_backward's numbers.
 
     dy [N,C], x [N,C], mean [N], rstd [N], g [C] -> dx [N,C], dg [C], db [C]"""
     dt = _float_dtype(dy, x, mean, rstd, g)
@@ -510,8 +278,8 @@ def _attention_forward_kernel(qkv, n_head, causal, out, att):
                 out[b, t, h * D + d] = o[t, d]
 
 
-def attention_forward_numba(qkv, n_head, causal=True):
-    """Numba twin of `attention_forward_np`. qkv [B,T,3C] -> out [B,T,C], att [B,H,T,T]"""
+def attention_forward(qkv, n_head, causal=True):
+    """ops.attention_forward's numbers. qkv [B,T,3C] -> out [B,T,C], att [B,H,T,T]"""
     dt = _float_dtype(qkv)
     qkv = _c(qkv, dt)
     B, T, C3 = qkv.shape
@@ -542,8 +310,8 @@ def _attention_packed_forward_kernel(qkv, starts, n_head, causal, out):
                 out[starts[s] + t, h * D + d] = o[t, d]
 
 
-def attention_packed_forward_numba(qkv, starts, n_head, causal=True):
-    """Numba twin of `attention_packed_forward_np`. qkv [N,3C], starts [S+1] -> out [N,C]"""
+def attention_packed_forward(qkv, starts, n_head, causal=True):
+    """fastops.attention_packed_forward_np's numbers. qkv [N,3C], starts [S+1] -> out [N,C]"""
     dt = _float_dtype(qkv)
     qkv = _c(qkv, dt)
     N, C3 = qkv.shape
@@ -592,8 +360,8 @@ def _attention_tree_forward_kernel(qkv, path, pstarts, first_new, n_head, out):
                 out[rows[t], h * D + d] = o[t, d]
 
 
-def attention_tree_forward_numba(qkv, path, pstarts, first_new, n_head):
-    """Numba twin of `attention_tree_forward_np`. qkv [N,3C], path [P], pstarts [S+1], first_new [S]
+def attention_tree_forward(qkv, path, pstarts, first_new, n_head):
+    """fastops.attention_tree_forward_np's numbers. qkv [N,3C], path [P], pstarts [S+1], first_new [S]
     -> out [N,C]. Every row must be new to exactly one sequence (it is then written once)."""
     dt = _float_dtype(qkv)
     qkv = _c(qkv, dt)
@@ -650,8 +418,8 @@ def _attention_backward_kernel(dout, qkv, att, n_head, causal, dqkv):
                 dqkv[b, t, 2 * C + h * D + d] = dv[t, d]
 
 
-def attention_backward_numba(dout, qkv, att, n_head, causal=True):
-    """Numba twin of `attention_backward_np`.
+def attention_backward(dout, qkv, att, n_head, causal=True):
+    """ops.attention_backward's numbers.
 
     dout [B,T,C], qkv [B,T,3C], att [B,H,T,T] -> dqkv [B,T,3C]"""
     dt = _float_dtype(dout, qkv, att)
@@ -700,8 +468,8 @@ def _attention_query_forward_kernel(q, kv, pos, n_head, out, att):
             out[b, h * D + d] = o[d]
 
 
-def attention_query_forward_numba(q, kv, pos, n_head):
-    """Numba twin of `attention_query_forward_np`.
+def attention_query_forward(q, kv, pos, n_head):
+    """fastops.attention_query_forward_np's numbers.
 
     q [B,C], kv [B,T,2C], pos [B] -> out [B,C], att [B,H,T] (zero past pos)"""
     dt = _float_dtype(q, kv)
@@ -709,7 +477,7 @@ def attention_query_forward_numba(q, kv, pos, n_head):
     B, T, C2 = kv.shape
     _head_dim("attention_query_forward", C2 // 2, n_head)
     _check_shapes("attention_query_forward", kv=(kv, (B, T, C2 // 2 * 2)), q=(q, (B, C2 // 2)))
-    pos = _check_pos(pos, B, T)
+    pos = check_positions(pos, B, T)
     out = np.empty((B, C2 // 2), dt)                         # [B,C]
     att = np.empty((B, n_head, T), dt)                       # [B,H,T]
     _attention_query_forward_kernel(q, kv, pos, n_head, out, att)
@@ -749,8 +517,8 @@ def _attention_query_backward_kernel(dout, q, kv, att, pos, n_head, dq, dkv):
                 dkv[b, s, vo + d] = att[b, h, s] * dout[b, ko + d]      # dv = att dout
 
 
-def attention_query_backward_numba(dout, q, kv, att, pos, n_head):
-    """Numba twin of `attention_query_backward_np`.
+def attention_query_backward(dout, q, kv, att, pos, n_head):
+    """fastops.attention_query_backward_np's numbers.
 
     dout [B,C], q [B,C], kv [B,T,2C], att [B,H,T], pos [B] -> dq [B,C], dkv [B,T,2C]"""
     dt = _float_dtype(dout, q, kv, att)
@@ -759,7 +527,7 @@ def attention_query_backward_numba(dout, q, kv, att, pos, n_head):
     _head_dim("attention_query_backward", C2 // 2, n_head)
     _check_shapes("attention_query_backward", kv=(kv, (B, T, C2 // 2 * 2)), q=(q, (B, C2 // 2)),
                   dout=(dout, (B, C2 // 2)), att=(att, (B, n_head, T)))
-    pos = _check_pos(pos, B, T)
+    pos = check_positions(pos, B, T)
     dq = np.empty((B, C2 // 2), dt)                          # [B,C]
     dkv = np.zeros((B, T, C2), dt)                           # [B,T,2C]
     _attention_query_backward_kernel(dout, q, kv, att, pos, n_head, dq, dkv)
@@ -799,7 +567,7 @@ def _tanh_f32(u):
 
 @njit(**_JIT)
 def _gelu_forward_kernel(x, y):
-    k, a = np.float32(_GELU_K), np.float32(_GELU_A)
+    k, a = np.float32(GELU_K), np.float32(GELU_A)
     half, one = np.float32(0.5), np.float32(1)
     for i in prange(x.shape[0]):                             # x, y flat [N]
         v = x[i]
@@ -808,7 +576,7 @@ def _gelu_forward_kernel(x, y):
 
 @njit(**_JIT)
 def _gelu_backward_kernel(dy, x, dx):
-    k, a = np.float32(_GELU_K), np.float32(_GELU_A)
+    k, a = np.float32(GELU_K), np.float32(GELU_A)
     half, one, three = np.float32(0.5), np.float32(1), np.float32(3)
     for i in prange(x.shape[0]):                             # flat [N]
         v = x[i]
@@ -816,22 +584,17 @@ def _gelu_backward_kernel(dy, x, dx):
         dx[i] = dy[i] * (half * (one + t) + half * v * (one - t * t) * k * (one + three * a * v * v))
 
 
-def gelu_forward_numba(x):
-    """Numba twin of `gelu_forward_np` for float32. Other dtypes (float64 in the gradient checks)
-    go to the NumPy twin: the rational tanh is accurate to float32 only. x [...] -> y [...]"""
-    if x.dtype != np.float32:
-        return gelu_forward_np(x)
+def gelu_forward(x):
+    """ops.gelu_forward's output, for float32 x (the rational tanh is accurate to float32 only).
+    x [...] -> y [...]"""
     x = _c(x, np.float32)
     y = np.empty_like(x)                                     # [...]
     _gelu_forward_kernel(x.reshape(-1), y.reshape(-1))
     return y
 
 
-def gelu_backward_numba(dy, x):
-    """Numba twin of `gelu_backward_np` for float32 (other dtypes: the NumPy twin).
-    dy [...], x [...] -> dx [...]"""
-    if dy.dtype != np.float32 or x.dtype != np.float32:
-        return gelu_backward_np(dy, x)
+def gelu_backward(dy, x):
+    """ops.gelu_backward's numbers, for float32. dy [...], x [...] -> dx [...]"""
     dy, x = _c(dy, np.float32), _c(x, np.float32)
     _check_shapes("gelu_backward", dy=(dy, x.shape))
     dx = np.empty_like(x)                                    # [...]
@@ -854,12 +617,12 @@ def _adamw_kernel(p, g, m, v, decay, c1, b2, c2, step_size, bias2_sqrt, eps):
         p[i] = p[i] * decay - step_size * (mi / (np.sqrt(vi) / bias2_sqrt + eps))
 
 
-def adamw_update_numba(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
-    """Numba twin of `adamw_update_np` (p, m, v updated in place). Arrays that cannot be updated
-    through a flat view (not C-contiguous, or of mixed dtypes) go to the NumPy twin."""
+def adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """optim.adamw_update's numbers (p, m, v updated in place), for C-contiguous float arrays of
+    one dtype (`contiguous_float` says whether they are)."""
     _check_shapes("adamw_update", g=(g, p.shape), m=(m, p.shape), v=(v, p.shape))
-    if any(not a.flags.c_contiguous or a.dtype != p.dtype for a in (p, g, m, v)) or p.dtype.kind != "f":
-        return adamw_update_np(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay)
+    if not contiguous_float(p, g, m, v):
+        raise ValueError("adamw_update: p, g, m, v must be C-contiguous float arrays of one dtype")
     dt = p.dtype.type
     _adamw_kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
                   dt(1 - lr * weight_decay), dt(1 - beta1), dt(beta2), dt(1 - beta2),
@@ -888,13 +651,13 @@ def _ln_linear_grads_kernel(M, dc, w, g, b, dg, db):
         db[i] = sb
 
 
-def ln_linear_grads_numba(M, dc, w, g, b):
-    """Numba twin of `ln_linear_grads_np` (M overwritten by dw). Mixed dtypes or arrays that are
-    not C-contiguous go to the NumPy twin."""
+def ln_linear_grads(M, dc, w, g, b):
+    """fastops.layernorm_linear_param_grads_np's numbers (M overwritten by dw), for C-contiguous
+    float arrays of one dtype."""
     n_in, n_out = M.shape
     _check_shapes("ln_linear_grads", dc=(dc, (n_out,)), w=(w, (n_in, n_out)), g=(g, (n_in,)), b=(b, (n_in,)))
-    if M.dtype.kind != "f" or any(not a.flags.c_contiguous or a.dtype != M.dtype for a in (M, dc, w, g, b)):
-        return ln_linear_grads_np(M, dc, w, g, b)
+    if not contiguous_float(M, dc, w, g, b):
+        raise ValueError("ln_linear_grads: M, dc, w, g, b must be C-contiguous float arrays of one dtype")
     dg = np.empty(n_in, M.dtype)                             # [Cin]
     db = np.empty(n_in, M.dtype)                             # [Cin]
     _ln_linear_grads_kernel(M, dc, w, g, b, dg, db)
@@ -908,11 +671,6 @@ def ln_linear_grads_numba(M, dc, w, g, b):
 # exponent fields: integer max is associative, so the loop vectorises without any fast-math flag
 # (with them, the compiler may assume there is no NaN and drop a float check altogether).
 
-def all_finite_np(x):
-    """True when no element of x is NaN, +inf or -inf. x [...] float -> bool"""
-    return bool(np.isfinite(x).all())
-
-
 @njit(parallel=True, cache=True)
 def _max_exponent_kernel(bits, mask):
     e = bits.dtype.type(0)
@@ -925,64 +683,13 @@ _EXPONENT_BITS = {np.dtype(np.float32): (np.uint32, 0x7F800000),
                   np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
 
 
-def all_finite_numba(x):
-    """Numba twin of `all_finite_np`: the largest exponent field among x's elements is below
-    the all-ones pattern of NaN and inf. Other dtypes and non-contiguous arrays go to the twin."""
+def all_finite(x):
+    """np.isfinite(x).all(), for a C-contiguous float32 or float64 array: the largest exponent
+    field among x's elements is below the all-ones pattern of NaN and inf."""
     x = np.asarray(x)
-    if x.dtype not in _EXPONENT_BITS or not x.flags.c_contiguous or x.size == 0:
-        return all_finite_np(x)
+    if x.dtype not in _EXPONENT_BITS or not x.flags.c_contiguous:
+        raise ValueError("all_finite: x must be a C-contiguous float32 or float64 array")
+    if x.size == 0:
+        return True
     uint, mask = _EXPONENT_BITS[x.dtype]
     return bool(_max_exponent_kernel(x.reshape(-1).view(uint), uint(mask)) != mask)
-
-
-# ----------------------------------------------------------------------------- threads
-
-def set_num_threads(n):
-    """Run the Numba kernels and BLAS (NumPy's matmul) on n threads each.
-
-    The model calls them one after the other, never at the same time, so both may use all cores.
-    Numba's count is capped at the pool it started with (NUMBA_NUM_THREADS, by default the number
-    of cores); BLAS is limited through threadpoolctl, and left alone when that is not installed."""
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(limits=n, user_api="blas")            # stays in force (not used as a `with`)
-
-
-# ----------------------------------------------------------------------------- dispatch
-# The public names: Numba kernels, or the NumPy twins when NPGPT_NUMBA=0.
-USE_NUMBA = os.environ.get("NPGPT_NUMBA", "1").strip() != "0"
-
-if USE_NUMBA:
-    layernorm_forward = layernorm_forward_numba
-    layernorm_backward = layernorm_backward_numba
-    gelu_forward = gelu_forward_numba
-    gelu_backward = gelu_backward_numba
-    adamw_update = adamw_update_numba
-    all_finite = all_finite_numba
-    ln_linear_grads = ln_linear_grads_numba
-    attention_forward = attention_forward_numba
-    attention_packed_forward = attention_packed_forward_numba
-    attention_tree_forward = attention_tree_forward_numba
-    attention_backward = attention_backward_numba
-    attention_query_forward = attention_query_forward_numba
-    attention_query_backward = attention_query_backward_numba
-else:
-    layernorm_forward = layernorm_forward_np
-    layernorm_backward = layernorm_backward_np
-    gelu_forward = gelu_forward_np
-    gelu_backward = gelu_backward_np
-    adamw_update = adamw_update_np
-    all_finite = all_finite_np
-    ln_linear_grads = ln_linear_grads_np
-    attention_forward = attention_forward_np
-    attention_packed_forward = attention_packed_forward_np
-    attention_tree_forward = attention_tree_forward_np
-    attention_backward = attention_backward_np
-    attention_query_forward = attention_query_forward_np
-    attention_query_backward = attention_query_backward_np

@@ -29,6 +29,10 @@ same probabilities.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":      # `python -m npgpt.lora`: the command line, npgpt.cli.lora
+    from npgpt.cli import hand_over
+    hand_over("lora")
+
 import dataclasses
 from dataclasses import dataclass
 
@@ -177,42 +181,3 @@ def count(config, spec: LoraSpec, num_classes=2) -> int:
     if spec.train_head:
         n += config.n_embd * num_classes + num_classes
     return n
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def build_parser():
-    from .cli import make_parser
-    p = make_parser("python -m npgpt.lora", "LoRA tools for npgpt classifier files.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    m = sub.add_parser("merge", help="fold W + (alpha/r) A B into plain weights",
-                       description="Fold every LoRA pair into the weight it adapts: the result is a "
-                                   "classifier file without LoRA arrays that classifies the same.")
-    m.add_argument("model", help="classifier file with LoRA arrays (RUN/classifier.h5)")
-    m.add_argument("--out", required=True, help="where to write the merged classifier file")
-    m.add_argument("--quiet", action="store_true", help="print nothing on success")
-    return p
-
-
-def main(argv=None):
-    from .errors import FormatError
-    from .params import load_params, save_params
-
-    args = build_parser().parse_args(argv)
-    params, config, meta = load_params(args.model)
-    spec = spec_of(meta)
-    if spec is None:
-        raise FormatError(f"{args.model}: has no LoRA arrays to merge (meta holds no 'lora' settings)")
-    merged = merge(params, config, spec)
-    meta = dict(meta)
-    meta["lora_merged"] = meta.pop("lora")
-    save_params(args.out, merged, config, meta)
-    if not args.quiet:
-        n = len(adapted(config, spec.targets, params["cls/b"].shape[0]))
-        print(f"merged {n} LoRA pairs (rank {spec.rank}, alpha {spec.alpha:g}) into {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    from .cli import run
-    run(main)

@@ -1,117 +1,141 @@
-"""The operations of GPT-2, each as a forward/backward pair.
+"""The operations of GPT-2, each a forward/backward pair in plain NumPy: the math, stated once.
 
-Every forward returns `(out, saved)`: `saved` is what its backward needs, nothing more. Every
-backward takes the upstream gradient and that `saved`, and returns the gradients of its inputs.
-Docstrings give the derivative each backward implements. Shapes: B batch, T time, C channels,
-V vocabulary, K classes, N = B*T rows.
+Every forward returns `(out, saved)`: `saved` is what its backward needs, nothing more, as a named
+tuple. Every backward takes the upstream gradient and that `saved`, and returns the gradients of
+the forward's inputs. Each docstring gives the derivative its backward implements; each backward
+is checked against finite differences in float64 (tests/test_ops_grad.py).
 
-The loops that NumPy does badly (LayerNorm, GELU, the attention core) live in `npgpt.kernels`; the
-matmuls stay in BLAS.
+Shapes: B batch, T time (positions), C channels, H heads, D = C/H head size, V vocabulary,
+K classes, N rows (B*T flattened).
+
+This module is the textbook: nothing here is compiled or clever. `npgpt.fastops` computes the same
+numbers with Numba kernels where NumPy is slow (layer norm, GELU, the attention core), and adds
+the operations only the fast paths need.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from . import kernels
 
 # ----------------------------------------------------------------------------- embedding
+
+class EmbeddingSaved(NamedTuple):
+    ids: np.ndarray            # [B,T] the token ids
+    wte_shape: tuple           # (V, C)
+    wpe_shape: tuple           # (n_ctx, C)
+
 
 def embedding_forward(ids, wte, wpe):
     """x[b,t] = wte[ids[b,t]] + wpe[t].
 
     ids [B,T] ints, wte [V,C], wpe [n_ctx,C] -> x [B,T,C]"""
     B, T = ids.shape
-    x = wte[ids] + wpe[:T]                                  # [B,T,C]
-    return x, (ids, wte.shape, wpe.shape)
+    x = wte[ids] + wpe[:T]                                   # [B,T,C]
+    return x, EmbeddingSaved(ids, wte.shape, wpe.shape)
 
 
-def embedding_backward(dx, saved, need_wte=True, need_wpe=True):
+def embedding_backward(dx, saved: EmbeddingSaved):
     """dwte[v] = sum of dx[b,t] over every (b,t) with ids[b,t] == v; dwpe[t] = sum_b dx[b,t].
 
-    Saved: ids and the table shapes. dx [B,T,C] -> dwte [V,C] | None, dwpe [n_ctx,C] | None"""
-    ids, wte_shape, wpe_shape = saved
+    dx [B,T,C] -> dwte [V,C], dwpe [n_ctx,C]"""
     B, T, C = dx.shape
-    dwte = dwpe = None
-    if need_wte:
-        dwte = np.zeros(wte_shape, dx.dtype)                # [V,C]
-        np.add.at(dwte, ids.reshape(-1), dx.reshape(-1, C))  # scatter-add rows; repeated ids add up
-    if need_wpe:
-        dwpe = np.zeros(wpe_shape, dx.dtype)                # [n_ctx,C]
-        dwpe[:T] = dx.sum(axis=0)                           # [T,C]
+    dwte = np.zeros(saved.wte_shape, dx.dtype)               # [V,C]
+    np.add.at(dwte, saved.ids.reshape(-1), dx.reshape(-1, C))  # scatter-add rows; repeated ids add up
+    dwpe = np.zeros(saved.wpe_shape, dx.dtype)               # [n_ctx,C]
+    dwpe[:T] = dx.sum(axis=0)                                # [T,C]
     return dwte, dwpe
 
 
 # ----------------------------------------------------------------------------- layer norm
 
+class LayerNormSaved(NamedTuple):
+    x: np.ndarray              # [N,C] the input, rows flattened
+    mean: np.ndarray           # [N]
+    rstd: np.ndarray           # [N] 1 / sqrt(var + eps)
+    g: np.ndarray              # [C] the gain
+
+
 def layernorm_forward(x, g, b, eps=1e-5):
     """y = (x - mean) / sqrt(var + eps) * g + b over the last axis (biased variance).
 
     x [...,C], g [C], b [C] -> y [...,C]"""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])                           # [N,C]
-    y, mean, rstd = kernels.layernorm_forward(x2, g, b, eps)  # [N,C], [N], [N]
-    return y.reshape(shape), (x2, mean, rstd, g)
+    x2 = x.reshape(-1, x.shape[-1])                          # [N,C]
+    mean = x2.mean(axis=-1)                                  # [N]
+    xc = x2 - mean[:, None]                                  # [N,C]
+    var = (xc * xc).mean(axis=-1)                            # [N]
+    rstd = (1.0 / np.sqrt(var + eps)).astype(x.dtype)        # [N]
+    y = xc * rstd[:, None] * g + b                           # [N,C]
+    return y.reshape(x.shape), LayerNormSaved(x2, mean, rstd, g)
 
 
-def layernorm_backward(dy, saved):
-    """With xhat = (x - mean) * rstd: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
-    dxhat = dy * g; dg = sum(dy * xhat); db = sum(dy) (sums over every row).
+def layernorm_backward(dy, saved: LayerNormSaved):
+    """Through xhat = (x - mean) * rstd and y = xhat * g + b, row by row:
 
-    Saved: x, mean, rstd, g. dy [...,C] -> dx [...,C], dg [C], db [C]"""
-    x2, mean, rstd, g = saved
-    shape = dy.shape
-    dx, dg, db = kernels.layernorm_backward(dy.reshape(-1, shape[-1]), x2, mean, rstd, g)
-    return dx.reshape(shape), dg, db
+        dg = sum_rows(dy * xhat),  db = sum_rows(dy),  dxhat = dy * g
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+    The two means come from mean and rstd depending on every element of the row: the first from
+    x - mean (every x_i moves the mean), the second from rstd (every x_i moves the variance).
+
+    dy [...,C] -> dx [...,C], dg [C], db [C]"""
+    x, mean, rstd, g = saved
+    dy2 = dy.reshape(-1, dy.shape[-1])                       # [N,C]
+    xhat = (x - mean[:, None]) * rstd[:, None]               # [N,C]
+    dxhat = dy2 * g                                          # [N,C]
+    dx = rstd[:, None] * (dxhat
+                          - dxhat.mean(axis=-1, keepdims=True)
+                          - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))   # [N,C]
+    dg = (dy2 * xhat).sum(axis=0)                            # [C]
+    db = dy2.sum(axis=0)                                     # [C]
+    return dx.reshape(dy.shape), dg, db
 
 
 # ----------------------------------------------------------------------------- linear
 
+class LinearSaved(NamedTuple):
+    x: np.ndarray              # [N,Cin] the input, rows flattened
+    w: np.ndarray              # [Cin,Cout]
+
+
 def linear_forward(x, w, b):
     """y = x @ w + b (OpenAI's orientation: w is [in, out]).
 
-    The rows are flattened to one [N,Cin] matrix first: a single large GEMM is much faster than
-    NumPy's loop of one GEMM per leading index that `[B,T,Cin] @ [Cin,Cout]` would run.
+    The rows are flattened to one [N,Cin] matrix first: one large matrix product is much faster
+    than the loop of one product per leading index that `[B,T,Cin] @ [Cin,Cout]` would run.
 
     x [...,Cin], w [Cin,Cout], b [Cout] -> y [...,Cout]"""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])                         # [N,Cin]
-    y = x2 @ w                                              # [N,Cout]
-    y += b                                                  # in place: no second [N,Cout] array
-    return y.reshape(*lead, w.shape[1]), (x2, w)
+    x2 = x.reshape(-1, x.shape[-1])                          # [N,Cin]
+    y = x2 @ w                                               # [N,Cout]
+    y += b                                                   # in place: no second [N,Cout] array
+    return y.reshape(*lead, w.shape[1]), LinearSaved(x2, w)
 
 
-def linear_backward(dy, saved, need_dx=True, need_dw=True):
+def linear_backward(dy, saved: LinearSaved, need_dx=True, need_dw=True):
     """dx = dy @ w^T, dw = x^T @ dy (summed over rows), db = sum_rows(dy).
 
-    Saved: x (as [N,Cin]), w. dy [...,Cout] -> dx [...,Cin] | None, dw [Cin,Cout] | None, db [Cout] | None"""
+    dy [...,Cout] -> dx [...,Cin] | None, dw [Cin,Cout] | None, db [Cout] | None"""
     x2, w = saved
     lead = dy.shape[:-1]
-    dy2 = dy.reshape(-1, dy.shape[-1])                      # [N,Cout]
+    dy2 = dy.reshape(-1, dy.shape[-1])                       # [N,Cout]
     dx = dw = db = None
     if need_dx:
-        dx = (dy2 @ w.T).reshape(*lead, w.shape[0])         # [...,Cin]
+        dx = (dy2 @ w.T).reshape(*lead, w.shape[0])          # [...,Cin]
     if need_dw:
-        dw = x2.T @ dy2                                     # [Cin,Cout]
-        db = dy2.sum(axis=0)                                # [Cout]
+        dw = x2.T @ dy2                                      # [Cin,Cout]
+        db = dy2.sum(axis=0)                                 # [Cout]
     return dx, dw, db
 
 
-def layernorm_linear_param_grads(M, dc, w, g, b):
-    """The parameter gradients of y = LN(x) @ w + c when x itself needs no gradient (the first
-    trainable block, whose input is the frozen prefix), from one product M instead of two.
-
-    With xhat the normalised rows of x and h = xhat * g + b the LayerNorm output, the usual
-    backward computes dw = h^T dy and dh = dy w^T (an [N,Cout] x [Cout,Cin] product) only to sum
-    dg = sum_rows(xhat * dh), db = sum_rows(dh). Writing both through M = xhat^T dy:
-        dw[i,j] = sum_n h[n,i] dy[n,j] = g[i] M[i,j] + b[i] dc[j]        (dc = sum_rows dy)
-        dg[i]   = sum_n xhat[n,i] sum_j dy[n,j] w[i,j] = sum_j w[i,j] M[i,j]
-        db[i]   = sum_n sum_j dy[n,j] w[i,j] = (w dc)[i]
-    Each column block of M may come from its own rows (the pooled block's query columns see one
-    row per sequence, its key and value columns every seen row): the sums over rows stay per column.
-
-    M [Cin,Cout] = xhat^T dy (overwritten: it becomes dw), dc [Cout], w [Cin,Cout], g [Cin], b [Cin]
-    -> dw [Cin,Cout] (M itself), dg [Cin], db [Cin]"""
-    return kernels.ln_linear_grads(M, dc, w, g, b)          # [Cin,Cout], [Cin], [Cin]
+class LoraLinearSaved(NamedTuple):
+    x: np.ndarray              # [N,Cin] the input, rows flattened
+    w: np.ndarray              # [Cin,Cout] the frozen weight
+    A: np.ndarray              # [Cin,r]
+    B: np.ndarray              # [r,Cout]
+    scale: float               # alpha / r
+    xa: np.ndarray             # [N,r] x A
 
 
 def lora_linear_forward(x, w, b, A, B, scale):
@@ -120,168 +144,183 @@ def lora_linear_forward(x, w, b, A, B, scale):
 
     x [...,Cin], w [Cin,Cout], b [Cout], A [Cin,r], B [r,Cout] -> y [...,Cout]"""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])                         # [N,Cin]
-    xa = x2 @ A                                             # [N,r]
-    y = x2 @ w                                              # [N,Cout]
+    x2 = x.reshape(-1, x.shape[-1])                          # [N,Cin]
+    xa = x2 @ A                                              # [N,r]
+    y = x2 @ w                                               # [N,Cout]
     y += b
-    y += (xa * xa.dtype.type(scale)) @ B                    # [N,Cout] the low-rank update
-    return y.reshape(*lead, w.shape[1]), (x2, w, A, B, scale, xa)
+    y += (xa * xa.dtype.type(scale)) @ B                     # [N,Cout] the low-rank update
+    return y.reshape(*lead, w.shape[1]), LoraLinearSaved(x2, w, A, B, scale, xa)
 
 
-def lora_linear_backward(dy, saved, need_dx=True):
+def lora_linear_backward(dy, saved: LoraLinearSaved, need_dx=True):
     """With g = scale * dy:  dB = (x A)^T g,  dA = x^T (g B^T),  dx = dy w^T + (g B^T) A^T.
     No gradient for the frozen w and b.
 
     The scale multiplies the small products (no [N,Cout] copy of dy): g B^T = scale (dy B^T).
 
-    Saved: x (as [N,Cin]), w, A, B, scale, x A [N,r].
     dy [...,Cout] -> dx [...,Cin] | None, dA [Cin,r], dB [r,Cout]"""
     x2, w, A, B, scale, xa = saved
     lead = dy.shape[:-1]
-    dy2 = dy.reshape(-1, dy.shape[-1])                      # [N,Cout]
+    dy2 = dy.reshape(-1, dy.shape[-1])                       # [N,Cout]
     s = dy2.dtype.type(scale)
-    dB = xa.T @ dy2                                         # [r,Cout]
+    dB = xa.T @ dy2                                          # [r,Cout]
     dB *= s
-    gb = dy2 @ B.T                                          # [N,r] = g B^T
+    gb = dy2 @ B.T                                           # [N,r] = g B^T
     gb *= s
-    dA = x2.T @ gb                                          # [Cin,r]
+    dA = x2.T @ gb                                           # [Cin,r]
     dx = None
     if need_dx:
-        dx = dy2 @ w.T                                      # [N,Cin] through the frozen w
-        dx += gb @ A.T                                      # and through the update
-        dx = dx.reshape(*lead, w.shape[0])                  # [...,Cin]
+        dx = dy2 @ w.T                                       # [N,Cin] through the frozen w
+        dx += gb @ A.T                                       # and through the update
+        dx = dx.reshape(*lead, w.shape[0])                   # [...,Cin]
     return dx, dA, dB
 
 
 # ----------------------------------------------------------------------------- GELU
 
+GELU_K = np.sqrt(2.0 / np.pi)
+GELU_A = 0.044715
+
+
 def gelu_forward(x):
     """y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)   (GPT-2's tanh form).
 
+    Saved: x itself (the backward recomputes tanh: cheaper than keeping an array of them).
     x [...] -> y [...]"""
-    y = kernels.gelu_forward(x)                             # [...]
-    return y, x
+    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
+    t = np.tanh(k * (x + a * x * x * x))                     # [...]
+    return 0.5 * x * (1 + t), x
 
 
-def gelu_backward(dy, saved):
-    """dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u).
+def gelu_backward(dy, x):
+    """dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx, t = tanh(u), du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    (the product rule on 0.5 x (1 + t), and tanh' = 1 - tanh^2).
 
-    Saved: x (t is recomputed: one more tanh costs less than keeping an array of them).
-    dy [...] -> dx [...]"""
-    return kernels.gelu_backward(dy, saved)
+    dy [...], x [...] -> dx [...]"""
+    k, a = x.dtype.type(GELU_K), x.dtype.type(GELU_A)
+    t = np.tanh(k * (x + a * x * x * x))                     # [...]
+    dudx = k * (1 + 3 * a * x * x)                           # [...]
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx)
 
 
 # ----------------------------------------------------------------------------- attention
 
+class AttentionSaved(NamedTuple):
+    qkv: np.ndarray            # [B,T,3C] the input
+    att: np.ndarray            # [B,H,T,T] the softmax probabilities (zero above the diagonal when causal)
+    n_head: int
+    causal: bool
+
+
+def split_heads(x, n_head):
+    """[B,T,C] -> [B,H,T,D]"""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """[B,H,T,D] -> [B,T,C]"""
+    B, H, T, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def check_positions(pos, B, T) -> np.ndarray:
+    """pos as an int64 array [B] with every entry in 0..T-1: the one position per sequence that
+    a pooled head reads, and the last key its query sees. ValueError otherwise."""
+    pos = np.ascontiguousarray(pos, dtype=np.int64)
+    if pos.shape != (B,):
+        raise ValueError(f"positions have shape {pos.shape}, expected ({B},)")
+    if B and (pos.min() < 0 or pos.max() >= T):
+        raise ValueError(f"positions must lie in 0..{T - 1}, got {pos.min()}..{pos.max()}")
+    return pos
+
+
 def attention_forward(qkv, n_head, causal=True):
-    """Causal self-attention core: q, k, v = split(qkv); per head softmax(q k^T / sqrt(D), causal) v.
-    causal=False: every query sees every key (no mask; padding is then seen too).
+    """Multi-head self-attention core: q, k, v = split(qkv, 3) (in that order); per head
+
+        a = q k^T / sqrt(D)      the attention scores
+        a = a + mask             -inf above the diagonal (a query sees its own and earlier keys)
+        att = softmax(a)         row by row
+        out = att v
+
+    causal=False: no mask, every query sees every key (padding included).
 
     qkv [B,T,3C] -> out [B,T,C]"""
-    out, att = kernels.attention_forward(qkv, n_head, causal=causal)  # [B,T,C], [B,H,T,T]
-    return out, (qkv, att, n_head, causal)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))   # [B,H,T,D] each
+    scale = 1.0 / np.sqrt(C // n_head)
+    a = (q @ k.transpose(0, 1, 3, 2)) * scale                # [B,H,T,T]
+    if causal:
+        future = np.triu(np.ones((T, T), dtype=bool), k=1)   # [T,T] True above the diagonal
+        a = np.where(future, -np.inf, a)
+    a = a - a.max(axis=-1, keepdims=True)                    # softmax is shift-invariant: no overflow
+    e = np.exp(a)
+    att = (e / e.sum(axis=-1, keepdims=True)).astype(qkv.dtype)   # [B,H,T,T]
+    out = merge_heads(att @ v)                               # [B,T,C]
+    return out, AttentionSaved(qkv, att, n_head, causal)
 
 
-def attention_packed_forward(qkv, starts, n_head, causal=True):
-    """The same core for sequences packed one after another along the rows, each attending only
-    to itself (rows starts[s]..starts[s+1]-1). Forward only: for frozen blocks, nothing is saved.
+def attention_backward(dout, saved: AttentionSaved):
+    """Back through out = att v, att = softmax(a), a = q k^T / sqrt(D):
 
-    qkv [N,3C], starts [S+1] -> out [N,C]"""
-    return kernels.attention_packed_forward(qkv, starts, n_head, causal=causal)  # [N,C]
+        datt = dout v^T,   dv = att^T dout
+        da = att * (datt - sum_row(datt * att))          (softmax, row by row)
+        dq = da k / sqrt(D),   dk = da^T q / sqrt(D)
 
+    The mask needs no case of its own: masked entries of att are 0, so their da is 0 too.
 
-def attention_tree_forward(qkv, path, pstarts, first_new, n_head):
-    """The causal core for sequences sharing their first tokens, each shared row computed once
-    (`npgpt.prefix_tree`): sequence s reads rows path[pstarts[s]:pstarts[s+1]] as its positions
-    0..T_s-1 and owns those from first_new[s] on. With causal attention a position depends only
-    on the tokens up to it, so two sequences that begin alike have the same rows there.
-    Forward only: for frozen blocks, nothing is saved.
-
-    qkv [N,3C], path [P], pstarts [S+1], first_new [S] -> out [N,C]"""
-    return kernels.attention_tree_forward(qkv, path, pstarts, first_new, n_head)  # [N,C]
-
-
-def attention_backward(dout, saved):
-    """Through out = att v and att = softmax(s): datt = dout v^T, dv = att^T dout,
-    ds = att * (datt - sum(datt * att)), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D).
-
-    The same formulas without the mask when causal=False (att then has no zeros above the diagonal).
-
-    Saved: qkv and the softmax probabilities att. dout [B,T,C] -> dqkv [B,T,3C]"""
-    qkv, att, n_head, causal = saved
-    return kernels.attention_backward(dout, qkv, att, n_head, causal=causal)
-
-
-def attention_rows_forward(qkv, idx, B, T, n_head):
-    """The causal core for some rows of a [B,T] batch, packed: row r of qkv is position
-    idx[r] % T of sequence idx[r] // T, and idx holds positions 0..p_b of each sequence b (a
-    causal prefix). The rows go back on the [B,T] grid, the others left at zero; a causal query at
-    t <= p_b reads keys 0..t only, so the zeros are never read, and the rows idx of
-    `attention_forward` on the grid are exactly the result.
-
-    qkv [N,3C], idx [N] (sorted b*T + t) -> out [N,C]"""
-    grid = np.zeros((B * T, qkv.shape[1]), qkv.dtype)                       # [B*T,3C]
-    grid[idx] = qkv
-    out, att = kernels.attention_forward(grid.reshape(B, T, -1), n_head, causal=True)  # [B,T,C], [B,H,T,T]
-    return out.reshape(B * T, -1)[idx], (grid.reshape(B, T, -1), att, n_head, idx)
-
-
-def attention_rows_backward(dout, saved):
-    """Backward of `attention_rows_forward`: dout on the grid (zero at the other rows, whose outputs
-    were not used), `attention_backward` there, and the rows idx of dqkv. The other rows' queries
-    get zero upstream gradient, and their keys and values are seen by them alone, so nothing of
-    the rows idx is lost.
-
-    Saved: the qkv grid, att, n_head, idx. dout [N,C] -> dqkv [N,3C]"""
-    grid, att, n_head, idx = saved
-    B, T, _ = grid.shape
-    dgrid = np.zeros((B * T, dout.shape[1]), dout.dtype)                    # [B*T,C]
-    dgrid[idx] = dout
-    dqkv = kernels.attention_backward(dgrid.reshape(B, T, -1), grid, att, n_head, causal=True)  # [B,T,3C]
-    return dqkv.reshape(B * T, -1)[idx]
-
-
-def attention_query_forward(q, kv, pos, n_head):
-    """The same core for one query per sequence, at position pos[b], attending keys 0..pos[b].
-
-    q [B,C], kv [B,T,2C], pos [B] -> out [B,C]"""
-    out, att = kernels.attention_query_forward(q, kv, pos, n_head)  # [B,C], [B,H,T]
-    return out, (q, kv, att, pos, n_head)
-
-
-def attention_query_backward(dout, saved):
-    """Backward of `attention_query_forward` (the formulas of `attention_backward`, one query row).
-
-    Saved: q, kv, att, pos. dout [B,C] -> dq [B,C], dkv [B,T,2C]"""
-    q, kv, att, pos, n_head = saved
-    return kernels.attention_query_backward(dout, q, kv, att, pos, n_head)
+    dout [B,T,C] -> dqkv [B,T,3C]"""
+    qkv, att, n_head, _ = saved
+    C = qkv.shape[2] // 3
+    q, k, v = (split_heads(a, n_head) for a in np.split(qkv, 3, axis=-1))   # [B,H,T,D]
+    scale = 1.0 / np.sqrt(C // n_head)
+    do = split_heads(dout, n_head)                           # [B,H,T,D]
+    datt = do @ v.transpose(0, 1, 3, 2)                      # [B,H,T,T]
+    dv = att.transpose(0, 1, 3, 2) @ do                      # [B,H,T,D]
+    da = att * (datt - (datt * att).sum(axis=-1, keepdims=True))   # [B,H,T,T]
+    dq = (da @ k) * scale                                    # [B,H,T,D]
+    dk = (da.transpose(0, 1, 3, 2) @ q) * scale              # [B,H,T,D]
+    dqkv = np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)   # [B,T,3C]
+    return dqkv.astype(qkv.dtype)
 
 
 # ----------------------------------------------------------------------------- loss
 
-def cross_entropy_forward(logits, targets):
-    """Mean cross-entropy of softmax(logits) against integer targets, stable (max subtracted).
+class CrossEntropySaved(NamedTuple):
+    probs: np.ndarray          # [B,K] softmax(logits)
+    targets: np.ndarray        # [B] class ids
 
-    logits [B,K], targets [B] -> loss (scalar)"""
-    z = logits - logits.max(axis=-1, keepdims=True)         # [B,K]
-    logsumexp = np.log(np.exp(z).sum(axis=-1, keepdims=True))  # [B,1]
-    logp = z - logsumexp                                    # [B,K] log-probabilities
+
+def cross_entropy_forward(logits, targets):
+    """Mean cross-entropy of softmax(logits) against integer targets:
+    loss = mean_b -log softmax(z_b)[y_b], computed as z - max z - log sum exp(z - max z).
+    Subtracting the row's max changes no probability (softmax is shift-invariant) and keeps exp
+    from overflowing; it needs no backward of its own for that reason: the max cancels out of
+    the result, so the loss does not depend on it.
+
+    logits [B,K], targets [B] -> loss (a float)"""
+    z = logits - logits.max(axis=-1, keepdims=True)          # [B,K]
+    logsumexp = np.log(np.exp(z).sum(axis=-1, keepdims=True))   # [B,1]
+    logp = z - logsumexp                                     # [B,K] log-probabilities
     B = logits.shape[0]
     loss = -logp[np.arange(B), targets].mean()
-    return float(loss), (np.exp(logp), targets)
+    return float(loss), CrossEntropySaved(np.exp(logp), targets)
 
 
-def cross_entropy_backward(dloss, saved):
+def cross_entropy_backward(dloss, saved: CrossEntropySaved):
     """dlogits = (softmax(logits) - onehot(targets)) / B * dloss.
 
-    Saved: the probabilities and the targets. -> dlogits [B,K]"""
+    -> dlogits [B,K]"""
     probs, targets = saved
     B = probs.shape[0]
-    dlogits = probs.copy()                                  # [B,K]
+    dlogits = probs.copy()                                   # [B,K]
     dlogits[np.arange(B), targets] -= 1
     return dlogits * probs.dtype.type(dloss / B)
 
 
-def accuracy(logits, targets) -> float:
-    """Fraction of rows whose largest logit is the target."""
-    return float((np.argmax(logits, axis=-1) == targets).mean())
+def softmax(z) -> np.ndarray:
+    """Row-wise softmax in float64: exp(z - max z) / sum(exp(z - max z)). z [N,K] -> [N,K]"""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))             # [N,K]
+    return e / e.sum(axis=1, keepdims=True)

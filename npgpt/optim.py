@@ -12,13 +12,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
+
+def adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW step on one array, in place: the formulas above (t counts from 1).
+
+        p = p * (1 - lr * weight_decay)
+        m = m + (1 - beta1) (g - m)                  (= beta1 m + (1 - beta1) g)
+        v = beta2 v + (1 - beta2) g^2
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    p, g, m, v [...] (p, m, v updated in place)"""
+    step_size = lr / (1 - beta1 ** t)
+    bias2_sqrt = np.sqrt(1 - beta2 ** t)
+    if weight_decay:
+        p *= 1 - lr * weight_decay
+    m += (1 - beta1) * (g - m)
+    v *= beta2
+    v += (1 - beta2) * (g * g)
+    denom = np.sqrt(v)
+    denom /= bias2_sqrt
+    denom += eps
+    p -= step_size * (m / denom)
 
 
 class AdamW:
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_1d=True):
+    """update: the function that applies one step to one array (`adamw_update` above; training
+    passes `npgpt.fastops.adamw_update`, the same numbers in one pass of a Numba kernel)."""
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, decay_1d=True,
+                 update=adamw_update):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.decay_1d = weight_decay, decay_1d
+        self.update = update
         self.t = 0
         self.m = {}   # name -> first moment
         self.v = {}   # name -> second moment
@@ -32,11 +57,8 @@ class AdamW:
             if name not in self.m:
                 self.m[name] = np.zeros_like(p)
                 self.v[name] = np.zeros_like(p)
-            m, v = self.m[name], self.v[name]
             wd = self.weight_decay if (self.decay_1d or p.ndim > 1) else 0.0
-            # The formulas above in one pass over p, g, m, v (kernels.adamw_update_np states
-            # them in NumPy; the Numba kernel computes the same numbers in a single loop).
-            kernels.adamw_update(p, g, m, v, self.t, self.lr, b1, b2, self.eps, wd)
+            self.update(p, g, self.m[name], self.v[name], self.t, self.lr, b1, b2, self.eps, wd)
 
     def state_dict(self) -> dict:
         """Arrays keyed 'm/<name>', 'v/<name>' plus the step count, for checkpoints."""

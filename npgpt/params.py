@@ -1,26 +1,17 @@
-"""Parameters: names, shapes, random initialisation, and HDF5 save/load with validation.
+"""GPT-2's parameters in an HDF5 file: save and load, with every array validated.
 
-Parameters live in a plain dict keyed by GPT-2's own checkpoint names (OpenAI's, without the
-`model/` prefix), in OpenAI's orientation (`y = x @ w + b`):
-
-    wte [V,C]  wpe [n_ctx,C]
-    h{i}/ln_1/g [C]  h{i}/ln_1/b [C]
-    h{i}/attn/c_attn/w [C,3C]  h{i}/attn/c_attn/b [3C]
-    h{i}/attn/c_proj/w [C,C]   h{i}/attn/c_proj/b [C]
-    h{i}/ln_2/g [C]  h{i}/ln_2/b [C]
-    h{i}/mlp/c_fc/w [C,4C]     h{i}/mlp/c_fc/b [4C]
-    h{i}/mlp/c_proj/w [4C,C]   h{i}/mlp/c_proj/b [C]
-    ln_f/g [C]  ln_f/b [C]
-    cls/w [C,num_classes]  cls/b [num_classes]      (classifier only)
-
-An HDF5 file holds one dataset per name (h5py turns the slashes into groups) and the config as
-attributes of the root group, so `h5dump` or any HDF5 viewer shows the model as OpenAI named it.
+An HDF5 file holds one dataset per parameter name (`npgpt.config` lists them; h5py turns the
+slashes into groups) and the config as attributes of the root group, so `h5dump` or any HDF5
+viewer shows the model as OpenAI named it.
 
 Two additions a classifier file may carry:
 - `tokenizer/encoder.json`, `tokenizer/vocab.bpe`: GPT-2's two BPE files as uint8 arrays, so the
   file is self-contained (`npgpt.tokenizer.tokenizer_from_h5` reads them, sha256-checked).
 - only some of the arrays (`save_params(..., base=...)`): the ones that trained; meta
   `base_weights` names the file holding the rest (`path`, `sha256`), read and checked on load.
+
+The parameters' names, shapes and random initialisation are `npgpt.config`'s; `init_params`,
+`add_classifier_head`, `param_shapes` and `num_classes_of` are importable from here too.
 """
 from __future__ import annotations
 
@@ -29,100 +20,15 @@ import os
 
 import numpy as np
 
-from .config import GPT2Config
+from .config import (BLOCK_PARAMS, GPT2Config, add_classifier_head, block_shapes, cast_params,  # noqa: F401
+                     init_params, num_classes_of, param_shapes)
 from .errors import FormatError
-
-BLOCK_PARAMS = (
-    "ln_1/g", "ln_1/b",
-    "attn/c_attn/w", "attn/c_attn/b",
-    "attn/c_proj/w", "attn/c_proj/b",
-    "ln_2/g", "ln_2/b",
-    "mlp/c_fc/w", "mlp/c_fc/b",
-    "mlp/c_proj/w", "mlp/c_proj/b",
-)
+from .fileio import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
 
 
-def block_shapes(C: int) -> dict:
-    """Shapes of one block's parameters, keyed by the name inside the block."""
-    return {
-        "ln_1/g": (C,), "ln_1/b": (C,),
-        "attn/c_attn/w": (C, 3 * C), "attn/c_attn/b": (3 * C,),
-        "attn/c_proj/w": (C, C), "attn/c_proj/b": (C,),
-        "ln_2/g": (C,), "ln_2/b": (C,),
-        "mlp/c_fc/w": (C, 4 * C), "mlp/c_fc/b": (4 * C,),
-        "mlp/c_proj/w": (4 * C, C), "mlp/c_proj/b": (C,),
-    }
-
-
-def param_shapes(config: GPT2Config, num_classes: int | None = None) -> dict:
-    """Every parameter name of a model with this config, with its shape, in checkpoint order."""
-    C = config.n_embd
-    shapes = {"wte": (config.vocab_size, C), "wpe": (config.n_ctx, C)}
-    for i in range(config.n_layer):
-        for name, shape in block_shapes(C).items():
-            shapes[f"h{i}/{name}"] = shape
-    shapes["ln_f/g"] = (C,)
-    shapes["ln_f/b"] = (C,)
-    if num_classes:
-        shapes["cls/w"] = (C, num_classes)
-        shapes["cls/b"] = (num_classes,)
-    return shapes
-
-
-def num_classes_of(params: dict) -> int | None:
-    """Number of classes of the classification head, or None for a language model."""
-    return params["cls/b"].shape[0] if "cls/b" in params else None
-
-
-def init_params(config: GPT2Config, seed: int = 0, num_classes: int | None = None,
-                dtype=np.float32) -> dict:
-    """Random parameters as GPT-2 initialises them: N(0, 0.02) weights (c_proj scaled by
-    1/sqrt(2 n_layer)), zero biases, LayerNorm gains 1."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in param_shapes(config, num_classes).items():
-        leaf = name.rsplit("/", 1)[-1]
-        if name in ("wte", "wpe") or leaf == "w":
-            std = 0.02
-            if name.endswith("c_proj/w"):
-                std = 0.02 / np.sqrt(2 * config.n_layer)
-            arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        elif leaf == "g":
-            arr = np.ones(shape, np.float32)
-        else:
-            arr = np.zeros(shape, np.float32)
-        params[name] = arr.astype(dtype, copy=False)
-    return params
-
-
-def add_classifier_head(params: dict, num_classes: int, seed: int = 0) -> dict:
-    """Add a fresh `cls/w`, `cls/b` head (N(0, 0.02) weights, zero bias) to a language model."""
-    C = params["wte"].shape[1]
-    dtype = params["wte"].dtype
-    rng = np.random.default_rng(seed)
-    params["cls/w"] = (rng.standard_normal((C, num_classes), dtype=np.float32) * np.float32(0.02)).astype(dtype)
-    params["cls/b"] = np.zeros(num_classes, dtype)
-    return params
-
-
-def cast_params(params: dict, dtype) -> dict:
-    return {k: v.astype(dtype, copy=False) for k, v in params.items()}
-
-
 # ----------------------------------------------------------------------------- HDF5
-
-def sha256_of(path, chunk=1 << 22) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
 
 def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None,
                 files: dict | None = None, only: list | None = None, base: str | None = None) -> None:
@@ -140,15 +46,13 @@ def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None
     meta = dict(meta or {})
     if only is not None:
         meta["base_weights"] = {"path": os.path.abspath(base), "given": os.fspath(base),
-                                "sha256": sha256_of(base)}
+                                "sha256": sha256_file(base)}
     if set(expected) != set(params):
         extra = sorted(set(params) - set(expected))
         missing = sorted(set(expected) - set(params))
         raise FormatError(f"{path}: params do not match config (missing {missing[:3]}, extra {extra[:3]})")
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["npgpt_format"] = FORMAT_VERSION
             for k, v in config.to_dict().items():
@@ -160,14 +64,6 @@ def save_params(path, params: dict, config: GPT2Config, meta: dict | None = None
                     f.create_dataset(name, data=np.ascontiguousarray(params[name]))
             for name, data in (files or {}).items():
                 f.create_dataset(f"tokenizer/{name}", data=np.frombuffer(data, np.uint8))
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _lora_shapes(meta, config, num_classes) -> dict:
@@ -272,7 +168,7 @@ def _load_base(path, base: dict, dtype, config, num_classes):
         raise FormatError(f"{path}: holds only the trained arrays; its base weights {base.get('path')} "
                           f"(sha256 {str(base.get('sha256'))[:12]}...) are missing: put that file back, or "
                           "train with --save full for a file that stands alone")
-    digest = sha256_of(found)
+    digest = sha256_file(found)
     if digest != base.get("sha256"):
         raise FormatError(f"{path}: its base weights {found} have sha256 {digest[:12]}..., not the "
                           f"{str(base.get('sha256'))[:12]}... it was trained from: they are other weights")

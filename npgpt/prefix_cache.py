@@ -1,9 +1,8 @@
-"""The frozen prefix, computed once per (weights, tokens, depth): activations kept on disk.
+"""The frozen prefix's store: activations computed once per (weights, tokens, depth), kept on disk.
 
 With blocks 0..d-1 frozen, the activations entering block d are a fixed function of the weights
-that feed them (wte, wpe, blocks 0..d-1) and of the token ids. This module computes them for many
-sequences packed along one axis (no padding: attention keeps each sequence to itself) and keeps
-the result in a cache folder, so a later run on the same data reuses it:
+that feed them (wte, wpe, blocks 0..d-1) and of the token ids. `npgpt.prefix` computes them;
+this module keeps the result in a cache folder, so a later run on the same data reuses it:
 
     cache folder   `--cache-dir`, else $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix
     one entry      <key>.npy   the activations, one [N,C] array (sequence s is rows off[s]..off[s+1]-1)
@@ -13,13 +12,12 @@ the result in a cache folder, so a later run on the same data reuses it:
                    the kernels (Numba or NumPy). A content hash: never a path or a time.
 
 Reuse: an entry at depth d serves a run whose first trainable block is s >= d, by computing
-blocks d..s-1 from it (a cache at depth 10 serves `--trainable-blocks 1` and `2`). Sequences go
-through the blocks in the same packs whichever depth they start from, so the numbers are the
-same bits as a computation from the embeddings.
+blocks d..s-1 from it (a cache at depth 10 serves `--trainable-blocks 1` and `2`), the same bits
+as a computation from the embeddings (`npgpt.prefix`).
 
-Safety: an entry is written to a temporary name and renamed (the .npy first, the .json last,
-so a .json always describes a complete array), and verified on every read (shape, dtype,
-checksum); a corrupt or partial entry is removed and recomputed, never trusted.
+Safety: an entry is written to a temporary name and renamed (`npgpt.fileio`: the .npy first, the
+.json last, so a .json always describes a complete array), and verified on every read (shape,
+dtype, checksum); a corrupt or partial entry is removed and recomputed, never trusted.
 
 Memory: the prefix takes rows x C x 4 bytes (41.4k distinct tokens x 768 = 121 MiB for SMS at
 124M). Above `memory_limit` bytes the array is not held in memory: it is written to a file as it
@@ -29,8 +27,8 @@ Where the file lives: with the disk cache it is the cache entry itself (a copy i
 would double the disk it takes, and the next run on the same data reuses it; `python -m
 npgpt.cache clear` removes it); without it, a file in the run folder unlinked as soon as it is
 created, so it goes when the run ends, however it ends. An error or Ctrl-C while it is written
-removes the partial file; one left by a killed run is listed by `python -m npgpt.cache ls` and
-removed by the next run using the folder. Too little free disk is one error before any work.
+removes the partial file; one left by a killed run (its temporary name says which process wrote it,
+`fileio.temp_owner`) is listed by `python -m npgpt.cache ls` and removed by the next run using the folder. Too little free disk is one error before any work.
 
 Why one memory-mapped .npy and not HDF5 chunked per example: `benchmarks/prefix_stream.py read`
 (50k examples, 1.2M tokens x 768, 3.4 GiB; ms per batch of 8 random examples, median of 5 turns):
@@ -49,8 +47,10 @@ import time
 
 import numpy as np
 
-from . import kernels, model, prefix_tree
+from . import fastops, prefix
 from .errors import TrainingError
+from .fileio import process_alive, replace_durably, temp_owner, temp_path, write_json
+from .model import Padding
 
 VERSION = 2              # 2: shared first tokens computed once (npgpt.prefix_tree)
 ENV = "NPGPT_CACHE_DIR"
@@ -108,19 +108,6 @@ def weight_digests(params, depth: int) -> list:
     return out
 
 
-def packs(lengths, max_tokens: int) -> list:
-    """Consecutive sequences grouped into packs of about max_tokens rows (at least one sequence each).
-    lengths [S] -> list of (first, stop) sequence index ranges"""
-    out, k = [], 0
-    csum = np.cumsum(lengths)
-    while k < len(lengths):
-        base = csum[k - 1] if k else 0
-        n = int(np.searchsorted(csum[k:] - base, max_tokens, side="right"))
-        out.append((k, k + max(1, n)))
-        k += max(1, n)
-    return out
-
-
 class PrefixCache:
     """The cache folder (or no folder, with use_disk=False) and how the prefix is computed.
 
@@ -139,7 +126,7 @@ class PrefixCache:
 
     def key(self, digests, seqs_digest: str, depth: int, mode: str) -> str:
         parts = [f"npgpt-prefix-v{VERSION}", *digests[:depth + 1], seqs_digest, f"depth={depth}",
-                 f"mode={mode}", f"max_tokens={self.max_tokens}", f"numba={int(kernels.USE_NUMBA)}"]
+                 f"mode={mode}", f"max_tokens={self.max_tokens}", f"numba={int(fastops.USE_NUMBA)}"]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def _paths(self, key):
@@ -187,7 +174,7 @@ class PrefixCache:
             fix = "--cache-dir on a larger disk" if self.use_disk else "--out on a larger disk"
             raise TrainingError(f"the frozen prefix needs {nbytes / 2**30:.2f} GiB on disk in {folder}, "
                                 f"{free / 2**30:.2f} GiB are free: free space, give {fix}, or raise --cache-memory")
-        path = os.path.join(folder, f".{key[:32]}.{os.getpid()}.tmp.npy")
+        path = temp_path(folder, key + ".npy")
         self.log(f"frozen prefix ({nbytes / 2**20:.0f} MiB) exceeds the cache memory limit "
                  f"({self.memory_limit / 2**20:.0f} MiB): kept on disk in {folder}"
                  + ("" if self.use_disk else " for this run only (removed when it ends)"))
@@ -202,7 +189,7 @@ class PrefixCache:
 
     def remove_leftovers(self):
         """Remove the temporary files of runs that stopped without cleaning up (killed while
-        computing a prefix): files named .<key>.<pid>.tmp* whose process is gone and that were
+        computing a prefix): files named by `fileio.temp_path` whose process is gone and that were
         not written to for 2 minutes (a folder shared by machines sees other machines' pids as
         gone). Logged."""
         for name, pid, size in leftovers(self.dir):
@@ -223,33 +210,28 @@ class PrefixCache:
         os.makedirs(self.dir, exist_ok=True)
         npy, meta_path = self._paths(key)
         if tmp_path is None:
-            tmp_path = os.path.join(self.dir, f".{key[:32]}.{os.getpid()}.tmp.npy")
+            tmp_path = temp_path(self.dir, key + ".npy")
             try:
-                np.save(tmp_path, arr)
+                with open(tmp_path, "wb") as fh:
+                    np.save(fh, arr)
             except BaseException:                        # (a full disk): no partial file left
-                if os.path.exists(tmp_path):
-                    os.remove(tmp_path)
+                os.remove(tmp_path)
                 raise
         else:
             arr.flush()
         meta = dict(meta, version=VERSION, key=key, rows=int(arr.shape[0]), cols=int(arr.shape[1]),
                     dtype=arr.dtype.str, bytes=int(arr.nbytes), sha256=checksum(arr),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        _fsync(tmp_path)
-        os.replace(tmp_path, npy)
-        tmp_meta = meta_path + f".{os.getpid()}.tmp"
-        with open(tmp_meta, "w") as fh:
-            json.dump(meta, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_meta, meta_path)
+        replace_durably(tmp_path, npy)
+        write_json(meta_path, meta)
         return arr if not isinstance(arr, np.memmap) else np.load(npy, mmap_mode="r")
 
-    # ------------------------------------------------------------------ the computation
+    # ------------------------------------------------------------------ the prefix of many sequences
 
     def activations(self, params, config, seqs, depth: int, mode: str, digests=None, progress=None,
                     lora=None, causal=True):
-        """The activations entering block `depth` for each token sequence in seqs.
+        """The activations entering block `depth` for each token sequence in seqs: read from the
+        cache, or computed (from the deepest cached depth below, if any) and stored.
 
         seqs: list of 1-D int arrays (distinct sequences); mode: a string naming how they were
         made (pooling and pad length), part of the key. digests: `weight_digests(params, depth)`
@@ -258,115 +240,104 @@ class PrefixCache:
         -> (flat [N,C] array, offsets [S+1]): sequence s is flat[offsets[s]:offsets[s+1]]"""
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)                 # [S]
         offsets = np.concatenate([[0], np.cumsum(lengths)])                         # [S+1]
-        rows, cols = int(offsets[-1]), config.n_embd
-        dtype = params["wte"].dtype
-        nbytes = rows * cols * np.dtype(dtype).itemsize
-        if digests is None:
-            digests = weight_digests(params, depth)
+        shape, dtype = (int(offsets[-1]), config.n_embd), params["wte"].dtype
+        digests = weight_digests(params, depth) if digests is None else digests
         h = hashlib.sha256()
         h.update(lengths.tobytes())
         h.update(np.concatenate(seqs).astype(np.int64).tobytes())
-        seqs_digest = h.hexdigest()
-        meta = {"depth": depth, "sequences": len(seqs), "mode": mode, "weights": digests[0][:16]}
-
-        start_depth, src = 0, None
+        keys = [self.key(digests, h.hexdigest(), d, mode) for d in range(depth + 1)]
         use_disk = self.use_disk and depth > 0      # the embeddings alone cost less to look up than to read
-        if use_disk:
-            self.remove_leftovers()
-            for d in range(depth, 0, -1):                 # the deepest cached depth <= depth
-                src = self.read(self.key(digests, seqs_digest, d, mode), rows, cols, dtype)
-                if src is not None:
-                    start_depth = d
-                    break
-        key = self.key(digests, seqs_digest, depth, mode)
-        if src is not None and start_depth == depth:   # (depth 0, the embeddings, is never read back)
-            self.log(f"frozen prefix (blocks 0..{depth - 1}, {rows} tokens, {nbytes / 2**20:.0f} MiB) "
-                     f"read from the cache {self.dir}" + ("" if nbytes <= self.memory_limit else
-                     f" (above the cache memory limit of {self.memory_limit / 2**20:.0f} MiB: "
-                     f"memory-mapped, streamed from disk)"))
+        start_depth, src = self._deepest(keys, shape, dtype) if use_disk else (0, None)
+        if src is not None and start_depth == depth:
+            self._say_read(depth, shape, dtype)
             if progress:
-                progress(rows)
+                progress(shape[0])
             return src, offsets
-        what = f"blocks {start_depth}..{depth - 1}" + (f" from the cached depth {start_depth}" if start_depth else "")
+        out, tmp_path = self._computed(params, config, seqs, offsets, keys[depth], shape, dtype,
+                                       start_depth, depth, src, lora, causal, progress)
+        meta = {"depth": depth, "sequences": len(seqs), "mode": mode, "weights": digests[0][:16]}
+        return self._kept(keys[depth], out, tmp_path, meta, use_disk), offsets
+
+    def _deepest(self, keys, shape, dtype):
+        """(depth, array) of the deepest entry among keys[1..] in the cache, or (0, None)."""
+        self.remove_leftovers()
+        for d in range(len(keys) - 1, 0, -1):
+            src = self.read(keys[d], *shape, dtype)
+            if src is not None:
+                return d, src
+        return 0, None
+
+    def _say_read(self, depth, shape, dtype):
+        nbytes = shape[0] * shape[1] * np.dtype(dtype).itemsize
+        self.log(f"frozen prefix (blocks 0..{depth - 1}, {shape[0]} tokens, {nbytes / 2**20:.0f} MiB) "
+                 f"read from the cache {self.dir}" + ("" if nbytes <= self.memory_limit else
+                 f" (above the cache memory limit of {self.memory_limit / 2**20:.0f} MiB: "
+                 f"memory-mapped, streamed from disk)"))
+
+    def _computed(self, params, config, seqs, offsets, key, shape, dtype, start_depth, depth, src,
+                  lora, causal, progress):
+        """The activations computed into a new array (in memory or its file; an error or Ctrl-C
+        removes the partial file). -> (array, its temporary file or None)"""
+        rows, cols = shape
+        nbytes = rows * cols * np.dtype(dtype).itemsize
         if depth > 0:
+            what = f"blocks {start_depth}..{depth - 1}" + (f" from the cached depth {start_depth}" if start_depth else "")
             self.log(f"computing the frozen prefix: {what}, {rows} tokens x {cols} = {nbytes / 2**20:.0f} MiB")
         out, tmp_path = self._new_array(key, rows, cols, dtype)
         try:
-            computed = self._compute(params, config, seqs, lengths, offsets, src, start_depth, depth, out,
-                                     progress, lora, causal)
-        except BaseException:                            # an error or Ctrl-C: leave no partial file
+            computed = prefix.compute(params, config, seqs, offsets, out, start_depth, depth, src, lora=lora,
+                                      causal=causal, max_tokens=self.max_tokens, progress=progress)
+        except BaseException:
             if tmp_path is not None and os.path.exists(tmp_path):
                 os.remove(tmp_path)
             raise
-        if depth > 0 and computed is not None and computed < rows:
+        if depth > 0 and computed < rows:
             self.log(f"computed {computed} of the {rows} rows: first tokens that several sequences share, once")
+        return out, tmp_path
+
+    def _kept(self, key, out, tmp_path, meta, use_disk):
+        """The computed array as the run reads it: stored as the entry `key` (with the disk cache),
+        or for this run only (read-only; a file on disk is unlinked, the mapping keeps its data)."""
+        nbytes = out.nbytes
         if use_disk:
             try:
                 out = self.write(key, out, meta, tmp_path)
                 self.log(f"saved the frozen prefix ({nbytes / 2**20:.0f} MiB) to the cache {self.dir}")
+                return out
             except OSError as e:
                 self.log(f"could not save the frozen prefix to {self.dir} ({e.strerror or e}); continuing")
-                if tmp_path is not None and os.path.exists(tmp_path):
-                    out = np.load(tmp_path, mmap_mode="r")
-                    try:
-                        os.remove(tmp_path)              # the mapping keeps the data until the run ends
-                    except OSError:
-                        pass
-        elif isinstance(out, np.memmap):                 # no disk cache: a file for this run only
+        if tmp_path is not None and os.path.exists(tmp_path):   # not unlinked at once (see _new_array): now
             out.flush()
-            if tmp_path is not None:                     # not unlinked at once: now (see _new_array)
-                out = np.load(tmp_path, mmap_mode="r")
-                try:
-                    os.remove(tmp_path)
-                except OSError:
-                    self.log(f"{tmp_path} ({nbytes / 2**20:.0f} MiB) could not be removed now: remove it after the run")
-            else:
-                out.flags.writeable = False
-        return out, offsets
+            out = np.load(tmp_path, mmap_mode="r")
+            try:
+                os.remove(tmp_path)
+            except OSError:
+                self.log(f"{tmp_path} ({nbytes / 2**20:.0f} MiB) could not be removed now: remove it after the run")
+            return out
+        if isinstance(out, np.memmap):                     # its file unlinked at once: read-only from here
+            out.flush()
+            out.flags.writeable = False
+        return out
 
-    def _compute(self, params, config, seqs, lengths, offsets, src, start_depth, depth, out, progress,
-                 lora, causal):
-        """Fill out [N,C] with the activations entering block `depth`, pack by pack, from the
-        embeddings (src None) or from src, the activations entering block start_depth.
-        Causal attention: sequences in lexicographic order, the first tokens a sequence shares
-        with the one before it in its pack computed once (`npgpt.prefix_tree`)."""
-        if causal:
-            return self._compute_shared(params, config, seqs, lengths, offsets, src, start_depth, depth,
-                                        out, progress, lora)
-        for a, b in packs(lengths, self.max_tokens):
-            lo, hi = offsets[a], offsets[b]
-            starts = offsets[a:b + 1] - lo                                             # [n+1]
-            if src is None:
-                ids = np.concatenate(seqs[a:b])                                        # [n_tok]
-                pos = np.arange(hi - lo) - np.repeat(starts[:-1], lengths[a:b])        # [n_tok]
-                x = params["wte"][ids] + params["wpe"][pos]                            # [n_tok,C]
-            else:
-                x = np.array(src[lo:hi])                                               # [n_tok,C]
-            for i in range(start_depth, depth):
-                x, _ = model.block_forward(params, i, x, config.n_head, save=False, starts=starts,
-                                           lora=lora, causal=causal)                     # [n_tok,C]
-            out[lo:hi] = x
-            if progress:
-                progress(int(hi - lo))
 
-    def _compute_shared(self, params, config, seqs, lengths, offsets, src, start_depth, depth, out,
-                        progress, lora):
-        """`_compute` for causal attention, on each pack's new rows alone (see `npgpt.prefix_tree`)."""
-        computed = 0                                                               # rows computed
-        for members, lay in prefix_tree.packed_layouts(seqs, self.max_tokens):    # members [n]
-            if src is None:
-                x = params["wte"][lay.ids] + params["wpe"][lay.pos]                # [n_new,C]
-            else:
-                x = np.asarray(src[offsets[members][lay.seq] + lay.pos])           # [n_new,C] a copy
-            for i in range(start_depth, depth):
-                x, _ = model.block_forward(params, i, x, config.n_head, save=False, tree=lay.tree,
-                                           lora=lora)                              # [n_new,C]
-            for m, j in enumerate(members):                                        # every position, shared or not
-                out[offsets[j]:offsets[j + 1]] = x[lay.rows_of(m)]
-            computed += len(lay.ids)
-            if progress:
-                progress(int(lengths[members].sum()))
-        return computed
+def dataset_activations(store, params, config, datasets, start: int, pooling: str, causal=True,
+                        progress=None, digests=None, lora=None):
+    """The activations entering block `start` for every example of every dataset, each distinct
+    sequence computed once (`prefix.distinct_sequences`): at its true length, or padded to the
+    dataset's pad length when the padding is read (last_position pooling, no causal mask).
+    store: a PrefixCache (PrefixCache(use_disk=False): in memory, no disk).
+    -> per dataset, a list of [T_i, C] arrays (views of one array), or None for a dataset whose
+       activations depend on the batch (it reads the padding and pads per batch)"""
+    padding_of = lambda d: Padding(pooling, causal, d.pad_to)
+    seqs, where = prefix.distinct_sequences(datasets, padding_of)
+    if not seqs:
+        return [None] * len(datasets)
+    reads = Padding(pooling, causal).reads_padding
+    pad_to = next(d.pad_to for d, w in zip(datasets, where) if w is not None)
+    mode = f"{pooling}:{pad_to}" + ("" if causal else ":no-causal-mask") if reads else pooling
+    flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress,
+                                      lora=lora, causal=causal)
+    return [None if rows is None else [flat[offsets[u]:offsets[u + 1]] for u in rows] for rows in where]
 
 
 def prefetch(feats, rows) -> None:
@@ -399,14 +370,6 @@ def checksum(arr) -> str:
     return h.hexdigest()
 
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- listing and clearing
 
 def entries(cache_dir=None) -> list:
@@ -433,36 +396,22 @@ def entries(cache_dir=None) -> list:
 
 
 def leftovers(cache_dir=None) -> list:
-    """Temporary files in a cache folder: [(name, pid of the run that wrote it or None, bytes)].
-    A file whose run is still going is being written; any other was left by a run that was killed."""
+    """Temporary files in a cache folder (named by `fileio.temp_path`): [(name, pid of the process
+    that writes it, bytes)]. A file whose process still runs is being written; any other was left
+    by a run that was killed."""
     d = cache_dir or default_dir()
     out = []
     if not os.path.isdir(d):
         return out
     for name in sorted(os.listdir(d)):
-        if ".tmp" not in name:
+        pid = temp_owner(name)
+        if pid is None:
             continue
-        parts = name.split(".")                   # .<key>.<pid>.tmp.npy or <key>.json.<pid>.tmp
-        i = parts.index("tmp") if "tmp" in parts else 0
-        pid = int(parts[i - 1]) if i > 0 and parts[i - 1].isdigit() else None
         try:
             out.append((name, pid, os.path.getsize(os.path.join(d, name))))
         except OSError:
             pass
     return out
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def remove_entry(cache_dir, key):

@@ -14,7 +14,7 @@ predecessor (which may itself have read them from its own) and computes the rest
     new    the rows each sequence computes: positions first_new[s].. of sequence s
 
 Every operation of a block except attention works row by row, so it runs on the new rows alone;
-attention (`ops.attention_tree_forward`) reads each sequence's rows through its path.
+attention (`fastops.attention_tree_forward`) reads each sequence's rows through its path.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class Layout:
 
     @property
     def tree(self):
-        """The arguments `ops.attention_tree_forward` takes after qkv."""
+        """The arguments `fastops.attention_tree_forward` takes after qkv (path, pstarts, first_new)."""
         return self.path, self.pstarts, self.first_new
 
     def rows_of(self, s) -> np.ndarray:
@@ -91,11 +91,23 @@ def layout(seqs, shared=None) -> Layout:
     return Layout(np.concatenate(ids), np.concatenate(pos), np.concatenate(seq), path, pstarts, shared)
 
 
+def packs(lengths, max_tokens: int) -> list:
+    """Consecutive sequences grouped into packs of about max_tokens rows (at least one sequence each).
+    lengths [S] -> list of (first, stop) sequence index ranges"""
+    out, k = [], 0
+    csum = np.cumsum(lengths)
+    while k < len(lengths):
+        base = csum[k - 1] if k else 0
+        n = int(np.searchsorted(csum[k:] - base, max_tokens, side="right"))
+        out.append((k, k + max(1, n)))
+        k += max(1, n)
+    return out
+
+
 def packed_layouts(seqs, max_tokens: int):
     """The sequences in lexicographic order, in packs of about max_tokens computed rows, each pack
     with its layout (sharing stops at a pack's first sequence).
     -> list of (members [n] indices into seqs, Layout of those sequences in that order)"""
-    from .prefix_cache import packs                  # (prefix_cache imports this module)
     order = lexicographic(seqs)                                                 # [S]
     ordered = [seqs[j] for j in order]
     shared = shared_lengths(ordered)                                            # [S]

@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import PRESETS, TINY, GPT2Config
 from .errors import FormatError, NpgptError
-from .params import param_shapes
+from .config import param_shapes
 
 MAX_HEADER_BYTES = 100 << 20
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -55,20 +56,51 @@ def read_table(path, text_column="text", label_column="label", skip_bad_lines=Fa
                         f"use {', '.join(TABLE_EXTENSIONS)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    bad = _BadRows(path, skip_bad_lines)
+    bad = _BadRows(path, skip_bad_lines, "row" if ext == ".parquet" else "line")
     if ext == ".parquet":
         records = _parquet_records(path)
     else:
         text = _decode(path, bad)
         records = _jsonl_records(text, bad) if ext == ".jsonl" else _delimited_records(text, ext, bad)
     columns, records = records
+    return _frame(records, columns, text_column, label_column, bad, "the file's columns", "--")
+
+
+def read_frame(data, text_column="text", label_column="label", source="the DataFrame",
+               skip_bad_lines=False) -> pd.DataFrame:
+    """Texts and labels held in memory, as `read_table` returns a file's: data is a pandas
+    DataFrame holding both columns, or a pair (texts, labels) of equal lengths. Rows are numbered
+    from 1 (`Line`); a missing value (None, NaN), an empty text or label is an error naming the
+    row, as in a file. -> DataFrame [Text, Label (a string), Line]"""
+    if isinstance(data, tuple):
+        if len(data) != 2:
+            raise DataError(f"{source}: expected (texts, labels), got a tuple of {len(data)}")
+        texts, labels = (list(data[0]) if not isinstance(data[0], str) else [data[0]]), list(data[1])
+        if len(texts) != len(labels):
+            raise DataError(f"{source}: {len(texts)} texts but {len(labels)} labels")
+        text_column, label_column = "text", "label"
+        columns, rows = [text_column, label_column], zip(texts, labels)
+        records = [(i + 1, {text_column: t, label_column: lab}) for i, (t, lab) in enumerate(rows)]
+    elif hasattr(data, "columns") and hasattr(data, "to_dict"):
+        columns = [str(c) for c in data.columns]
+        records = [(i + 1, rec) for i, rec in enumerate(data.to_dict("records"))]
+    else:
+        raise DataError(f"{source}: expected a DataFrame or (texts, labels), got {type(data).__name__}")
+    records = [(i, {k: (None if _isna(v) else v) for k, v in rec.items()}) for i, rec in records]
+    return _frame(records, columns, text_column, label_column, _BadRows(source, skip_bad_lines, "row"),
+                  "its columns", "")
+
+
+def _frame(records, columns, text_column, label_column, bad, listing, dashes) -> pd.DataFrame:
+    """The usable rows of [(line, record or the reason it is unusable)] as [Text, Label, Line]."""
     wanted = [text_column] + ([label_column] if label_column is not None else [])
     missing = [c for c in wanted if c not in columns]
     if missing:
         which = "a label column" if missing == [label_column] else "a text column"
-        flag = "--label-column" if missing == [label_column] else "--text-column"
-        raise DataError(f"{path}: no column {missing[0]!r} ({which}; choose one with {flag}); "
-                        f"the file's columns: {', '.join(map(str, columns)) or '(none)'}")
+        flag = ("--label-column" if missing == [label_column] else "--text-column") if dashes else \
+            ("label_column=" if missing == [label_column] else "text_column=")
+        raise DataError(f"{bad.source}: no column {missing[0]!r} ({which}; choose one with {flag}); "
+                        f"{listing}: {', '.join(map(str, columns)) or '(none)'}")
     rows = []
     for line, rec in records:
         if isinstance(rec, str):                 # a reason: the row is unusable
@@ -87,27 +119,29 @@ def read_table(path, text_column="text", label_column="label", skip_bad_lines=Fa
             continue
         rows.append((text, label, line))
     if not rows:
-        raise DataError(f"{path}: no usable rows" + (f" ({bad.summary()})" if bad.skipped else ""))
+        raise DataError(f"{bad.source}: no usable rows" + (f" ({bad.summary()})" if bad.skipped else ""))
     df = pd.DataFrame(rows, columns=["Text", "Label", "Line"])
     df["Text"] = df["Text"].astype(object)
     df["Label"] = df["Label"].astype(object)
     df.attrs["skipped"] = list(bad.skipped)
     df.attrs["warning"] = bad.warning()
-    df.attrs["source"] = str(path)
+    df.attrs["source"] = str(bad.source)
     return df
 
 
 class _BadRows:
-    """Collects (or raises on) unusable rows."""
+    """Collects (or raises on) unusable rows of one source (a file, or data in memory)."""
 
-    def __init__(self, path, skip):
-        self.path, self.skip, self.skipped = path, skip, []
+    def __init__(self, source, skip, unit="line"):
+        self.source, self.skip, self.unit, self.skipped = source, skip, unit, []
         self.dropped = set()          # lines blanked for not being UTF-8 (already counted)
 
     def add(self, line, reason):
-        what = f"row {line}" if self.path.suffix.lower() == ".parquet" else f"line {line}"
+        what = f"{self.unit} {line}"
         if not self.skip:
-            raise DataError(f"{self.path}: {what}: {reason} (--skip-bad-lines skips such rows)")
+            fix = "--skip-bad-lines" if self.unit == "line" or str(self.source).endswith(".parquet") else \
+                "skip_bad_lines=True"
+            raise DataError(f"{self.source}: {what}: {reason} ({fix} skips such rows)")
         self.skipped.append(f"{what}: {reason}")
 
     def summary(self):
@@ -115,7 +149,7 @@ class _BadRows:
         return f"skipped {len(self.skipped)} bad row{'s' if len(self.skipped) > 1 else ''}: {first}"
 
     def warning(self):
-        return f"warning: {self.path}: {self.summary()}" if self.skipped else ""
+        return f"warning: {self.source}: {self.summary()}" if self.skipped else ""
 
 
 def _decode(path: Path, bad: _BadRows) -> str:
@@ -152,7 +186,7 @@ def _delimited_records(text: str, ext: str, bad: _BadRows):
                 header = [c.strip() for c in row]
                 if len(set(header)) != len(header):
                     dup = next(c for c in header if header.count(c) > 1)
-                    raise DataError(f"{bad.path}: line {line}: the header names column {dup!r} twice")
+                    raise DataError(f"{bad.source}: line {line}: the header names column {dup!r} twice")
                 continue
             if not row or not any(c.strip() for c in row):
                 records.append((line, "blank line"))
@@ -163,10 +197,10 @@ def _delimited_records(text: str, ext: str, bad: _BadRows):
             else:
                 records.append((line, dict(zip(header, row))))
     except csv.Error as e:
-        raise DataError(f"{bad.path}: line {reader.line_num}: not readable as "
+        raise DataError(f"{bad.source}: line {reader.line_num}: not readable as "
                         f"{'TSV' if ext == '.tsv' else 'CSV'} ({e})") from None
     if header is None:
-        raise DataError(f"{bad.path}: empty file (a header row naming the columns comes first)")
+        raise DataError(f"{bad.source}: empty file (a header row naming the columns comes first)")
     return header, records
 
 
@@ -307,28 +341,56 @@ def prepare_user_splits(data, validation=None, test=None, *, text_column="text",
                         out_dir=None):
     """(train, validation, test) DataFrames [Label id, Text, Line, Name] and the class names.
 
-    data: the training file. validation / test: files given explicitly; a split not given is cut
-    off the training file (stratified, `split` = train and validation fractions, rescaled when
-    only one is missing). balance "undersample" cuts each class of the training file to the
-    smallest first. out_dir: where train/validation/test.csv are written (the run folder).
-    Each frame's attrs["warning"] joins the skipped-rows warnings of the files read."""
+    data: the training file, or texts and labels in memory (a DataFrame, or (texts, labels):
+    `read_frame`). validation / test: given explicitly, likewise; a split not given is cut off the
+    training data (stratified, `split` = train and validation fractions, rescaled when only one
+    is missing). balance "undersample" cuts each class of the training data to the smallest
+    first. out_dir: where train/validation/test.csv are written (the run folder).
+    Each frame's attrs["warning"] joins the skipped-rows warnings of the sources read."""
     if balance not in ("none", "undersample"):
         raise DataError(f"--balance must be none or undersample, got {balance!r}")
     opts = dict(text_column=text_column, label_column=label_column, skip_bad_lines=skip_bad_lines)
-    source = read_table(data, **opts)
+    source = _read(data, "training", opts)
     warnings = [source.attrs["warning"]]
     names = class_names(source["Label"], labels)
-    label_ids(source, names, str(data))                      # every training label is a class
+    label_ids(source, names, source.attrs["source"])          # every training label is a class
     if len(set(source["Label"])) < 2:
-        raise DataError(f"{data}: only one class ({source['Label'].iloc[0]!r}); a classifier needs at least two")
+        raise DataError(f"{source.attrs['source']}: only one class ({source['Label'].iloc[0]!r}); "
+                        "a classifier needs at least two")
     if balance == "undersample":
         source = undersample(source, seed)
     given = {}
-    for name, path in (("validation", validation), ("test", test)):
-        if path is not None:
-            given[name] = read_table(path, **opts)
+    for name, where in (("validation", validation), ("test", test)):
+        if where is not None:
+            given[name] = _read(where, name, opts)
             warnings.append(given[name].attrs["warning"])
-            label_ids(given[name], names, str(path))
+            label_ids(given[name], names, given[name].attrs["source"])
+    parts = _cut(source, given, split, seed)
+    splits = []
+    for name in ("train", "validation", "test"):
+        df = parts[name]
+        if len(df) == 0:
+            raise DataError(f"{source.attrs['source']}: the {name} split is empty ({len(source)} rows; give more "
+                            f"data, another --split, or --{name} FILE)")
+        out = pd.DataFrame({"Label": label_ids(df, names, name), "Text": df["Text"].to_numpy(object),
+                            "Line": df["Line"].to_numpy(np.int64), "Name": df["Label"].to_numpy(object)})
+        out.attrs["warning"] = "\n".join(w for w in warnings if w)
+        out.attrs["skipped"] = []
+        splits.append(out)
+    if out_dir is not None:
+        write_splits(splits, out_dir)
+    return tuple(splits), names
+
+
+def _read(where, name, opts) -> pd.DataFrame:
+    """A table file (a path), or texts and labels in memory."""
+    if isinstance(where, (str, os.PathLike)):
+        return read_table(where, **opts)
+    return read_frame(where, source=f"the {name} data", **opts)
+
+
+def _cut(source, given: dict, split, seed) -> dict:
+    """The splits not given, cut off source (stratified), beside the given ones: name -> frame."""
     f_train, f_val = parse_split(split)
     f_test = 1.0 - f_train - f_val
     wanted = [("train", f_train)] + [(n, f) for n, f in (("validation", f_val), ("test", f_test)) if n not in given]
@@ -337,24 +399,16 @@ def prepare_user_splits(data, validation=None, test=None, *, text_column="text",
     cut = stratified_split(source, fractions, seed) if len(wanted) > 1 else [source.reset_index(drop=True)]
     parts = dict(zip([n for n, _ in wanted], cut))
     parts.update(given)
-    splits = []
-    for name in ("train", "validation", "test"):
-        df = parts[name]
-        if len(df) == 0:
-            raise DataError(f"{data}: the {name} split is empty ({len(source)} rows; give more data, "
-                            f"another --split, or --{name} FILE)")
-        out = pd.DataFrame({"Label": label_ids(df, names, name), "Text": df["Text"].to_numpy(object),
-                            "Line": df["Line"].to_numpy(np.int64), "Name": df["Label"].to_numpy(object)})
-        out.attrs["warning"] = "\n".join(w for w in warnings if w)
-        out.attrs["skipped"] = []
-        splits.append(out)
-    if out_dir is not None:
-        from .data import write_split_csv
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name, df in zip(SPLIT_FILES, splits):
-            write_split_csv(df, out_dir / SPLIT_FILES[name])
-    return tuple(splits), names
+    return parts
+
+
+def write_splits(splits, out_dir) -> None:
+    """The three splits as train.csv, validation.csv, test.csv in out_dir (the run folder)."""
+    from .data import write_split_csv
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, df in zip(SPLIT_FILES, splits):
+        write_split_csv(df, out_dir / SPLIT_FILES[name])
 
 
 def read_user_splits(run_dir, names) -> tuple:

@@ -38,7 +38,7 @@ import numpy as np
 
 from .config import GPT2Config
 from .errors import FormatError, NpgptError
-from .params import param_shapes
+from .config import param_shapes
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48          # two block handles (<= 20 bytes each), padding, 8-byte magic

@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from .errors import FormatError, NpgptError
+from .fileio import sha256_file
 
 PAD_ID = 50256          # <|endoftext|>, also used to right-pad classification batches
 EOT = "<|endoftext|>"
@@ -126,7 +127,7 @@ def decode(tok, ids) -> str:
 def check_bpe_file(path: Path) -> None:
     """Raise FormatError unless `path` (encoder.json or vocab.bpe) has OpenAI's sha256."""
     expected = BPE_FILES[path.name]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != expected:
         raise FormatError(f"{path}: sha256 {digest} is not that of GPT-2's {path.name} ({expected})")
 

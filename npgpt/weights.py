@@ -18,11 +18,12 @@ the main source itself (e.g. a local copy served over HTTP).
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+if __name__ == "__main__":      # `python -m npgpt.weights`: the command line, npgpt.cli.weights
+    from npgpt.cli import hand_over
+    hand_over("weights")
 
-from .cli import make_parser, run
+import os
+
 from .config import HF_NAMES, PRESETS
 from .download import check_sha256, download_file
 from .errors import FormatError
@@ -139,8 +140,9 @@ def convert(path, out=None, size: str | None = None, weights_dir="weights") -> s
 
 
 def download(size: str, source: str = "openai", weights_dir="weights", out=None, mirror=None,
-             base_url=None, progress: bool = True, force: bool = False, **download_kw) -> str:
-    """Download one size (skipping complete files) and convert it; return the .h5 path."""
+             base_url=None, progress: bool = True, force: bool = False, log=None, **download_kw) -> str:
+    """Download one size (skipping complete files) and convert it; return the .h5 path.
+    log: a function of one string for what the user should see (an .h5 already there)."""
     _check_size(size)
     out = out or os.path.join(os.fspath(weights_dir), f"gpt2-{size}.h5")
     if source == "openai":
@@ -150,53 +152,6 @@ def download(size: str, source: str = "openai", weights_dir="weights", out=None,
     else:
         raise FormatError(f"unknown source {source!r}; choose openai or hf")
     if os.path.exists(out) and not force:
-        print(f"{out} already exists (use --force to convert again)", file=sys.stderr)
+        (log or (lambda msg: None))(f"{out} already exists (use --force to convert again)")
         return out
     return convert(ckpt, out, weights_dir=weights_dir)
-
-
-def main(argv=None) -> int:
-    parser = make_parser("python -m npgpt.weights",
-                         "Download GPT-2's published weights and convert them to npgpt's HDF5 file.")
-    sub = parser.add_subparsers(dest="command", metavar="{download,convert}")
-
-    def add_common(p):
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
-        p.add_argument("--dir", default="weights", help="weights folder (downloads go to DIR/<size>/, output to DIR/gpt2-<size>.h5)")
-        p.add_argument("--out", default=None, help="output .h5 file (default: DIR/gpt2-<size>.h5)")
-
-    d = sub.add_parser("download", help="fetch a published checkpoint and convert it",
-                       formatter_class=parser.formatter_class)
-    d.add_argument("size", choices=list(PRESETS), help="model size")
-    d.add_argument("--source", choices=("openai", "hf"), default="openai",
-                   help="openai: OpenAI's TF checkpoint; hf: Hugging Face's model.safetensors")
-    d.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
-                   help=f"fallback base URL with the same layout (default: ${MIRROR_ENV}, else none)")
-    d.add_argument("--base-url", default=None,
-                   help=f"main base URL (default: {OPENAI_BASE} for openai, {HF_BASE} for hf)")
-    d.add_argument("--force", action="store_true", help="convert again even if the .h5 exists")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_common(d)
-
-    c = sub.add_parser("convert", help="convert a checkpoint already on disk (no network)",
-                       formatter_class=parser.formatter_class)
-    c.add_argument("path", help="TF checkpoint directory (with hparams.json) or .safetensors file")
-    c.add_argument("--size", choices=list(PRESETS), default=None,
-                   help="model size: names the output, gives n_head for safetensors, and the shapes are "
-                        "checked against it (default: from the file's shapes)")
-    add_common(c)
-
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.error("choose a command: download or convert")
-    if args.command == "download":
-        out = download(args.size, args.source, args.dir, args.out, args.mirror, args.base_url,
-                       progress=not args.no_progress, force=args.force)
-    else:
-        out = convert(args.path, args.out, args.size, args.dir)
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    run(main)

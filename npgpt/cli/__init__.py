@@ -1,17 +1,16 @@
-"""What every command-line tool shares: one-line errors, exit codes, `--debug`.
+"""The command line: every `python -m npgpt.X` and `npgpt X` is a module of this package,
+`npgpt.cli.X`, with a `main(argv)`. Nothing in the library imports this package.
 
-    def main(argv=None):
-        parser = make_parser("python -m npgpt.X", "what it does")
-        ...
-        args = parser.parse_args(argv)
-        ...
+    python -m npgpt.train ...   runs npgpt/train.py, whose `if __name__ == "__main__"` block calls
+                                hand_over("train"): npgpt.cli.train.main, through `run`
+    npgpt train ...             the same, through npgpt/__main__.py
 
-    if __name__ == "__main__":
-        run(main)
+What every command shares, here: one-line errors, exit codes, `--debug`, the parser's help format
+and its "did you mean" for a mistyped option, Numba's compilation announced once.
 
 User errors (`NpgptError`) print `error: <message>` on stderr and exit 1; usage errors exit 2
 (argparse); Ctrl-C exits 130. `--debug` (or NPGPT_DEBUG=1) shows the traceback instead.
-`run` also calls `npgpt.tune_runtime()` (the CLIs' runtime settings, see the README).
+`run` also calls `npgpt.tune_runtime()` (the runtime settings, docs/troubleshooting.md).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import argparse
 import os
 import sys
 
-from .errors import NpgptError
+from ..errors import NpgptError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,21 +68,9 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def bar_options(stream=None) -> dict:
-    """tqdm keyword arguments: a terminal gets a live bar; a file or pipe gets an update every
-    30 s at most (and the last one), not one per step."""
-    stream = sys.stderr if stream is None else stream
-    try:
-        tty = stream.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    return {"mininterval": 0.5} if tty else {"mininterval": 30.0, "maxinterval": 60.0, "ascii": True}
-
-
 def expect_file(path, flag: str, what: str = "a file", hint: str = "") -> None:
     """NpgptError unless `path` is an existing file: names the flag that gave it, and for a folder
     says what was expected instead (`hint`, e.g. the file inside a run folder)."""
-    from .errors import NpgptError
     path = os.fspath(path)
     if os.path.isdir(path):
         raise NpgptError(f"{flag} {path}: is a folder, expected {what}" + (f" ({hint})" if hint else ""))
@@ -94,7 +81,7 @@ def expect_file(path, flag: str, what: str = "a file", hint: str = "") -> None:
 def run(main, argv=None, prog=None) -> None:
     """Call main(argv) and turn its failures into one line on stderr and an exit code."""
     global _prog_override
-    from . import tune_runtime
+    from .. import tune_runtime
     tune_runtime()
     _prog_override = prog
     argv = sys.argv[1:] if argv is None else argv
@@ -143,3 +130,21 @@ def announce_compilation(write=print, text="compiling kernels (first run only: l
             pass
 
     event.register("numba:compile", _Once())
+
+
+def hand_over(command: str) -> None:
+    """`python -m npgpt.<command>`: run npgpt.cli.<command>'s main through `run`, which exits.
+    Called from the `if __name__ == "__main__"` block at the top of npgpt/<command>.py, before
+    that module imports NumPy (so `tune_runtime` comes first)."""
+    from .. import tune_runtime
+    tune_runtime()
+    import importlib
+    run(importlib.import_module(f"npgpt.cli.{command}").main)
+
+
+def shorten(text: str, width: int) -> str:
+    """One display line: whitespace runs become one space, other control characters are shown
+    escaped (\\x1b), and the text is cut to `width` characters with "..."."""
+    s = " ".join(text.split())
+    s = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in s)
+    return s if len(s) <= width else s[:max(width - 3, 1)] + "..."
