@@ -4,16 +4,16 @@
     python examples/train_step_by_step.py --weights weights/gpt2-124M.h5
 
 The reference's setting: the last block, the final LayerNorm and a 2-class head train, everything
-below is frozen. The stages are the ones `npgpt.model.loss_and_grads` runs, spelled out with the
-operations of `npgpt.ops`, in the plain dense form (every position of the last block; the library
-computes the same numbers at fewer positions, see docs/backprop.md):
+below is frozen. The stages are the ones `npgpt.model.loss_and_grads` (the textbook) runs, spelled
+out with the operations of `npgpt.ops`, every position of the last block (the training path,
+`npgpt.fastmodel`, computes the same numbers at fewer positions, see docs/backprop.md):
 
   1. weights      a GPT-2 and a fresh classifier head
   2. forward      frozen prefix (embeddings, blocks 0..L-2, nothing saved), the last block (saving
                   what its backward needs), ln_f, the head at each message's last real token
   3. loss         mean cross-entropy
   4. backward     head -> ln_f -> the pooled rows -> the last block, stopping there
-  5. check        the same gradients from npgpt.model.loss_and_grads
+  5. check        the same gradients from npgpt.model.loss_and_grads and npgpt.fastmodel
   6. AdamW        one step: what moves, what stays, and the loss after it
 """
 import argparse
@@ -24,10 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from npgpt import model, ops  # noqa: E402
-from npgpt.config import TINY  # noqa: E402
+from npgpt import fastmodel, model, ops  # noqa: E402
+from npgpt.config import TINY, add_classifier_head, init_params  # noqa: E402
 from npgpt.optim import AdamW  # noqa: E402
-from npgpt.params import add_classifier_head, init_params, load_params  # noqa: E402
 
 
 def norm(a):
@@ -42,6 +41,7 @@ def main(argv=None):
 
     # 1. weights ----------------------------------------------------------------------------------
     if a.weights:
+        from npgpt.params import load_params
         params, cfg, _ = load_params(a.weights)
         if "cls/w" not in params:
             add_classifier_head(params, 2, seed=a.seed)
@@ -69,9 +69,9 @@ def main(argv=None):
     # 2. forward ----------------------------------------------------------------------------------
     x = model.forward_prefix(params, cfg, ids, last)                                       # [B,T,C]
     print(f"2. forward: ids {ids.shape} -> frozen prefix (embeddings, blocks 0..{last - 1}) -> x {x.shape}, nothing saved")
-    y, saved_block = model.block_forward(params, last, x, cfg.n_head, save=True)          # [B,T,C]
+    y, saved_block = model.block_forward(params, last, x, cfg.n_head)                     # [B,T,C]
     print(f"   block {last} (trainable) -> {y.shape}, saving the inputs of its 4 linear layers, "
-          f"2 LayerNorms' (mean, rstd), the attention probabilities {saved_block[2][1].shape}, GELU's input")
+          f"2 LayerNorms' (mean, rstd), the attention probabilities {saved_block.attn.att.shape}, GELU's input")
     pooled = y[rows, pos]                                                                  # [B,C]
     h, saved_lnf = ops.layernorm_forward(pooled, params["ln_f/g"], params["ln_f/b"])       # [B,C]
     logits, saved_cls = ops.linear_forward(h, params["cls/w"], params["cls/b"])           # [B,2]
@@ -97,11 +97,15 @@ def main(argv=None):
     print(f"   backward stops at block {last}: no gradient is computed for blocks 0..{last - 1} or the embeddings")
 
     # 5. check ------------------------------------------------------------------------------------
-    loss2, grads2, _ = model.loss_and_grads(params, cfg, ids, labels, trainable=1, lengths=lengths)
-    assert sorted(grads) == sorted(grads2) == sorted(trainable)
-    worst = max(float(np.abs(grads[n] - grads2[n]).max() / max(np.abs(grads2[n]).max(), 1e-30)) for n in grads)
+    worst = {}
+    for impl in (model, fastmodel):
+        loss2, grads2, _ = impl.loss_and_grads(params, cfg, ids, labels, trainable=1, lengths=lengths)
+        assert sorted(grads) == sorted(grads2) == sorted(trainable)
+        worst[impl.__name__] = max(float(np.abs(grads[n] - grads2[n]).max() / max(np.abs(grads2[n]).max(), 1e-30))
+                                   for n in grads)
     print(f"5. check: npgpt.model.loss_and_grads gives loss {loss2:.6f} and the same {len(grads)} gradients "
-          f"(largest relative difference {worst:.1e}; it computes the last block at fewer positions)")
+          f"(largest relative difference {max(worst.values()):.1e}; npgpt.fastmodel's too, computing the "
+          f"last block at fewer positions)")
 
     # 6. AdamW ------------------------------------------------------------------------------------
     before = {n: v.copy() for n, v in params.items()}

@@ -23,6 +23,9 @@ __all__ = ["fit", "load_classifier", "Classifier"]
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 OPTION_FIELDS = {f.name for f in dataclasses.fields(RunOptions)}
+# the flags that turn a setting off, as keywords: no_plots=True is plots=False, quiet=True progress=False
+NEGATED = {(f.metadata["flag"][2:].replace("-", "_")): f.name
+           for cls in (RunConfig, RunOptions) for f in dataclasses.fields(cls) if f.metadata.get("negate")}
 
 
 def fit(texts, labels=None, *, text_column="text", label_column="label", validation=None, test=None,
@@ -41,8 +44,10 @@ def fit(texts, labels=None, *, text_column="text", label_column="label", validat
     (--labels), seed=123, random_init=True, threads=2, ...
     Raises npgpt's errors (npgpt.errors.NpgptError) for unusable data or settings."""
     from .train import train_run
-    if "quiet" in settings:                     # the older spelling
+    if "quiet" in settings:
         verbose = not settings.pop("quiet")
+    for flag in set(settings) & set(NEGATED):
+        settings[NEGATED[flag]] = not settings.pop(flag)
     if "labels_order" in settings:
         settings["labels"] = settings.pop("labels_order")
     unknown = sorted(set(settings) - CONFIG_FIELDS - OPTION_FIELDS - {"data", "validation", "test"})

@@ -61,7 +61,11 @@ def train_run(run: RunConfig, options: RunOptions | None = None, data=None, vali
     run = job.run                             # with the class names resolved
     run_dir = runs.create(options.out or runs.default_name(_stem(run), run.model), explicit=bool(options.out))
     try:
-        _start_folder(run_dir, job)
+        try:
+            _start_folder(run_dir, job)
+        except KeyboardInterrupt:
+            raise runs.Interrupted(2, None, f"interrupted before training started: "
+                                            f"{_nothing_saved(run_dir, True)}") from None
         return _train(job, run_dir, options, log, created=True, t_start=t_start)
     finally:
         runs.release(run_dir)
@@ -128,22 +132,21 @@ def _start_folder(run_dir, job) -> None:
     except NpgptError:
         runs.remove_if_empty(run_dir)
         raise
-    if job.run.is_table:
-        write_splits(job.splits, run_dir)
+    write_splits(job.splits, run_dir)
     write_json(os.path.join(run_dir, RUN_FILE), job.run.to_dict())
 
 
 def _train(job, run_dir, options, log, created: bool, t_start: float) -> RunResult:
     """The prefix, the loop, the files: the run in its folder."""
     run = job.run
-    log(model_summary(job, run_dir))
     record = {"run_config": run.to_dict(), "classes": job.classes}
-    trainer = Trainer(job.params, job.config, job.datasets, run, run_dir, record, log=log,
-                      progress=options.progress)
-    if not created:
-        _restore_trained(run_dir, job.params, trainer.names)
-        trainer.resume()
     try:
+        log(model_summary(job, run_dir))
+        trainer = Trainer(job.params, job.config, job.datasets, run, run_dir, record, log=log,
+                          progress=options.progress)
+        if not created:
+            _restore_trained(run_dir, job.params, trainer.names)
+            trainer.resume()
         with np.errstate(over="ignore", invalid="ignore"):   # a diverging run is caught as Diverged
             trainer.feats, trainer.start = _frozen_prefix(job, options, run_dir, log)
             trainer.train()

@@ -1,7 +1,7 @@
-"""Shared test setup.
+"""Shared test setup (helpers that are not fixtures: tests/helpers.py).
 
 - `shared_data`: the folder of third-party data files (`NPGPT_SHARED_DATA`, default
-  `<repo>/../shared/data`).
+  `<repo>/../shared/data`); `bpe_dir`: GPT-2's two BPE files in it; `tok`: the tokenizer.
 - With `NPGPT_NO_SKIP=1` (set by .ci/run) a skipped test fails the run: in CI every test, and the
   PyTorch comparison tests above all, must run.
 """
@@ -22,6 +22,17 @@ def shared_data() -> pathlib.Path:
     d = shared_data_dir()
     assert d.is_dir(), f"shared data not found at {d}; set NPGPT_SHARED_DATA"
     return d
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(shared_data) -> str:
+    return str(shared_data / "gpt2_bpe")
+
+
+@pytest.fixture(scope="session")
+def tok(bpe_dir):
+    from npgpt.tokenizer import get_tokenizer
+    return get_tokenizer(bpe_dir)
 
 
 _skipped = []

@@ -14,8 +14,12 @@ import json
 import numpy as np
 import pytest
 
-from npgpt.classify import classify, load_classifier, read_lines, shorten, softmax
-from npgpt.data import make_batch, make_datasets, prepare_splits
+from npgpt.classify import classify, load_classifier
+from npgpt.cli import shorten
+from npgpt.cli.classify import read_lines
+from npgpt.data import prepare_splits
+from npgpt.dataset import make_batch, make_datasets
+from npgpt.ops import softmax
 from npgpt.errors import DataError, FormatError
 from npgpt.evaluate import confusion_matrix, evaluate_classifier, metrics_from_confusion
 from npgpt.model import forward_cls
@@ -27,17 +31,12 @@ TOL = 1e-5      # float32 logits computed in differently shaped batches
 
 
 def _train(shared_data, out, data_dir, *extra):
-    from npgpt.train import main
+    from npgpt.cli.train import main
     code = main(["--tiny", "--epochs", "1", "--data", str(shared_data / "sms_spam_collection" / "SMSSpamCollection"),
                  "--data-dir", str(data_dir), "--bpe-dir", str(shared_data / "gpt2_bpe"),
                  "--out", str(out), "--quiet", "--no-plots", *extra])
     assert code == 0
     return out
-
-
-@pytest.fixture(scope="module")
-def bpe_dir(shared_data):
-    return shared_data / "gpt2_bpe"
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,14 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SMS = "sms_spam_collection/SMSSpamCollection"
+from helpers import REPO, SMS, cli_env, one_error_line, run_module
+
 LINE = re.compile(r"^(ham|spam) +(0\.\d{3}|1\.000)  \S")     # "spam  0.973  You are a winner ..."
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.pop("NPGPT_DEBUG", None)
-    e.pop("NPGPT_BPE_DIR", None)
-    e["NUMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("numba-cache"))
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return e
+    return cli_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +34,7 @@ def cwd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def npgpt(env, cwd):
     def call(module, *args, stdin=None):
-        return subprocess.run([sys.executable, "-m", f"npgpt.{module}", *map(str, args)], cwd=cwd, env=env,
-                              input=stdin, capture_output=True, text=True, encoding="utf-8", timeout=300)
+        return run_module(f"npgpt.{module}", *args, env=env, cwd=cwd, stdin=stdin)
     return call
 
 
@@ -62,15 +56,6 @@ def trained(npgpt, shared_data, bpe, cwd):
 @pytest.fixture(scope="module")
 def model(trained):
     return trained[1] / "classifier.h5"
-
-
-def one_error_line(r, code):
-    """Assert a failure: exit `code`, no traceback, and one line on stderr; return that line."""
-    assert r.returncode == code, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- normal runs

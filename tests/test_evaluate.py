@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from npgpt import evaluate, train
+from npgpt.cli import evaluate, train
 from npgpt.errors import DataError
 from npgpt.evaluate import confusion_matrix, evaluate_classifier, per_class_metrics, roc_auc
 

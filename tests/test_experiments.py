@@ -3,11 +3,17 @@ first-token and mean pooling, and gradient accumulation (the same gradients as o
 import numpy as np
 import pytest
 
-from gradcheck import numerical_grad, rel_error
-from npgpt import finetune, kernels as K, model, params as P
-from npgpt.config import GPT2Config
+from helpers import SMALL_GPT2 as TINY, numerical_grad, rel_err
+from npgpt import finetune, kernels as K, model, ops, params as P
 
-TINY = GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=50257, n_ctx=16)
+
+def attention_np(qkv, H, causal=True):
+    out, saved = ops.attention_forward(qkv, H, causal)
+    return out, saved.att
+
+
+def attention_backward_np(dout, qkv, att, H, causal=True):
+    return ops.attention_backward(dout, ops.AttentionSaved(qkv, att, H, causal))
 
 
 # ----------------------------------------------------------------------------- no causal mask
@@ -18,18 +24,18 @@ def test_non_causal_kernels_match_numpy_twins(B, T, H, D, dtype, tol):
     rng = np.random.default_rng(T)
     qkv = rng.standard_normal((B, T, 3 * H * D)).astype(dtype)
     dout = rng.standard_normal((B, T, H * D)).astype(dtype)
-    out_np, att_np = K.attention_forward_np(qkv, H, causal=False)
-    out_nb, att_nb = K.attention_forward_numba(qkv, H, causal=False)
-    assert rel_error(out_nb, out_np) < tol and rel_error(att_nb, att_np) < tol
+    out_np, att_np = attention_np(qkv, H, causal=False)
+    out_nb, att_nb = K.attention_forward(qkv, H, causal=False)
+    assert rel_err(out_nb, out_np) < tol and rel_err(att_nb, att_np) < tol
     if T > 1:
         assert (att_np[:, :, 0, 1:] > 0).all()          # the first query sees later keys
-    d_np = K.attention_backward_np(dout, qkv, att_np, H, causal=False)
-    d_nb = K.attention_backward_numba(dout, qkv, att_nb, H, causal=False)
-    assert rel_error(d_nb, d_np) < 10 * tol
+    d_np = attention_backward_np(dout, qkv, att_np, H, causal=False)
+    d_nb = K.attention_backward(dout, qkv, att_nb, H, causal=False)
+    assert rel_err(d_nb, d_np) < 10 * tol
     starts = np.array([0, T]) if B == 1 else None
     if starts is not None:
-        packed = K.attention_packed_forward_numba(qkv[0], starts, H, causal=False)
-        assert rel_error(packed, out_np[0]) < tol
+        packed = K.attention_packed_forward(qkv[0], starts, H, causal=False)
+        assert rel_err(packed, out_np[0]) < tol
 
 
 @pytest.mark.parametrize("backward", ["np", "numba"])
@@ -38,13 +44,13 @@ def test_non_causal_backward_matches_finite_differences(backward):
     B, T, H, D = 2, 5, 2, 3
     qkv = rng.standard_normal((B, T, 3 * H * D))
     dout = rng.standard_normal((B, T, H * D))           # a random upstream gradient
-    f = lambda: float((K.attention_forward_np(qkv, H, causal=False)[0] * dout).sum())
-    _, att = K.attention_forward_np(qkv, H, causal=False)
-    bw = K.attention_backward_np if backward == "np" else K.attention_backward_numba
+    f = lambda: float((attention_np(qkv, H, causal=False)[0] * dout).sum())
+    _, att = attention_np(qkv, H, causal=False)
+    bw = attention_backward_np if backward == "np" else K.attention_backward
     got = bw(dout, qkv, att, H, causal=False)
-    assert rel_error(got, numerical_grad(f, qkv)) < 1e-7
+    assert rel_err(got, numerical_grad(f, qkv)) < 1e-7
     # and the masked version differs: the flag does something
-    assert rel_error(K.attention_forward_numba(qkv, H)[0], K.attention_forward_numba(qkv, H, causal=False)[0]) > 1e-3
+    assert rel_err(K.attention_forward(qkv, H)[0], K.attention_forward(qkv, H, causal=False)[0]) > 1e-3
 
 
 def test_non_causal_model_gradients_and_padding():
@@ -60,7 +66,7 @@ def test_non_causal_model_gradients_and_padding():
         f = lambda: run()[0]
         for name in ("h0/attn/c_attn/w", "h1/attn/c_attn/w", "h0/mlp/c_fc/b"):
             idx = rng.choice(p[name].size, 8, replace=False)
-            assert rel_error(grads[name].reshape(-1)[idx],
+            assert rel_err(grads[name].reshape(-1)[idx],
                              numerical_grad(f, p[name], indices=idx).reshape(-1)[idx]) < 1e-6
     # without the mask the padding is seen: shorter padding changes the logits of the last token
     a = model.forward_cls(p, TINY, ids, np.array([6, 4]), causal=False)[1]
@@ -85,7 +91,7 @@ def test_new_poolings_gradients_and_definition(pooling):
     f = lambda: run()[0]
     for name in ("cls/w", "ln_f/g", "h1/attn/c_attn/w", "h1/mlp/c_proj/w"):
         idx = rng.choice(p[name].size, min(8, p[name].size), replace=False)
-        assert rel_error(grads[name].reshape(-1)[idx],
+        assert rel_err(grads[name].reshape(-1)[idx],
                          numerical_grad(f, p[name], indices=idx).reshape(-1)[idx]) < 1e-6
     # the definition, from the hidden states of the LM path
     x = model.forward_prefix(p, TINY, ids, TINY.n_layer)                        # [B,T,C]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from npgpt import infer, model, params as P
-from npgpt.classify import softmax
+from npgpt.ops import softmax
 from npgpt.config import GPT2Config
 
 

@@ -14,9 +14,60 @@ import numba
 import numpy as np
 import pytest
 
-from npgpt import kernels as K
+from npgpt import fastops as F, kernels as K, ops, optim
 
-from gradcheck import numerical_grad
+from helpers import numerical_grad, rel_err
+
+
+# The NumPy statement each kernel is checked against (`ops`, `fastops`, `optim`), in the kernel's
+# call form: raw arrays in, raw arrays out.
+
+def layernorm_forward_np(x, g, b):
+    y, s = ops.layernorm_forward(x, g, b)
+    return y, s.mean, s.rstd
+
+
+def layernorm_backward_np(dy, x, mean, rstd, g):
+    return ops.layernorm_backward(dy, ops.LayerNormSaved(x, mean, rstd, g))
+
+
+def attention_forward_np(qkv, n_head, causal=True):
+    out, s = ops.attention_forward(qkv, n_head, causal)
+    return out, s.att
+
+
+def attention_backward_np(dout, qkv, att, n_head, causal=True):
+    return ops.attention_backward(dout, ops.AttentionSaved(qkv, att, n_head, causal))
+
+
+def gelu_forward_np(x):
+    return ops.gelu_forward(x)[0]
+
+
+gelu_backward_np = ops.gelu_backward
+adamw_update_np = optim.adamw_update
+attention_query_forward_np = F.attention_query_forward_np
+attention_query_backward_np = F.attention_query_backward_np
+attention_packed_forward_np = F.attention_packed_forward_np
+attention_tree_forward_np = F.attention_tree_forward_np
+ln_linear_grads_np = F.layernorm_linear_param_grads_np
+
+
+def all_finite_np(x):
+    return bool(np.isfinite(x).all())
+
+
+IMPL = {"numba": {"layernorm_forward": K.layernorm_forward, "layernorm_backward": K.layernorm_backward,
+                  "attention_forward": K.attention_forward, "attention_backward": K.attention_backward,
+                  "attention_packed_forward": K.attention_packed_forward, "adamw_update": K.adamw_update,
+                  "attention_query_forward": K.attention_query_forward,
+                  "attention_query_backward": K.attention_query_backward},
+        "np": {"layernorm_forward": layernorm_forward_np, "layernorm_backward": layernorm_backward_np,
+               "attention_forward": attention_forward_np, "attention_backward": attention_backward_np,
+               "attention_packed_forward": attention_packed_forward_np, "adamw_update": adamw_update_np,
+               "attention_query_forward": attention_query_forward_np,
+               "attention_query_backward": attention_query_backward_np}}
+
 
 # Numba against NumPy: the same formulas, summed in a different order (and in float64 by Numba).
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
@@ -27,14 +78,6 @@ ATT_CASES = [
     ((3, 7, 3, 5), [0, 6, 3]),
     ((2, 33, 4, 16), [32, 0]),
 ]
-
-
-def rel_err(a, b):
-    """max|a - b| / max(max|a|, max|b|)  (0 when both are all zeros)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape
-    scale = max(np.abs(a).max(), np.abs(b).max())
-    return 0.0 if scale == 0 else float(np.abs(a - b).max() / scale)
 
 
 def ln_inputs(N, C, dtype, seed=0, spread=1e-2):
@@ -75,14 +118,14 @@ def test_layernorm_numba_matches_numpy(dtype, N, C, spread):
     # spread, then carries that rounding magnified by 1/spread, differently in the two versions
     # (NumPy's float32 mean against Numba's float64 one).
     tol = TOL[dtype] / spread
-    got = K.layernorm_forward_numba(x, g, b)
-    want = K.layernorm_forward_np(x, g, b)
+    got = K.layernorm_forward(x, g, b)
+    want = layernorm_forward_np(x, g, b)
     for name, u, w in zip(("y", "mean", "rstd"), got, want):
         assert u.dtype == dtype and u.shape == w.shape, name
         assert rel_err(u, w) <= tol, name
     _, mean, rstd = want
-    got = K.layernorm_backward_numba(dy, x, mean, rstd, g)
-    want = K.layernorm_backward_np(dy, x, mean, rstd, g)
+    got = K.layernorm_backward(dy, x, mean, rstd, g)
+    want = layernorm_backward_np(dy, x, mean, rstd, g)
     for name, u, w in zip(("dx", "dg", "db"), got, want):
         assert u.dtype == dtype and u.shape == w.shape, name
         assert rel_err(u, w) <= tol, name
@@ -93,14 +136,14 @@ def test_layernorm_numba_matches_numpy(dtype, N, C, spread):
 def test_attention_numba_matches_numpy(dtype, shape, pos):
     B, T, H, D = shape
     qkv, dout = att_inputs(B, T, H, D, dtype)
-    out, att = K.attention_forward_numba(qkv, H)
-    out_np, att_np = K.attention_forward_np(qkv, H)
+    out, att = K.attention_forward(qkv, H)
+    out_np, att_np = attention_forward_np(qkv, H)
     assert out.dtype == att.dtype == dtype
     assert out.shape == (B, T, H * D) and att.shape == (B, H, T, T)
     assert rel_err(out, out_np) <= TOL[dtype]
     assert rel_err(att, att_np) <= TOL[dtype]
-    dqkv = K.attention_backward_numba(dout, qkv, att_np, H)
-    dqkv_np = K.attention_backward_np(dout, qkv, att_np, H)
+    dqkv = K.attention_backward(dout, qkv, att_np, H)
+    dqkv_np = attention_backward_np(dout, qkv, att_np, H)
     assert dqkv.dtype == dqkv_np.dtype == dtype and dqkv.shape == qkv.shape
     assert rel_err(dqkv, dqkv_np) <= TOL[dtype]
 
@@ -111,14 +154,14 @@ def test_attention_query_numba_matches_numpy(dtype, shape, pos):
     B, T, H, D = shape
     q, kv, dout = query_inputs(B, T, H, D, dtype)
     pos = np.array(pos)
-    out, att = K.attention_query_forward_numba(q, kv, pos, H)
-    out_np, att_np = K.attention_query_forward_np(q, kv, pos, H)
+    out, att = K.attention_query_forward(q, kv, pos, H)
+    out_np, att_np = attention_query_forward_np(q, kv, pos, H)
     assert out.dtype == att.dtype == dtype
     assert out.shape == (B, H * D) and att.shape == (B, H, T)
     assert rel_err(out, out_np) <= TOL[dtype]
     assert rel_err(att, att_np) <= TOL[dtype]
-    dq, dkv = K.attention_query_backward_numba(dout, q, kv, att_np, pos, H)
-    dq_np, dkv_np = K.attention_query_backward_np(dout, q, kv, att_np, pos, H)
+    dq, dkv = K.attention_query_backward(dout, q, kv, att_np, pos, H)
+    dq_np, dkv_np = attention_query_backward_np(dout, q, kv, att_np, pos, H)
     assert dq.dtype == dkv.dtype == dtype and dq.shape == q.shape and dkv.shape == kv.shape
     assert rel_err(dq, dq_np) <= TOL[dtype]
     assert rel_err(dkv, dkv_np) <= TOL[dtype]
@@ -137,12 +180,12 @@ def test_attention_packed_numba_matches_numpy_and_each_sequence_alone(dtype, len
     starts = np.concatenate([[0], np.cumsum(lengths)])
     rng = np.random.default_rng(len(lengths))
     qkv = rng.standard_normal((starts[-1], 3 * H * D)).astype(dtype)       # [N,3C]
-    out = K.attention_packed_forward_numba(qkv, starts, H)
-    out_np = K.attention_packed_forward_np(qkv, starts, H)
+    out = K.attention_packed_forward(qkv, starts, H)
+    out_np = attention_packed_forward_np(qkv, starts, H)
     assert out.dtype == dtype and out.shape == (starts[-1], H * D)
     assert rel_err(out, out_np) <= TOL[dtype]
     for s, e in zip(starts[:-1], starts[1:]):               # no sequence sees another
-        alone, _ = K.attention_forward_np(qkv[None, s:e], H)
+        alone, _ = attention_forward_np(qkv[None, s:e], H)
         assert rel_err(out[s:e], alone[0]) <= TOL[dtype]
 
 
@@ -155,13 +198,13 @@ def test_attention_tree_numba_matches_numpy_and_each_sequence_alone(dtype):
     assert len(lay.ids) == 1 + 2 + 3 + 1 + 2 + 41
     rng = np.random.default_rng(3)
     qkv = rng.standard_normal((len(lay.ids), 3 * H * D)).astype(dtype)     # [N,3C]
-    out = K.attention_tree_forward_numba(qkv, *lay.tree, H)
-    out_np = K.attention_tree_forward_np(qkv, *lay.tree, H)
+    out = K.attention_tree_forward(qkv, *lay.tree, H)
+    out_np = attention_tree_forward_np(qkv, *lay.tree, H)
     assert out.dtype == dtype and out.shape == (len(lay.ids), H * D)
     assert rel_err(out, out_np) <= TOL[dtype]
     for m in range(len(seqs)):                                # each sequence as if alone
         rows = lay.rows_of(m)
-        alone, _ = K.attention_forward_np(qkv[rows][None], H)
+        alone, _ = attention_forward_np(qkv[rows][None], H)
         assert rel_err(out[rows], alone[0]) <= TOL[dtype]
 
 
@@ -177,13 +220,13 @@ def test_attention_tree_rejects_bad_layouts(case):
     else:
         path = np.array([0, 1, 0, 3])
     with pytest.raises(ValueError, match="attention_tree_forward"):
-        K.attention_tree_forward_numba(np.zeros((3, 9), np.float32), path, pstarts, first_new, 1)
+        K.attention_tree_forward(np.zeros((3, 9), np.float32), path, pstarts, first_new, 1)
 
 @pytest.mark.parametrize("starts", [[0, 3, 3, 6], [1, 6], [0, 5], [0, 7]])
 def test_attention_packed_rejects_bad_starts(starts):
     qkv = np.zeros((6, 9), np.float32)
     with pytest.raises(ValueError, match="starts"):
-        K.attention_packed_forward_numba(qkv, np.array(starts), 1)
+        K.attention_packed_forward(qkv, np.array(starts), 1)
 
 
 def test_attention_query_is_a_row_of_full_attention():
@@ -192,9 +235,9 @@ def test_attention_query_is_a_row_of_full_attention():
     C = H * D
     qkv, _ = att_inputs(B, T, H, D, np.float64, seed=3)
     pos = np.array([6, 0, 4])
-    out_full, att_full = K.attention_forward_numba(qkv, H)
+    out_full, att_full = K.attention_forward(qkv, H)
     rows = np.arange(B)
-    out, att = K.attention_query_forward_numba(qkv[rows, pos, :C], qkv[:, :, C:], pos, H)
+    out, att = K.attention_query_forward(qkv[rows, pos, :C], qkv[:, :, C:], pos, H)
     assert rel_err(out, out_full[rows, pos]) <= 1e-12
     assert rel_err(att, att_full[rows, :, pos]) <= 1e-12
 
@@ -208,11 +251,11 @@ def test_non_contiguous_inputs():
     g = r.standard_normal(2 * C).astype(np.float32)[1::2]
     b = np.zeros(C, np.float32)
     dy = np.asfortranarray(r.standard_normal((N, C)).astype(np.float32))
-    y, mean, rstd = K.layernorm_forward_numba(x, g, b)
-    for u, w in zip((y, mean, rstd), K.layernorm_forward_np(x, g, b)):
+    y, mean, rstd = K.layernorm_forward(x, g, b)
+    for u, w in zip((y, mean, rstd), layernorm_forward_np(x, g, b)):
         assert rel_err(u, w) <= TOL[np.float32]
-    for u, w in zip(K.layernorm_backward_numba(dy, x, mean, rstd, g),
-                    K.layernorm_backward_np(dy, x, mean, rstd, g)):
+    for u, w in zip(K.layernorm_backward(dy, x, mean, rstd, g),
+                    layernorm_backward_np(dy, x, mean, rstd, g)):
         assert rel_err(u, w) <= TOL[np.float32]
 
     B, T, H, D = 3, 7, 3, 5
@@ -220,22 +263,22 @@ def test_non_contiguous_inputs():
     big, dbig = att_inputs(B, T + 2, H, D, np.float32, seed=6)
     qkv = big[:, 1:T + 1]                                    # [B,T,3C] a slice along time
     dout = dbig[:, :T]
-    out, att = K.attention_forward_numba(qkv, H)
-    out_np, att_np = K.attention_forward_np(qkv, H)
+    out, att = K.attention_forward(qkv, H)
+    out_np, att_np = attention_forward_np(qkv, H)
     assert rel_err(out, out_np) <= TOL[np.float32]
-    assert rel_err(K.attention_backward_numba(dout, qkv, att_np, H),
-                   K.attention_backward_np(dout, qkv, att_np, H)) <= TOL[np.float32]
+    assert rel_err(K.attention_backward(dout, qkv, att_np, H),
+                   attention_backward_np(dout, qkv, att_np, H)) <= TOL[np.float32]
     q, kv, pos = qkv[:, 3, :C], qkv[:, :, C:], np.array([3, 3, 3])   # views of qkv
     do = dout[:, 3]
-    out, att = K.attention_query_forward_numba(q, kv, pos, H)
-    out_np, att_np = K.attention_query_forward_np(q, kv, pos, H)
+    out, att = K.attention_query_forward(q, kv, pos, H)
+    out_np, att_np = attention_query_forward_np(q, kv, pos, H)
     assert rel_err(out, out_np) <= TOL[np.float32]
-    for u, w in zip(K.attention_query_backward_numba(do, q, kv, att_np, pos, H),
-                    K.attention_query_backward_np(do, q, kv, att_np, pos, H)):
+    for u, w in zip(K.attention_query_backward(do, q, kv, att_np, pos, H),
+                    attention_query_backward_np(do, q, kv, att_np, pos, H)):
         assert rel_err(u, w) <= TOL[np.float32]
 
 
-@pytest.mark.parametrize("forward", [K.attention_query_forward_numba, K.attention_query_forward_np])
+@pytest.mark.parametrize("forward", [K.attention_query_forward, attention_query_forward_np])
 @pytest.mark.parametrize("pos", [[-1, 0], [0, 5], [0]])
 def test_attention_query_rejects_bad_pos(forward, pos):
     q, kv, _ = query_inputs(2, 5, 1, 4, np.float64)
@@ -247,21 +290,21 @@ def test_nan_propagates():
     """No nnan/ninf fast-math: a NaN in the input reaches the output (so a diverging run shows)."""
     x, g, b, _ = ln_inputs(3, 8, np.float32)
     x[1, 2] = np.nan
-    y, _, _ = K.layernorm_forward_numba(x, g, b)
+    y, _, _ = K.layernorm_forward(x, g, b)
     assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
     qkv, _ = att_inputs(2, 5, 1, 4, np.float32)
     qkv[1, 0, 4] = np.nan                                    # a key at position 0, seen by every query
-    out, att = K.attention_forward_numba(qkv, 1)
+    out, att = K.attention_forward(qkv, 1)
     assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
 
 
 @pytest.mark.parametrize("call", [
-    lambda: K.layernorm_forward_numba(np.zeros((3, 4)), np.ones(5), np.zeros(4)),
-    lambda: K.layernorm_backward_numba(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(2), np.ones(3), np.ones(4)),
-    lambda: K.attention_forward_numba(np.zeros((2, 3, 18)), 4),
-    lambda: K.attention_backward_numba(np.zeros((2, 3, 5)), np.zeros((2, 3, 18)), np.zeros((2, 2, 3, 3)), 2),
-    lambda: K.attention_query_forward_numba(np.zeros((2, 5)), np.zeros((2, 3, 12)), np.array([0, 1]), 2),
-    lambda: K.attention_query_backward_numba(np.zeros((2, 6)), np.zeros((2, 6)), np.zeros((2, 3, 12)),
+    lambda: K.layernorm_forward(np.zeros((3, 4)), np.ones(5), np.zeros(4)),
+    lambda: K.layernorm_backward(np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(2), np.ones(3), np.ones(4)),
+    lambda: K.attention_forward(np.zeros((2, 3, 18)), 4),
+    lambda: K.attention_backward(np.zeros((2, 3, 5)), np.zeros((2, 3, 18)), np.zeros((2, 2, 3, 3)), 2),
+    lambda: K.attention_query_forward(np.zeros((2, 5)), np.zeros((2, 3, 12)), np.array([0, 1]), 2),
+    lambda: K.attention_query_backward(np.zeros((2, 6)), np.zeros((2, 6)), np.zeros((2, 3, 12)),
                                              np.zeros((2, 2, 4)), np.array([0, 1]), 2),
 ])
 def test_numba_wrappers_reject_mismatched_shapes(call):
@@ -276,10 +319,10 @@ def test_gelu_numba_matches_numpy(shape):
     x = (3 * r.standard_normal(shape)).astype(np.float32)
     x.reshape(-1)[:4] = [-30.0, -9.0, 9.0, 30.0]             # the far tails: tanh is exactly -1 / +1
     dy = r.standard_normal(shape).astype(np.float32)
-    y, y_np = K.gelu_forward_numba(x), K.gelu_forward_np(x)
+    y, y_np = K.gelu_forward(x), gelu_forward_np(x)
     assert y.dtype == np.float32 and y.shape == shape
     assert rel_err(y, y_np) <= TOL[np.float32]
-    dx, dx_np = K.gelu_backward_numba(dy, x), K.gelu_backward_np(dy, x)
+    dx, dx_np = K.gelu_backward(dy, x), gelu_backward_np(dy, x)
     assert dx.dtype == np.float32 and dx.shape == shape
     assert rel_err(dx, dx_np) <= TOL[np.float32]
     assert np.all(y.reshape(-1)[:2] == 0) and np.all(dx.reshape(-1)[:2] == 0)   # as np.tanh gives
@@ -297,16 +340,16 @@ def test_gelu_tanh_f32_accuracy():
     assert np.array_equal(t, -t[::-1])
     assert np.isnan(K._tanh_f32(np.float32(np.nan)))
     x = np.array([1.0, np.nan, -2.0], np.float32)
-    assert np.isnan(K.gelu_forward_numba(x)[1]) and np.isfinite(K.gelu_forward_numba(x)[[0, 2]]).all()
-    assert np.isnan(K.gelu_backward_numba(np.ones(3, np.float32), x)[1])
+    assert np.isnan(K.gelu_forward(x)[1]) and np.isfinite(K.gelu_forward(x)[[0, 2]]).all()
+    assert np.isnan(K.gelu_backward(np.ones(3, np.float32), x)[1])
 
 
-def test_gelu_numba_sends_other_dtypes_to_numpy():
-    """float64 (the gradient checks) is computed by the NumPy twin, to the last bit."""
+def test_fastops_gelu_sends_other_dtypes_to_numpy():
+    """float64 (the gradient checks) is computed by the textbook's NumPy, to the last bit."""
     x = 3 * np.random.default_rng(8).standard_normal((4, 9))
     dy = np.random.default_rng(9).standard_normal((4, 9))
-    assert np.array_equal(K.gelu_forward_numba(x), K.gelu_forward_np(x))
-    assert np.array_equal(K.gelu_backward_numba(dy, x), K.gelu_backward_np(dy, x))
+    assert np.array_equal(F.gelu_forward(x)[0], gelu_forward_np(x))
+    assert np.array_equal(F.gelu_backward(dy, x), gelu_backward_np(dy, x))
 
 
 def adamw_state(shape, dtype, seed):
@@ -324,8 +367,8 @@ def test_adamw_numba_matches_numpy_and_formulas(dtype, weight_decay):
     b = [x.copy() for x in a]
     p0, g, m0, v0 = (x.astype(np.float64) for x in a)
     for t in (1, 2, 3):
-        K.adamw_update_np(*a, t, lr, b1, b2, eps, weight_decay)
-        K.adamw_update_numba(*b, t, lr, b1, b2, eps, weight_decay)
+        adamw_update_np(*a, t, lr, b1, b2, eps, weight_decay)
+        K.adamw_update(*b, t, lr, b1, b2, eps, weight_decay)
         for name, u, w in zip("pgmv", a, b):
             assert u.dtype == w.dtype == dtype, name
             assert rel_err(u, w) <= TOL[dtype], name
@@ -348,9 +391,9 @@ def test_ln_linear_grads_numba_matches_numpy(dtype):
     M, w = (r.standard_normal((Cin, Cout)).astype(dtype) for _ in range(2))
     dc = r.standard_normal(Cout).astype(dtype)
     g, b = (r.standard_normal(Cin).astype(dtype) for _ in range(2))
-    ref = K.ln_linear_grads_np(M.copy(), dc, w, g, b)
+    ref = ln_linear_grads_np(M.copy(), dc, w, g, b)
     M2 = M.copy()
-    got = K.ln_linear_grads_numba(M2, dc, w, g, b)
+    got = K.ln_linear_grads(M2, dc, w, g, b)
     assert got[0] is M2                                      # dw is written over M
     for u, v in zip(got, ref):
         assert u.dtype == dtype and rel_err(u, v) <= TOL[dtype]
@@ -359,24 +402,27 @@ def test_ln_linear_grads_numba_matches_numpy(dtype):
     assert rel_err(ref[1], (w64 * M64).sum(axis=1)) <= TOL[dtype]
     assert rel_err(ref[2], w64 @ dc64) <= TOL[dtype]
 
-def test_adamw_numba_updates_non_contiguous_arrays_in_place():
-    """A strided view cannot be updated through a flat copy: it goes to the NumPy twin."""
+def test_fastops_adamw_updates_non_contiguous_arrays_in_place():
+    """A strided view cannot be updated through a flat copy: fastops sends it to the NumPy update;
+    the kernel itself refuses what it cannot read flat."""
     p, g, m, v = adamw_state((6, 10), np.float32, seed=11)
     base = p.copy()
     view = base[:, ::2]                                      # [6,5] strided, part of base
     want = [x[:, ::2].copy() for x in (p, g, m, v)]
-    K.adamw_update_np(*want, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    adamw_update_np(*want, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
     gv, mv, vv = (np.ascontiguousarray(x[:, ::2]) for x in (g, m, v))
-    K.adamw_update_numba(view, gv, mv, vv, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    F.adamw_update(view, gv, mv, vv, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
     assert np.array_equal(base[:, ::2], want[0]) and np.array_equal(mv, want[2])
     assert np.array_equal(base[:, 1::2], p[:, 1::2])         # the other columns untouched
     with pytest.raises(ValueError, match="adamw_update"):
-        K.adamw_update_numba(p, g[:, :5], m, v, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        K.adamw_update(p, g[:, :5], m, v, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    with pytest.raises(ValueError, match="adamw_update"):
+        K.adamw_update(view, gv, mv, vv, 1, 1e-2, 0.9, 0.999, 1e-8, 0.1)
 
 
 # ----------------------------------------------------------------------------- the causal softmax
 
-@pytest.mark.parametrize("forward", [K.attention_forward_numba, K.attention_forward_np])
+@pytest.mark.parametrize("forward", [K.attention_forward, attention_forward_np])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_causal_att_rows_sum_to_one_and_zero_above_diagonal(forward, dtype):
     B, T, H, D = 3, 33, 3, 5
@@ -403,10 +449,10 @@ def test_layernorm_backward_np_finite_differences():
     x, g, b, dy = ln_inputs(4, 6, np.float64, seed=2)        # var ~ 1e-4, against eps = 1e-5
 
     def loss():
-        return float((dy * K.layernorm_forward_np(x, g, b)[0]).sum())
+        return float((dy * layernorm_forward_np(x, g, b)[0]).sum())
 
-    _, mean, rstd = K.layernorm_forward_np(x, g, b)
-    dx, dg, db = K.layernorm_backward_np(dy, x, mean, rstd, g)
+    _, mean, rstd = layernorm_forward_np(x, g, b)
+    dx, dg, db = layernorm_backward_np(dy, x, mean, rstd, g)
     nx, ng, nb = numeric_grad(loss, [x, g, b], h=1e-7)
     assert rel_err(dx, nx) <= FD_TOL
     assert rel_err(dg, ng) <= FD_TOL
@@ -419,10 +465,10 @@ def test_attention_backward_np_finite_differences():
     qkv *= 0.5
 
     def loss():
-        return float((dout * K.attention_forward_np(qkv, H)[0]).sum())
+        return float((dout * attention_forward_np(qkv, H)[0]).sum())
 
-    _, att = K.attention_forward_np(qkv, H)
-    dqkv = K.attention_backward_np(dout, qkv, att, H)
+    _, att = attention_forward_np(qkv, H)
+    dqkv = attention_backward_np(dout, qkv, att, H)
     (num,) = numeric_grad(loss, [qkv])
     assert rel_err(dqkv, num) <= FD_TOL
 
@@ -435,10 +481,10 @@ def test_attention_query_backward_np_finite_differences():
     pos = np.array([0, 4, 2])
 
     def loss():
-        return float((dout * K.attention_query_forward_np(q, kv, pos, H)[0]).sum())
+        return float((dout * attention_query_forward_np(q, kv, pos, H)[0]).sum())
 
-    _, att = K.attention_query_forward_np(q, kv, pos, H)
-    dq, dkv = K.attention_query_backward_np(dout, q, kv, att, pos, H)
+    _, att = attention_query_forward_np(q, kv, pos, H)
+    dq, dkv = attention_query_backward_np(dout, q, kv, att, pos, H)
     nq, nkv = numeric_grad(loss, [q, kv])
     assert rel_err(dq, nq) <= FD_TOL
     assert rel_err(dkv, nkv) <= FD_TOL
@@ -449,10 +495,10 @@ def test_gelu_backward_np_finite_differences():
     dy = np.random.default_rng(13).standard_normal((3, 8))
 
     def loss():
-        return float((dy * K.gelu_forward_np(x)).sum())
+        return float((dy * gelu_forward_np(x)).sum())
 
     (num,) = numeric_grad(loss, [x])
-    assert rel_err(K.gelu_backward_np(dy, x), num) <= FD_TOL
+    assert rel_err(gelu_backward_np(dy, x), num) <= FD_TOL
 
 
 # ----------------------------------------------------------------------------- switch and threads
@@ -465,18 +511,17 @@ def _run(code, env_extra, cwd, **kw):
                           text=True, timeout=300, **kw)
 
 
-@pytest.mark.parametrize("flag,suffix", [(None, "_numba"), ("1", "_numba"), ("0", "_np")])
-def test_npgpt_numba_switch(flag, suffix):
-    code = ("import json, npgpt.kernels as K; names = ['layernorm_forward', 'layernorm_backward', "
-            "'gelu_forward', 'gelu_backward', 'attention_forward', 'attention_backward', "
-            "'attention_query_forward', 'attention_query_backward', 'adamw_update']; "
-            "print(json.dumps([getattr(K, n).__name__ for n in names]))")
+@pytest.mark.parametrize("flag,numba", [(None, True), ("1", True), ("0", False)])
+def test_npgpt_numba_switch(flag, numba):
+    """NPGPT_NUMBA=0 makes fastops compute everything in NumPy: nothing compiled, kernels not even
+    imported; otherwise its operations run the kernels."""
+    code = ("import json, sys, npgpt.fastops as F; "
+            "print(json.dumps([F.USE_NUMBA, 'npgpt.kernels' in sys.modules, 'numba' in sys.modules]))")
     root = str(Path(K.__file__).resolve().parents[1])
     env = {"PYTHONPATH": root} if flag is None else {"PYTHONPATH": root, "NPGPT_NUMBA": flag}
     r = _run(code, env, cwd=root)
     assert r.returncode == 0, r.stderr
-    names = json.loads(r.stdout)
-    assert len(names) == 9 and all(n.endswith(suffix) for n in names), names
+    assert json.loads(r.stdout) == [numba, numba, numba]
 
 
 def test_set_num_threads():
@@ -485,13 +530,13 @@ def test_set_num_threads():
     blas = threadpoolctl.threadpool_info()
     before_blas = [i["num_threads"] for i in blas if i["user_api"] == "blas"]
     try:
-        K.set_num_threads(1)
+        F.set_num_threads(1)
         assert numba.get_num_threads() == 1
         assert all(i["num_threads"] == 1 for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas")
-        K.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)   # capped at Numba's pool
+        F.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)   # capped at Numba's pool
         assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
         with pytest.raises(ValueError):
-            K.set_num_threads(0)
+            F.set_num_threads(0)
     finally:
         numba.set_num_threads(before_numba)
         if before_blas:
@@ -504,6 +549,7 @@ _READONLY_SCRIPT = r"""
 import json, os, sys
 import numpy as np
 import npgpt.kernels as K
+from npgpt import fastops as F, ops, optim
 
 try:                                   # is the package directory really read-only for us?
     open(os.path.join(os.path.dirname(K.__file__), "probe"), "w").close()
@@ -525,23 +571,26 @@ do = r.standard_normal((B, T, C)).astype(np.float32)
 pos = np.array([0, T - 1])
 q, kv = np.ascontiguousarray(qkv[:, 1, :C]), np.ascontiguousarray(qkv[:, :, C:])
 errs = []
-y, m, s = K.layernorm_forward(x, g, b)
-errs.append(rel(y, K.layernorm_forward_np(x, g, b)[0]))
-errs.append(rel(K.layernorm_backward(dy, x, m, s, g)[0], K.layernorm_backward_np(dy, x, m, s, g)[0]))
+x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)
+y, m, s = K.layernorm_forward(x2, g, b)
+y_np, saved = ops.layernorm_forward(x2, g, b)
+errs.append(rel(y, y_np))
+errs.append(rel(K.layernorm_backward(dy2, x2, m, s, g)[0], ops.layernorm_backward(dy2, saved)[0]))
 o, a = K.attention_forward(qkv, H)
-errs.append(rel(o, K.attention_forward_np(qkv, H)[0]))
-errs.append(rel(K.attention_backward(do, qkv, a, H), K.attention_backward_np(do, qkv, a, H)))
+o_np, saved = ops.attention_forward(qkv, H)
+errs.append(rel(o, o_np))
+errs.append(rel(K.attention_backward(do, qkv, a, H), ops.attention_backward(do, saved)))
 o, a = K.attention_query_forward(q, kv, pos, H)
-errs.append(rel(o, K.attention_query_forward_np(q, kv, pos, H)[0]))
+errs.append(rel(o, F.attention_query_forward_np(q, kv, pos, H)[0]))
 errs.append(rel(K.attention_query_backward(do[:, 0], q, kv, a, pos, H)[1],
-                K.attention_query_backward_np(do[:, 0], q, kv, a, pos, H)[1]))
+                F.attention_query_backward_np(do[:, 0], q, kv, a, pos, H)[1]))
 f = 3 * x
-errs.append(rel(K.gelu_forward(f), K.gelu_forward_np(f)))
-errs.append(rel(K.gelu_backward(dy, f), K.gelu_backward_np(dy, f)))
+errs.append(rel(K.gelu_forward(f), ops.gelu_forward(f)[0]))
+errs.append(rel(K.gelu_backward(dy, f), ops.gelu_backward(dy, f)))
 state = [x.copy(), dy.copy(), x.copy(), np.abs(dy)]
 want = [a.copy() for a in state]
 K.adamw_update(*state, 1, 1e-3, 0.9, 0.999, 1e-8, 0.1)
-K.adamw_update_np(*want, 1, 1e-3, 0.9, 0.999, 1e-8, 0.1)
+optim.adamw_update(*want, 1, 1e-3, 0.9, 0.999, 1e-8, 0.1)
 errs.append(rel(state[0], want[0]))
 kernels = [K._layernorm_forward_kernel, K._layernorm_backward_kernel, K._gelu_forward_kernel,
            K._gelu_backward_kernel, K._attention_forward_kernel, K._attention_backward_kernel,
@@ -659,18 +708,18 @@ def test_gelu_numba_matches_float64_formula():
     dy = r.choice([-1.0, 1.0], x.shape) * r.uniform(0.5, 2.0, x.shape)
     dy = dy.astype(np.float32)
     (x64, dy64) = f64(x, dy)
-    assert_elementwise(K.gelu_forward_numba(x), gelu64(x64), atol=1.5e-6, rtol=2.4e-7, name="y")
-    err = np.abs(K.gelu_backward_numba(dy, x) - dy64 * dgelu64(x64)) / np.abs(dy64)
+    assert_elementwise(K.gelu_forward(x), gelu64(x64), atol=1.5e-6, rtol=2.4e-7, name="y")
+    err = np.abs(K.gelu_backward(dy, x) - dy64 * dgelu64(x64)) / np.abs(dy64)
     assert err.max() <= 6e-6, f"dx: {err.max():.3g} |dy| at x = {x[np.argmax(err)]}"
     # the NumPy twin, in float64, is the formula to round-off
-    assert_elementwise(K.gelu_forward_np(x64), gelu64(x64), atol=1e-15, rtol=1e-14, name="y np")
-    assert_elementwise(K.gelu_backward_np(dy64, x64), dy64 * dgelu64(x64), atol=1e-15, rtol=1e-14, name="dx np")
+    assert_elementwise(gelu_forward_np(x64), gelu64(x64), atol=1e-15, rtol=1e-14, name="y np")
+    assert_elementwise(gelu_backward_np(dy64, x64), dy64 * dgelu64(x64), atol=1e-15, rtol=1e-14, name="dx np")
 
 
 @pytest.mark.parametrize("impl", ["numba", "np"])
 def test_layernorm_matches_float64_formula(impl):
-    fwd = getattr(K, f"layernorm_forward_{impl}")
-    bwd = getattr(K, f"layernorm_backward_{impl}")
+    fwd = IMPL[impl]["layernorm_forward"]
+    bwd = IMPL[impl]["layernorm_backward"]
     x, g, b, dy = ln_inputs(64, 768, np.float32, seed=21, spread=1e-2)
     x64, g64, b64, dy64 = f64(x, g, b, dy)
     y, mean, rstd = fwd(x, g, b)
@@ -681,7 +730,7 @@ def test_layernorm_matches_float64_formula(impl):
     assert_elementwise(mean, want_mean, atol=1e-7, rtol=1e-6, name="mean")
     assert_elementwise(rstd, want_rstd, atol=0, rtol=2e-6, name="rstd")
     dx, dg, db = bwd(dy, x, mean, rstd, g)
-    want = K.layernorm_backward_np(dy64, x64, want_mean, want_rstd, g64)   # checked by finite differences
+    want = layernorm_backward_np(dy64, x64, want_mean, want_rstd, g64)   # checked by finite differences
     for name, u, w in zip(("dx", "dg", "db"), (dx, dg, db), want):
         assert_elementwise(u, w, atol=2e-3 * np.abs(w).mean(), rtol=1e-5, name=name)
 
@@ -691,25 +740,25 @@ def test_attention_matches_float64(impl):
     B, T, H, D = 2, 33, 3, 16
     qkv, dout = att_inputs(B, T, H, D, np.float32, seed=22)
     qkv64, dout64 = f64(qkv, dout)
-    out, att = getattr(K, f"attention_forward_{impl}")(qkv, H)
-    want_out, want_att = K.attention_forward_np(qkv64, H)
+    out, att = IMPL[impl]["attention_forward"](qkv, H)
+    want_out, want_att = attention_forward_np(qkv64, H)
     assert_elementwise(out, want_out, atol=1e-5, rtol=1e-5, name="out")
     assert_elementwise(att, want_att, atol=1e-6, rtol=1e-5, name="att")
-    dqkv = getattr(K, f"attention_backward_{impl}")(dout, qkv, att, H)
-    want = K.attention_backward_np(dout64, qkv64, want_att, H)
+    dqkv = IMPL[impl]["attention_backward"](dout, qkv, att, H)
+    want = attention_backward_np(dout64, qkv64, want_att, H)
     assert_elementwise(dqkv, want, atol=2e-5, rtol=1e-4, name="dqkv")
     starts = np.array([0, 5, 6, 33])
     flat = np.ascontiguousarray(qkv[0])
-    packed = getattr(K, f"attention_packed_forward_{impl}")(flat, starts, H)
-    assert_elementwise(packed, K.attention_packed_forward_np(qkv64[0], starts, H), atol=1e-5, rtol=1e-5,
+    packed = IMPL[impl]["attention_packed_forward"](flat, starts, H)
+    assert_elementwise(packed, attention_packed_forward_np(qkv64[0], starts, H), atol=1e-5, rtol=1e-5,
                        name="packed")
     pos = np.array([32, 7])
     q, kv = np.ascontiguousarray(qkv[np.arange(B), pos, :H * D]), np.ascontiguousarray(qkv[:, :, H * D:])
-    o, a = getattr(K, f"attention_query_forward_{impl}")(q, kv, pos, H)
+    o, a = IMPL[impl]["attention_query_forward"](q, kv, pos, H)
     assert_elementwise(o, want_out[np.arange(B), pos], atol=1e-5, rtol=1e-5, name="query out")
     assert_elementwise(a, want_att[np.arange(B), :, pos], atol=1e-6, rtol=1e-5, name="query att")
-    dq, dkv = getattr(K, f"attention_query_backward_{impl}")(dout[:, 0], q, kv, a, pos, H)
-    wq, wkv = K.attention_query_backward_np(dout64[:, 0], *f64(q, kv, want_att[np.arange(B), :, pos]), pos, H)
+    dq, dkv = IMPL[impl]["attention_query_backward"](dout[:, 0], q, kv, a, pos, H)
+    wq, wkv = attention_query_backward_np(dout64[:, 0], *f64(q, kv, want_att[np.arange(B), :, pos]), pos, H)
     assert_elementwise(dq, wq, atol=2e-5, rtol=1e-4, name="dq")
     assert_elementwise(dkv, wkv, atol=2e-5, rtol=1e-4, name="dkv")
 
@@ -720,7 +769,7 @@ def test_adamw_matches_float64_formula(impl):
     p, g, m, v = adamw_state((4096,), np.float32, seed=23)
     p64, g64, m64, v64 = f64(p, g, m, v)
     for t in (1, 2, 7):
-        getattr(K, f"adamw_update_{impl}")(p, g, m, v, t, lr, b1, b2, eps, wd)
+        IMPL[impl]["adamw_update"](p, g, m, v, t, lr, b1, b2, eps, wd)
         p64 = p64 * (1 - lr * wd)
         m64 = b1 * m64 + (1 - b1) * g64
         v64 = b2 * v64 + (1 - b2) * g64 ** 2
@@ -739,22 +788,24 @@ def test_all_finite_finds_one_non_finite_value_anywhere(dtype, bad):
     do not."""
     rng = np.random.default_rng(12)
     x = rng.standard_normal(1003).astype(dtype)
-    assert K.all_finite_numba(x) and K.all_finite_np(x)
+    assert K.all_finite(x) and all_finite_np(x)
     extremes = x.copy()
     extremes[[0, 500, 1002]] = [np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal]
-    assert K.all_finite_numba(extremes) and K.all_finite_np(extremes)
+    assert K.all_finite(extremes) and all_finite_np(extremes)
     for k in (0, 1, 500, 1001, 1002):
         y = x.copy()
         y[k] = bad
-        assert not K.all_finite_numba(y), k
-        assert not K.all_finite_numba(y.reshape(17, 59)), k
-        assert not K.all_finite_np(y), k
+        assert not K.all_finite(y), k
+        assert not K.all_finite(y.reshape(17, 59)), k
+        assert not all_finite_np(y), k
 
 
-def test_all_finite_other_layouts_and_dtypes_go_to_the_twin():
+def test_all_finite_other_layouts_and_dtypes_go_to_numpy():
     x = np.ones((6, 8), np.float32)
     x[2, 7] = np.nan
-    assert not K.all_finite_numba(x[:, 1::2])                 # strided view: columns 1, 3, 5, 7
-    assert K.all_finite_numba(x[:, :4])
-    assert not K.all_finite_numba(np.array([1.0, np.inf], np.float16))
-    assert K.all_finite_numba(np.zeros(0, np.float32))
+    assert not F.all_finite(x[:, 1::2])                 # strided view: columns 1, 3, 5, 7
+    assert F.all_finite(x[:, :4])
+    assert not F.all_finite(np.array([1.0, np.inf], np.float16))
+    assert F.all_finite(np.zeros(0, np.float32)) and K.all_finite(np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="all_finite"):
+        K.all_finite(x[:, 1::2])

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import reference_torch_lora as tref
-from gradcheck import numerical_grad, rel_error
-from npgpt import lora, model, ops, optim, params as P
+from helpers import SMALL_GPT2 as TINY, numerical_grad, rel_err
+from npgpt import fastmodel, fastops, lora, model, ops, optim, params as P
+from npgpt.cli import lora as lora_cli
 from npgpt.config import GPT2Config, preset
-
-TINY = GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=50257, n_ctx=16)
 
 
 def lora_model(cfg, seed=0, dtype=np.float64, b_scale=0.3, **kw):
@@ -47,7 +46,7 @@ def test_lora_linear_gradients_match_finite_differences():
     np.testing.assert_allclose(y, x @ w + b + scale * (x @ A) @ B, rtol=1e-12)
     dx, dA, dB = ops.lora_linear_backward(dy, saved)
     for got, arr in ((dx, x), (dA, A), (dB, B)):
-        assert rel_error(got, numerical_grad(f, arr)) < 1e-8
+        assert rel_err(got, numerical_grad(f, arr)) < 1e-8
     assert ops.lora_linear_backward(dy, saved, need_dx=False)[0] is None
 
 
@@ -73,13 +72,17 @@ def test_appendix_e_parameter_count():
 
 # ----------------------------------------------------------------------------- the whole model
 
-@pytest.mark.parametrize("pooling,dense", [("last_token", False), ("last_token", True),
-                                           ("last_position", False), ("mean", False)])
-def test_model_lora_gradients_match_finite_differences(pooling, dense):
+IMPLS = {"textbook": model.loss_and_grads, "fast": fastmodel.loss_and_grads,
+         "fast dense": lambda *a, **k: fastmodel.loss_and_grads(*a, dense=True, **k)}
+
+
+@pytest.mark.parametrize("pooling,impl", [("last_token", "textbook"), ("last_token", "fast"),
+                                          ("last_token", "fast dense"), ("last_position", "fast"),
+                                          ("mean", "fast"), ("mean", "textbook")])
+def test_model_lora_gradients_match_finite_differences(pooling, impl):
     p, spec = lora_model(TINY)
     ids, lengths, labels = batch(TINY)
-    run = lambda: model.loss_and_grads(p, TINY, ids, labels, trainable="lora", lengths=lengths,
-                                       pooling=pooling, dense=dense, lora=spec)
+    run = lambda: IMPLS[impl](p, TINY, ids, labels, trainable="lora", lengths=lengths, pooling=pooling, lora=spec)
     loss, grads, _ = run()
     assert set(grads) == set(lora.trainable_names(TINY, spec))  # no w, b or g gradient
     f = lambda: run()[0]
@@ -88,30 +91,30 @@ def test_model_lora_gradients_match_finite_differences(pooling, dense):
         idx = rng.choice(p[name].size, size=min(6, p[name].size), replace=False)
         num = numerical_grad(f, p[name], indices=idx).reshape(-1)[idx]
         got = grads[name].reshape(-1)[idx]
-        assert rel_error(got, num) < 1e-6, name
+        assert rel_err(got, num) < 1e-6, name
 
 
 @pytest.mark.parametrize("pooling", ["last_token", "first_token", "mean", "last_position"])
-def test_packed_lora_training_equals_dense(pooling):
+def test_packed_lora_training_equals_the_textbook(pooling):
     """LoRA training on the seen rows alone (the default: positions 0..pos[b] packed, the last
-    block at the pooled rows) gives the dense path's loss, logits and LoRA gradients (float64),
+    block at the pooled rows) gives the textbook's loss, logits and LoRA gradients (float64),
     from the ids and from cached embeddings padded with zeros."""
     p, spec = lora_model(TINY)
     ids, lengths, labels = batch(TINY, B=3, T=7)
     lengths[0] = 5                          # every row padded: the seen rows end before T
     ids[0, 5:] = model.PAD_ID
     kw = dict(trainable="lora", lengths=lengths, pooling=pooling, lora=spec)
-    ref = model.loss_and_grads(p, TINY, ids, labels, dense=True, **kw)
-    x0 = model.forward_prefix(p, TINY, ids, 0)
+    ref = model.loss_and_grads(p, TINY, ids, labels, **kw)
+    x0 = fastmodel.forward_prefix(p, TINY, ids, 0)
     if pooling != "last_position":          # the padding's embeddings are never read
         x0[np.arange(7)[None, :] >= lengths[:, None]] = 0.0
-    for got in (model.loss_and_grads(p, TINY, ids, labels, **kw),
-                model.loss_and_grads(p, TINY, None, labels, x_start=x0, **kw)):
+    for got in (fastmodel.loss_and_grads(p, TINY, ids, labels, **kw),
+                fastmodel.loss_and_grads(p, TINY, None, labels, x_start=x0, **kw)):
         assert abs(got[0] - ref[0]) <= 1e-12 * abs(ref[0])
-        assert rel_error(got[2], ref[2]) <= 1e-12
+        assert rel_err(got[2], ref[2]) <= 1e-12
         assert set(got[1]) == set(ref[1]) == set(lora.trainable_names(TINY, spec))
         for name in ref[1]:
-            assert rel_error(got[1][name], ref[1][name]) <= 1e-12, name
+            assert rel_err(got[1][name], ref[1][name]) <= 1e-12, name
 
 
 @pytest.mark.parametrize("targets,train_head", [(("attn",), False), (("mlp", "head"), False),
@@ -127,7 +130,7 @@ def test_lora_targets_and_train_head(targets, train_head):
     f = lambda: run()[0]
     for name in grads:
         idx = np.arange(min(4, p[name].size))
-        assert rel_error(grads[name].reshape(-1)[idx], numerical_grad(f, p[name], indices=idx).reshape(-1)[idx]) < 1e-6
+        assert rel_err(grads[name].reshape(-1)[idx], numerical_grad(f, p[name], indices=idx).reshape(-1)[idx]) < 1e-6
 
 
 def test_lora_arrays_need_the_spec():
@@ -167,7 +170,7 @@ def test_file_round_trip_and_merge_cli(tmp_path, shared_data):
     P.save_params(path, p, TINY, meta)
     q, cfg, meta2 = P.load_params(path)
     assert lora.spec_of(meta2) == spec and set(q) == set(p)
-    assert lora.main(["merge", str(path), "--out", str(tmp_path / "merged.h5"), "--quiet"]) == 0
+    assert lora_cli.main(["merge", str(path), "--out", str(tmp_path / "merged.h5"), "--quiet"]) == 0
     texts = ["WINNER!! Claim your free prize now", "see you at 8?", "ok"]
     bpe = str(shared_data / "gpt2_bpe")
     a = load_classifier(path, bpe_dir=bpe).predict_proba(texts)
@@ -175,7 +178,7 @@ def test_file_round_trip_and_merge_cli(tmp_path, shared_data):
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert np.abs(a - 0.5).max() > 1e-3      # the LoRA pairs do change the probabilities
     with pytest.raises(Exception, match="LoRA"):
-        lora.main(["merge", str(tmp_path / "merged.h5"), "--out", str(tmp_path / "again.h5")])
+        lora_cli.main(["merge", str(tmp_path / "merged.h5"), "--out", str(tmp_path / "again.h5")])
 
 
 @pytest.mark.parametrize("pooling", ["last_token", "first_token"])
@@ -217,11 +220,11 @@ def _compare(cfg, B, T, lengths, seed, logits_tol, grad_tol):
     labels = rng.integers(0, 2, B)
     tm = tref.build(p, cfg, rank=3, alpha=5)
     t_loss, t_grads, t_logits = tref.loss_and_grads(tm, ids, labels, lengths)
-    loss, grads, logits = model.loss_and_grads(p, cfg, ids, labels, trainable="lora", lengths=lengths, lora=spec)
+    loss, grads, logits = fastmodel.loss_and_grads(p, cfg, ids, labels, trainable="lora", lengths=lengths, lora=spec)
     assert np.abs(logits - t_logits).max() <= logits_tol
     assert abs(loss - t_loss) <= logits_tol
     assert set(grads) == set(t_grads)
-    bad = {n: rel_error(grads[n], t_grads[n]) for n in grads if not rel_error(grads[n], t_grads[n]) <= grad_tol}
+    bad = {n: rel_err(grads[n], t_grads[n]) for n in grads if not rel_err(grads[n], t_grads[n]) <= grad_tol}
     assert not bad, bad
 
 
@@ -243,14 +246,14 @@ def test_ten_adamw_steps_match_torch():
     tm = tref.build(p, cfg, rank=4, alpha=8)
     tp = tref.lora_params(tm)
     t_opt = torch.optim.AdamW(list(tp.values()), lr=8e-4, weight_decay=0.1)
-    opt = optim.AdamW(lr=8e-4, weight_decay=0.1)
+    opt = optim.AdamW(lr=8e-4, weight_decay=0.1, update=fastops.adamw_update)     # as training runs it
     start = {k: v.copy() for k, v in p.items()}
     for step in range(10):
         rng = np.random.default_rng(100 + step)
         lengths = rng.integers(1, 9, 4)
         ids = rng.integers(0, 50000, (4, 8))
         labels = rng.integers(0, 2, 4)
-        _, grads, _ = model.loss_and_grads(p, cfg, ids, labels, trainable="lora", lengths=lengths, lora=spec)
+        _, grads, _ = fastmodel.loss_and_grads(p, cfg, ids, labels, trainable="lora", lengths=lengths, lora=spec)
         opt.step(p, grads)
         tref.loss_and_grads(tm, ids, labels, lengths)
         t_opt.step()
@@ -268,7 +271,7 @@ def test_lora_training_run_end_to_end(tmp_path, shared_data):
     embeddings are cached (depth 0); the run trains, saves rank and alpha with the classifier, and
     the saved file scores the test split as training measured it."""
     import json
-    from npgpt import train
+    from npgpt.cli import train
     from npgpt.classify import load_classifier
     import pandas as pd
     from pathlib import Path

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 import npgpt
-from npgpt import train
-from npgpt.classify import load_classifier, softmax
-from npgpt.data import TokenRows, make_batch, make_datasets, tokenize
+from npgpt.classify import load_classifier
+from npgpt.config import init_params
+from npgpt.cli import train
+from npgpt.dataset import TokenRows, make_batch, make_datasets, tokenize
+from npgpt.ops import softmax
 from npgpt.errors import DataError
 from npgpt.model import forward_cls
 from npgpt.tabular import (class_names, parse_split, prepare_user_splits, read_table, read_user_splits,
@@ -257,6 +259,8 @@ def test_saved_seven_class_classifier_equals_forward_cls(tmp_path, bpe_dir, tok)
 
 
 def test_fit_agrees_with_the_cli(tmp_path, bpe_dir):
+    """The same data and seed through `python -m npgpt.train` and `npgpt.fit` (lists, and a
+    DataFrame): the same parameters, bit for bit, and so the same probabilities."""
     rows = token_identity_rows(120, seed=3)
     data = write_csv(tmp_path / "d.csv", rows)
     run = train_cli(tmp_path, data, "cli", "--epochs", "2", "--seed", "7", bpe_dir=bpe_dir)
@@ -264,13 +268,19 @@ def test_fit_agrees_with_the_cli(tmp_path, bpe_dir):
     texts, labels = [t for t, _ in rows], [c for _, c in rows]
     clf = npgpt.fit(texts, labels, model="tiny", epochs=2, seed=7, out=str(tmp_path / "api"),
                     bpe_dir=bpe_dir, no_plots=True)
+    assert set(clf.params) == set(cli.params)
+    for name in cli.params:
+        assert clf.params[name].dtype == cli.params[name].dtype and np.array_equal(clf.params[name], cli.params[name]), name
+    start = init_params(cli.config, seed=7, num_classes=len(KEYS))
+    assert not np.array_equal(start["h1/mlp/c_fc/w"], cli.params["h1/mlp/c_fc/w"])   # it did train
     probe = texts[:10] + ["an apple", "by the river"]
     np.testing.assert_array_equal(clf.predict_proba(probe), cli.predict_proba(probe))
     assert clf.predict(probe) == cli.predict(probe) and clf.labels == cli.labels
     frame = pd.DataFrame({"body": texts, "tag": labels})
     clf2 = npgpt.fit(frame, text_column="body", label_column="tag", model="tiny", epochs=2, seed=7,
                      out=str(tmp_path / "api2"), bpe_dir=bpe_dir, no_plots=True)
-    np.testing.assert_array_equal(clf2.predict_proba(probe), cli.predict_proba(probe))
+    for name in cli.params:
+        assert np.array_equal(clf2.params[name], cli.params[name]), name
     held = npgpt.fit(texts[:90], labels[:90], validation=(texts[90:100], labels[90:100]),
                      test=(texts[100:], labels[100:]), model="tiny", epochs=1, out=str(tmp_path / "api3"),
                      bpe_dir=bpe_dir, no_plots=True)
@@ -283,7 +293,7 @@ def test_fit_agrees_with_the_cli(tmp_path, bpe_dir):
 
 
 def test_classify_prints_names_top_and_json(tmp_path, bpe_dir, capsys):
-    from npgpt import classify
+    from npgpt.cli import classify
     data = write_csv(tmp_path / "d.csv", token_identity_rows(80, seed=1))
     run = train_cli(tmp_path, data, "run", "--epochs", "1", bpe_dir=bpe_dir)
     model = str(run / "classifier.h5")

@@ -9,28 +9,27 @@ import time
 import numpy as np
 import pytest
 
-from npgpt import cache as cache_cli, finetune, model, params as P, prefix_cache
-from npgpt.config import GPT2Config, preset
+from npgpt import fileio, model, params as P, prefix_cache
+from npgpt.cli import cache as cache_cli
+from npgpt.config import GPT2Config
 from npgpt.errors import TrainingError
-from npgpt.data import make_datasets, prepare_splits
-from npgpt.tokenizer import get_tokenizer
+from npgpt.runconfig import RunConfig, RunOptions
+from npgpt.train import train_run
+from helpers import SMS
 
 
 @pytest.fixture(scope="module")
-def datasets(shared_data, tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    splits = prepare_splits(shared_data / "sms_spam_collection" / "SMSSpamCollection", d)
-    return make_datasets(splits, get_tokenizer(shared_data / "gpt2_bpe"))
+def datasets(shared_data, bpe_dir, tmp_path_factory):
+    """How _fit's runs read the SMS data: the file, a data folder, the BPE folder."""
+    return dict(data=str(shared_data / SMS), data_dir=str(tmp_path_factory.mktemp("data")), bpe_dir=bpe_dir)
 
 
-def _fit(datasets, run_dir, **kw):
-    cfg = preset("tiny")
-    params = P.init_params(cfg, seed=123, num_classes=2)
-    settings = finetune.TrainSettings(epochs=1, eval_freq=40, **kw)
+def _fit(datasets, run_dir, **options):
+    """A tiny one-epoch SMS run through the run service -> (trained params, metrics, log lines)."""
     logs = []
-    os.makedirs(run_dir, exist_ok=True)
-    state, _ = finetune.fit(params, cfg, datasets, settings, str(run_dir), {}, progress=False, log=logs.append)
-    return params, state.metrics, logs
+    run = RunConfig(model="tiny", epochs=1, eval_freq=40, **datasets)
+    result = train_run(run, RunOptions(out=str(run_dir), progress=False, plots=False, **options), log=logs.append)
+    return result.classifier.params, result.metrics, logs
 
 
 def _random_seqs(n, seed=0, vocab=50257, max_len=40):
@@ -113,7 +112,7 @@ def test_above_the_memory_limit_the_prefix_stays_on_disk(datasets, tmp_path):
     p0, m0, _ = _fit(datasets, tmp_path / "mem", cache_disk=False)
     p1, m1, logs = _fit(datasets, tmp_path / "disk", cache_disk=False, cache_memory=0)   # spilled, run folder
     assert any("exceeds the cache memory limit" in s for s in logs)
-    assert not [f for f in os.listdir(tmp_path / "disk") if f.endswith(".npy")]        # removed at once
+    assert not [f for f in os.listdir(tmp_path / "disk") if ".npy" in f]               # removed at once
     cdir = str(tmp_path / "cache")
     p2, m2, _ = _fit(datasets, tmp_path / "c1", cache_dir=cdir, cache_memory=0)          # written to the cache
     p3, m3, logs3 = _fit(datasets, tmp_path / "c2", cache_dir=cdir, cache_memory=0)      # memory-mapped from it
@@ -221,18 +220,19 @@ def test_the_run_folder_file_is_unlinked_while_it_is_written(tmp_path):
 
 
 def test_a_killed_runs_partial_file_is_listed_then_removed(tmp_path, capsys):
-    """A run killed while writing its prefix into the cache leaves .<key>.<pid>.tmp.npy: `cache ls`
-    shows it, the next run removes it and says so; a file of a process still running, or one
-    written to in the last 2 minutes, is kept."""
+    """A run killed while writing its prefix into the cache leaves its temporary file (named by
+    fileio.temp_path: .<key>.npy.<pid>.<random>.tmp): `cache ls` shows it, the next run removes it
+    and says so; a file of a process still running, or one written to in the last 2 minutes, is kept."""
     import subprocess
     import sys
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    dead = tmp_path / f".{'ab' * 16}.{p.pid}.tmp.npy"
-    live = tmp_path / f".{'cd' * 16}.{os.getpid()}.tmp.npy"
+    dead = tmp_path / f".{'ab' * 32}.npy.{p.pid}.x1y2z3w4.tmp"
+    live = tmp_path / f".{'cd' * 32}.npy.{os.getpid()}.a1b2c3d4.tmp"
+    assert fileio.temp_owner(dead.name) == p.pid and fileio.temp_owner(live.name) == os.getpid()
     dead.write_bytes(b"\0" * (3 << 20))
     live.write_bytes(b"\0" * 1024)
-    fresh = tmp_path / f".{'ef' * 16}.{p.pid}.tmp.npy"       # written to a moment ago: maybe another machine's
+    fresh = tmp_path / f".{'ef' * 32}.npy.{p.pid}.q1r2s3t4.tmp"   # written to a moment ago: maybe another machine's
     fresh.write_bytes(b"\0" * 1024)
     old = time.time() - 600
     for f in (dead, live):

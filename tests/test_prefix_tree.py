@@ -3,7 +3,7 @@ computes against each sequence alone (float64 to 1e-12, float32 to 1e-5) and acr
 import numpy as np
 import pytest
 
-from npgpt import model, params as P, prefix_tree
+from npgpt import fastmodel, model, params as P, prefix_tree
 from npgpt.config import GPT2Config
 from npgpt.prefix_cache import PrefixCache
 
@@ -81,5 +81,7 @@ def test_from_a_cached_depth_the_same_bits(tmp_path):
 def test_tree_rows_are_forward_only():
     p = params(np.float64)
     lay = prefix_tree.layout([np.array([1, 2]), np.array([1, 3])])
-    with pytest.raises(ValueError, match="forward only"):
-        model.block_forward(p, 0, np.zeros((3, CFG.n_embd)), CFG.n_head, tree=lay.tree)
+    tree = fastmodel.SharedPrefix(*lay.tree, CFG.n_head)
+    x, saved = fastmodel.block_forward(p, 0, np.zeros((3, CFG.n_embd)), tree)
+    with pytest.raises(NotImplementedError, match="forward only"):
+        fastmodel.block_backward(x, saved, 0, {}, tree)

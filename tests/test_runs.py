@@ -24,20 +24,12 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SMS = "sms_spam_collection/SMSSpamCollection"
-OFFLINE = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
-           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+from helpers import REPO, SMS, cli_env, one_error_line, run_module
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = {k: v for k, v in os.environ.items() if k not in ("NPGPT_DEBUG", "NPGPT_BPE_DIR")}
-    e.update(OFFLINE)
-    e["TIKTOKEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("tiktoken-empty"))
-    e["NUMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("numba-cache"))
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return e
+    return cli_env(tmp_path_factory, offline=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +42,11 @@ def home(tmp_path_factory, shared_data):
 
 
 def call(env, cwd, *args, module="npgpt.train", stdin=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, input=stdin,
-                          capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+    return run_module(module, *args, env=env, cwd=cwd, stdin=stdin, timeout=timeout)
 
 
 def tiny(env, cwd, *args, **kw):
     return call(env, cwd, "--tiny", "--data", "SMSSpamCollection", "--bpe-dir", "bpe", "--no-plots", *args, **kw)
-
-
-def one_error_line(r, code):
-    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def md5s(folder):
@@ -172,10 +155,10 @@ def test_out_holding_a_run_is_refused(env, first, home):
 
 
 def test_run_folder_names_are_unique(tmp_path, monkeypatch):
-    from npgpt.train import create_run_dir
+    from npgpt import runs
     monkeypatch.chdir(tmp_path)
-    a = create_run_dir(os.path.join("runs", "spam-tiny-20260101-000000"), explicit=False)
-    b = create_run_dir(os.path.join("runs", "spam-tiny-20260101-000000"), explicit=False)
+    a = runs.create(os.path.join("runs", "spam-tiny-20260101-000000"), explicit=False)
+    b = runs.create(os.path.join("runs", "spam-tiny-20260101-000000"), explicit=False)
     assert a != b and os.path.isdir(a) and os.path.isdir(b)
     assert b.endswith("-2")
 
@@ -215,10 +198,10 @@ def _complete_run_of_seed(folder, seed):
     assert {"classifier.h5", "checkpoint.h5", "metrics.json", "train.csv", "validation.csv", "test.csv"} <= names
     assert ".npgpt-run" not in names                       # the claim is released at the end
     saved = json.loads((folder / "metrics.json").read_text())
-    assert saved["run_info"]["seed"] == seed
+    assert saved["run_config"]["seed"] == seed
     assert saved["metrics"]["final"]["test_accuracy"] > 0
     from npgpt.params import load_params
-    assert load_params(folder / "classifier.h5")[2]["train_args"]["seed"] == seed
+    assert load_params(folder / "classifier.h5")[2]["run_config"]["seed"] == seed
 
 
 def test_two_runs_started_in_the_same_second_get_two_folders(env, home, tmp_path):
@@ -252,19 +235,19 @@ def test_two_runs_started_at_once_with_one_out_do_not_share_it(env, home, tmp_pa
 
 
 def test_a_claim_left_by_a_killed_run_is_taken_over(tmp_path, monkeypatch):
-    from npgpt import train
+    from npgpt import runs
     from npgpt.errors import NpgptError
     monkeypatch.chdir(tmp_path)
     os.mkdir("r")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / "r" / train.RUN_CLAIM).write_text(dead.stdout.strip())   # a pid that has exited
+    (tmp_path / "r" / runs.CLAIM).write_text(dead.stdout.strip())   # a pid that has exited
     try:
-        assert train.create_run_dir("r", explicit=True) == "r"
-        assert (tmp_path / "r" / train.RUN_CLAIM).read_text() == str(os.getpid())
+        assert runs.create("r", explicit=True) == "r"
+        assert (tmp_path / "r" / runs.CLAIM).read_text() == str(os.getpid())
         with pytest.raises(NpgptError, match=r"--out r: another training process \(pid \d+\) is using"):
-            train.claim_run_dir("r", "--out")                 # a live claim (this process's own)
+            runs.claim("r", "--out")                 # a live claim (this process's own)
     finally:
-        train.release_claims()
+        runs.release("r")
     assert os.listdir("r") == []
 
 
@@ -385,7 +368,7 @@ def test_output_labels_estimates_and_metrics(first, home):
     assert "train acc (40 msgs)" in r.stdout and "val acc (40 msgs)" in r.stdout
     assert "Train loss (40 msgs)" in r.stdout
     m = json.loads((run / "metrics.json").read_text())
-    assert m["run_info"]["model_size"] == "tiny"
+    assert m["model_size"] == "tiny" and m["run_config"]["model"] == "tiny"
 
 
 def test_one_loss_definition(env, first, home):

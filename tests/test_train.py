@@ -12,11 +12,15 @@ import h5py
 import numpy as np
 import pytest
 
-from npgpt import finetune, model, params as P, train
+from npgpt import finetune, model, params as P
+from npgpt.cli import train
 from npgpt.config import preset
-from npgpt.data import make_datasets, prepare_splits
+from npgpt.data import prepare_splits
+from npgpt.dataset import TextDataset, eval_batches, make_datasets
 from npgpt.errors import TrainingError
+from npgpt.runconfig import RunConfig, RunOptions
 from npgpt.tokenizer import get_tokenizer
+from npgpt.train import train_run
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +56,22 @@ def test_end_to_end_tiny(data_args, tmp_path):
     assert final["train_accuracy"] > 0.6 and set(final) >= {"test_accuracy", "validation_accuracy"}
     params, cfg, meta = P.load_params(out / "classifier.h5")
     assert cfg == preset("tiny") and meta["labels"] == ["ham", "spam"] and meta["pooling"] == "last_token"
-    assert meta["max_length"] == 120 and meta["train_args"]["epochs"] == 2
+    assert meta["max_length"] == 120 and meta["run_config"]["epochs"] == 2
     assert (out / "loss.png").stat().st_size > 1000 and (out / "accuracy.png").exists()
     # the saved model gives the accuracy the run reported
     splits = prepare_splits(None, data_args[3])
     tok = get_tokenizer(data_args[5])
     test = make_datasets(splits, tok)[2]
-    s = finetune.TrainSettings()
-    _, acc, _ = finetune.evaluate(params, cfg, test, s)
+    _, acc, _ = finetune.evaluate(params, cfg, test, RunConfig(model="tiny"))
     assert acc == pytest.approx(final["test_accuracy"], abs=1e-12)
 
 
-def _fit(datasets, settings, run_dir, steps_per_epoch=None):
-    cfg = preset("tiny")
-    params = P.init_params(cfg, seed=123, num_classes=2)
-    state, _ = finetune.fit(params, cfg, datasets, settings, str(run_dir), {}, progress=False, log=lambda *a: None)
-    return params, state.metrics
+def _fit(data_args, run_dir, **settings):
+    """A tiny SMS run through the run service -> (trained params, metrics, log lines)."""
+    logs = []
+    run = RunConfig(model="tiny", data=data_args[1], data_dir=data_args[3], bpe_dir=data_args[5], **settings)
+    result = train_run(run, RunOptions(out=str(run_dir), progress=False, plots=False), log=logs.append)
+    return result.classifier.params, result.metrics, logs
 
 
 @pytest.mark.parametrize("pooling", ["last_token", "last_position"])
@@ -76,15 +80,9 @@ def test_cached_unpadded_pooled_training_equals_dense(data_args, tmp_path, pooli
     longest message with last_token, to 120 with last_position, last block at the pooled position)
     against the dense path (every block and every position from the ids, padded to 120). Same
     losses and parameters to float32 round-off."""
-    splits = prepare_splits(None, data_args[3])
-    datasets = make_datasets(splits, get_tokenizer(data_args[5]))
-    fast = finetune.TrainSettings(epochs=1, eval_freq=40, pooling=pooling)
-    dense = finetune.TrainSettings(epochs=1, eval_freq=40, cache=False, dense=True, pooling=pooling)
-    assert finetune.cache_start(preset("tiny"), fast) == 1        # the fast path does use the cache
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    pa, ma = _fit(datasets, fast, tmp_path / "a")
-    pb, mb = _fit(datasets, dense, tmp_path / "b")
+    pa, ma, logs = _fit(data_args, tmp_path / "a", epochs=1, eval_freq=40, pooling=pooling)
+    assert any("cached the frozen prefix (blocks 0..0)" in s for s in logs)   # the fast path does use it
+    pb, mb, _ = _fit(data_args, tmp_path / "b", epochs=1, eval_freq=40, pooling=pooling, cache=False, dense=True)
     np.testing.assert_allclose(ma["train_loss"], mb["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(ma["val_loss"], mb["val_loss"], rtol=1e-4)
     assert ma["final"]["test_accuracy"] == pytest.approx(mb["final"]["test_accuracy"], abs=2 / 300)
@@ -143,7 +141,7 @@ def test_interrupt_and_resume_is_bit_exact(data_args, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(data_args, tmp_path, monkeypatch):
-    real = model.loss_and_grads
+    real = finetune.fastmodel.loss_and_grads
     calls = {"n": 0}
 
     def poisoned(*a, **kw):
@@ -153,7 +151,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data_args, tmp_path, monkeyp
             grads["cls/b"] = grads["cls/b"] * np.float32("nan")
         return loss, grads, logits
 
-    monkeypatch.setattr(finetune.model, "loss_and_grads", poisoned)
+    monkeypatch.setattr(finetune.fastmodel, "loss_and_grads", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="step 139"):
         train.main(["--tiny", "--epochs", "2", "--out", str(out), "--quiet", "--no-plots", *data_args])
@@ -204,39 +202,64 @@ def test_disk_full_keeps_previous_checkpoint(data_args, tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is unchanged"):
         train.main(["--tiny", "--epochs", "2", "--out", str(out), "--quiet", "--no-plots", *data_args])
     monkeypatch.setattr(h5py, "File", real_file)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.h5", "metrics.json", "test.csv", "train.csv",
-                                                     "validation.csv"]   # the splits the run used
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.h5", "metrics.json", "run.json", "test.csv",
+                                                     "train.csv", "validation.csv"]   # the splits the run used
     with h5py.File(out / "checkpoint.h5", "r") as f:
         state = json.loads(f.attrs["state"])["run_state"]
     assert state["epoch"] == 1 and state["batch"] == 0
 
 
-def _spam(lengths, pad_to, seed=0):
-    from npgpt.data import SpamDataset
+def _texts(lengths, pad_to, seed=0):
     rng = np.random.default_rng(seed)
     tokens = [list(rng.integers(0, 50000, n)) for n in lengths]
-    return SpamDataset(tokens, np.array(lengths), rng.integers(0, 2, len(lengths)), np.arange(len(lengths)), pad_to)
+    return TextDataset(tokens, np.array(lengths), rng.integers(0, 2, len(lengths)), np.arange(len(lengths)), pad_to)
 
 
-@pytest.mark.parametrize("pooling,pad_to,causal,free", [
-    ("last_token", None, True, True), ("mean", None, True, True), ("last_position", 12, True, True),
-    ("last_position", None, True, False), ("last_token", None, False, False), ("last_token", 12, False, True)])
+CASES = [("last_token", None, True, True), ("mean", None, True, True), ("last_position", 12, True, True),
+         ("last_position", None, True, False), ("last_token", None, False, False), ("last_token", 12, False, True)]
+
+
+@pytest.mark.parametrize("pooling,pad_to,causal,free", CASES)
 def test_estimate_batches_merge_only_where_grouping_changes_nothing(pooling, pad_to, causal, free):
     """Estimates run their batches as one forward pass only where a message's logits do not depend
     on its batch; there the loss and accuracy equal the batch-by-batch ones."""
     cfg = preset("tiny")
     params = P.init_params(cfg, seed=3, num_classes=2)
-    d = _spam([3, 9, 1, 12, 5, 7, 2, 11, 4, 6], pad_to)
-    batches = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([6, 7, 8, 9])]
-    assert finetune.grouping_free(d, pooling, causal) is free
-    groups = finetune.eval_groups(d, batches, pooling, causal)
-    s = finetune.TrainSettings(pooling=pooling, causal=causal)
-    by_batch = finetune.evaluate(params, cfg, d, s, batches=batches)
-    merged = finetune.evaluate(params, cfg, d, s, batches=[np.concatenate(batches)])
+    d = _texts([3, 9, 1, 12, 5, 7, 2, 11, 4, 6], pad_to)
+    run = RunConfig(model="tiny", pooling=pooling, causal_mask=causal, batch_size=3, eval_iter=4)
+    batches = eval_batches(len(d), 3)
+    assert finetune.padding_of(d, run).grouping_free is free
+    groups = finetune.estimate_batches(d, run)
+    by_batch = finetune.evaluate(params, cfg, d, run, batches=batches)
+    merged = finetune.evaluate(params, cfg, d, run, batches=[np.concatenate(batches)])
     if not free:                              # one pass would change the loss: the batches stay
-        assert groups is batches
+        assert [b.tolist() for b in groups] == [b.tolist() for b in batches]
         assert merged[0] != pytest.approx(by_batch[0], rel=1e-6)
         return
     assert len(groups) == 1 and np.array_equal(groups[0], np.arange(10))
     assert merged[0] == pytest.approx(by_batch[0], rel=1e-6) and merged[1] == by_batch[1]
     np.testing.assert_array_equal(merged[2], by_batch[2])
+
+
+@pytest.mark.parametrize("pooling,pad_to,causal,free", CASES)
+def test_the_final_evaluation_sorts_only_where_grouping_changes_nothing(pooling, pad_to, causal, free):
+    """The final evaluation sorts messages by length (and runs 64 at a time) only where a message's
+    logits do not depend on its batch: then it equals the batch-by-batch evaluation in order.
+    Otherwise (no causal mask, or last-position pooling, with per-batch padding) it evaluates in
+    order, in the run's batches, as the estimates and `npgpt.evaluate` do: sorting would pad each
+    message less than training did and change the numbers."""
+    cfg = preset("tiny")
+    params = P.init_params(cfg, seed=4, num_classes=2)
+    d = _texts([3, 9, 1, 12, 5, 7, 2, 11, 4, 6], pad_to, seed=1)
+    run = RunConfig(model="tiny", pooling=pooling, causal_mask=causal, batch_size=3)
+    final = finetune.final_batches(d, run)
+    in_order = finetune.evaluate(params, cfg, d, run)                # eval_batches: in order, batches of 3
+    got = finetune.evaluate(params, cfg, d, run, batches=final)
+    assert got[0] == pytest.approx(in_order[0], rel=1e-6) and got[1] == in_order[1]
+    if free:
+        assert [len(b) for b in final] == [10] and list(final[0]) == list(np.argsort(d.lengths, kind="stable"))
+    else:
+        assert [b.tolist() for b in final] == [b.tolist() for b in eval_batches(10, 3)]
+        order = np.argsort(d.lengths, kind="stable")
+        sorted_batches = [order[i:i + 3] for i in range(0, 10, 3)]
+        assert finetune.evaluate(params, cfg, d, run, batches=sorted_batches)[0] != pytest.approx(in_order[0], rel=1e-6)

@@ -1,8 +1,9 @@
 """npgpt against an independent PyTorch GPT-2 (tests/reference_torch.py).
 
 Checks, in float32, on a tiny model (two vocabularies) and on the real 124M shapes with random
-weights: LM logits, class logits for both poolings, the mean cross-entropy loss, and the gradient
-of every trainable array for several trainable sets; that class logits do not depend on right
+weights: LM logits, class logits for every pooling, the mean cross-entropy loss, and the gradient
+of every trainable array for several trainable sets, of the textbook (npgpt.model) and of the
+training path (npgpt.fastmodel); that class logits do not depend on right
 padding; that the key third of c_attn/b has a zero gradient (so its float32 value is rounding
 noise, which the AdamW run leaves out); and that npgpt's AdamW follows torch.optim.AdamW, both in
 a short training run and fed the same gradients directly.
@@ -21,8 +22,13 @@ import torch
 import reference_torch as ref
 from npgpt.config import GPT2Config, preset
 from npgpt.params import init_params, param_shapes
+import npgpt.fastmodel as fastmodel
+import npgpt.fastops as fastops
 import npgpt.model as model
 import npgpt.optim as optim
+from helpers import rel_err
+
+IMPLS = {"textbook": model, "fast": fastmodel}
 
 # Tolerances (float32 unless stated).
 LOGITS_ATOL = 1e-4        # max |npgpt - torch| on LM and class logits (logits are O(1))
@@ -54,12 +60,6 @@ def record(name: str, value: float) -> None:
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
-def rel_err(a, b) -> float:
-    """max|a - b| / max|b| (b is the reference); plain max|a - b| when b is all zeros."""
-    scale = float(np.max(np.abs(np.asarray(b, np.float64))))
-    return max_abs(a, b) / (scale if scale > 0 else 1.0)
 
 
 def scaled_params(config: GPT2Config, seed: int = 0) -> dict:
@@ -158,37 +158,39 @@ def test_lm_logits(case):
     assert err <= LOGITS_ATOL
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pooling", ref.POOLINGS)
-def test_cls_logits(case, pooling):
+def test_cls_logits(case, pooling, impl):
     ids, lengths = case["ids"], case["lengths"]
     with torch.no_grad():
         want = case["tmodel"].forward_cls(torch.as_tensor(ids), lengths=lengths,
                                           pooling=pooling).numpy()               # [B,2]
-    got = model.forward_cls(case["params"], case["config"], ids, lengths=lengths, pooling=pooling)
+    got = IMPLS[impl].forward_cls(case["params"], case["config"], ids, lengths=lengths, pooling=pooling)
     assert got.shape == want.shape == (len(ids), 2)
     assert np.abs(want).max() > 0.3
     err = max_abs(got, want)
-    record(f"{case['name']} cls_logits {pooling} max_abs", err)
+    record(f"{case['name']} {impl} cls_logits {pooling} max_abs", err)
     assert err <= LOGITS_ATOL
     if pooling == "last_token" and case["config"].vocab_size > PAD_ID:
         # lengths derived from the pad id must give the same logits
-        derived = model.forward_cls(case["params"], case["config"], ids, pooling=pooling)
+        derived = IMPLS[impl].forward_cls(case["params"], case["config"], ids, pooling=pooling)
         err = max_abs(derived, want)
-        record(f"{case['name']} cls_logits {pooling} derived_lengths max_abs", err)
+        record(f"{case['name']} {impl} cls_logits {pooling} derived_lengths max_abs", err)
         assert err <= LOGITS_ATOL
 
 
 # ----------------------------------------------------------------------------- loss and gradients
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pooling", ref.POOLINGS)
 @pytest.mark.parametrize("trainable", TRAINABLE_SETS)
-def test_loss_and_grads(case, trainable, pooling):
+def test_loss_and_grads(case, trainable, pooling, impl):
     config, params = case["config"], case["params"]
     t_loss, t_grads, t_logits = torch_results(case, pooling)
-    loss, grads, logits = model.loss_and_grads(params, config, case["ids"], case["labels"],
-                                               trainable=trainable, lengths=case["lengths"],
-                                               pooling=pooling)
-    tag = f"{case['name']} trainable={trainable} {pooling}"
+    loss, grads, logits = IMPLS[impl].loss_and_grads(params, config, case["ids"], case["labels"],
+                                                     trainable=trainable, lengths=case["lengths"],
+                                                     pooling=pooling)
+    tag = f"{case['name']} {impl} trainable={trainable} {pooling}"
 
     # exactly the trainable arrays get a gradient, as documented
     names = set(model.trainable_names(config, trainable))
@@ -222,14 +224,14 @@ def test_padding_invariance(case):
     config, params = case["config"], case["params"]
     ids, lengths = case["ids"], case["lengths"]
     assert (lengths < ids.shape[1]).any()  # the batch really is padded
-    runs = {"given": model.forward_cls(params, config, ids, lengths=lengths, pooling="last_token")}
+    runs = {"given": fastmodel.forward_cls(params, config, ids, lengths=lengths, pooling="last_token")}
     if config.vocab_size > PAD_ID:
-        runs["derived"] = model.forward_cls(params, config, ids, pooling="last_token")
+        runs["derived"] = fastmodel.forward_cls(params, config, ids, pooling="last_token")
     for how, padded in runs.items():
         worst = 0.0
         for b, n in enumerate(lengths):
             row = ids[b:b + 1, :n]                                               # [1,n]
-            alone = model.forward_cls(params, config, row, lengths=[n], pooling="last_token")[0]
+            alone = fastmodel.forward_cls(params, config, row, lengths=[n], pooling="last_token")[0]
             with torch.no_grad():
                 t_alone = case["tmodel"].forward_cls(torch.as_tensor(row), lengths=[n],
                                                      pooling="last_token").numpy()[0]
@@ -247,9 +249,9 @@ def test_packed_prefix_path(case):
     first = config.n_layer - 1
     seqs = [ids[b, :n] for b, n in enumerate(lengths)]
     x = np.zeros((len(ids), ids.shape[1], config.n_embd), np.float32)            # [B,T,C]
-    for b, xb in enumerate(model.forward_prefix_packed(params, config, seqs, first)):
+    for b, xb in enumerate(fastmodel.forward_prefix_packed(params, config, seqs, first)):
         x[b, :len(xb)] = xb
-    got = model.forward_cls(params, config, x_start=x, start=first, lengths=lengths)
+    got = fastmodel.forward_cls(params, config, x_start=x, start=first, lengths=lengths)
     with torch.no_grad():
         want = case["tmodel"].forward_cls(torch.as_tensor(ids), lengths=lengths,
                                           pooling="last_token").numpy()          # [B,2]
@@ -270,10 +272,10 @@ def test_adamw_training_matches_torch():
     tmodel = ref.load_from_npgpt(params, config, torch.float32, trainable_names=trainable)
     tparams = ref.named_torch_params(tmodel)
     t_opt = torch.optim.AdamW([tparams[n] for n in sorted(trainable)], lr=5e-5, weight_decay=0.1)
-    opt = optim.AdamW(lr=5e-5, weight_decay=0.1)
+    opt = optim.AdamW(lr=5e-5, weight_decay=0.1, update=fastops.adamw_update)      # as training runs it
     for step in range(10):
         ids, labels, lens = make_batch(config, B, T, lengths, seed=100 + step)
-        _, grads, _ = model.loss_and_grads(params, config, ids, labels, trainable=1, lengths=lens)
+        _, grads, _ = fastmodel.loss_and_grads(params, config, ids, labels, trainable=1, lengths=lens)
         opt.step(params, grads)
         ref.loss_and_grads(tmodel, ids, labels, lengths=lens)
         t_opt.step()
@@ -330,8 +332,10 @@ PURE_SHAPES = {"a/w": (6, 5), "a/b": (5,), "ln/g": (5,), "ln/b": (5,), "e": (7, 
     dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.5),
 ])
 @pytest.mark.parametrize("decay_1d", [True, False])
-def test_adamw_same_gradients(hyper, decay_1d):
-    """The same random gradients fed to both optimizers for 10 steps, float64. With
+@pytest.mark.parametrize("update", ["numpy", "kernel"])
+def test_adamw_same_gradients(hyper, decay_1d, update):
+    """The same random gradients fed to both optimizers for 10 steps, float64, with the textbook's
+    update (optim.adamw_update) and the training path's (fastops.adamw_update). With
     decay_1d=False, 1-D arrays are exempt from weight decay: torch gets two param groups."""
     rng = np.random.default_rng(7)
     params = {n: rng.standard_normal(s) for n, s in PURE_SHAPES.items()}
@@ -341,7 +345,8 @@ def test_adamw_same_gradients(hyper, decay_1d):
     wd = hyper["weight_decay"]
     groups = [{"params": flat}, {"params": one_d, "weight_decay": wd if decay_1d else 0.0}]
     t_opt = torch.optim.AdamW(groups, **hyper)
-    opt = optim.AdamW(decay_1d=decay_1d, **hyper)
+    opt = optim.AdamW(decay_1d=decay_1d, update=optim.adamw_update if update == "numpy" else fastops.adamw_update,
+                      **hyper)
     # the decay of 1-D arrays changes them by far more than the tolerance, so the test can tell
     other = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in params.items()}
     o_opt = torch.optim.AdamW([{"params": [other[n] for n in PURE_SHAPES if other[n].ndim >= 2]},

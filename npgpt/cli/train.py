@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..runconfig import ConfigError, RunConfig, RunOptions
+from ..runconfig import SIZES, ConfigError, RunConfig, RunOptions
 from ..runs import Interrupted
 from ..train import resume_run, train_run
 from . import announce_compilation, make_parser
@@ -91,6 +91,11 @@ def parse(argv, parser):
     given.pop("debug", None)
     resume = given.pop("resume", None)
     if given.pop("tiny", False):
+        if given.get("model", "tiny") != "tiny":      # a size that cannot be is named first
+            if given["model"] not in SIZES:
+                parser.error(str(ConfigError("model", f"must be one of {', '.join(SIZES)} (or --tiny for a small "
+                                                      f"random model), got {given['model']!r}")))
+            parser.error(f"--tiny and --model-size {given['model']} exclude each other (--tiny is --model-size tiny)")
         given["model"] = "tiny"
     options = {k: given.pop(k) for k in list(given) if k in OPTION_FIELDS}
     try:
