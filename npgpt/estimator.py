@@ -144,7 +144,8 @@ class GPT2Classifier:
 
     def predict(self, X) -> np.ndarray:
         """The most probable label of each text, of the type of the y given to fit."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        P = self.predict_proba(X)                    # (checks that fit was called, first)
+        return self.classes_[np.argmax(P, axis=1)]
 
     def score(self, X, y) -> float:
         """Accuracy: the fraction of texts whose predicted label is y's."""

@@ -222,8 +222,8 @@ class Trainer:
                 acc, n_acc = None, 0
             self._apply(grads, seen, bi, t0)
             seen = 0
-            if state.step % run.eval_freq == 0:
-                shown.write(self._log_losses(epoch))
+            if state.step % run.eval_freq == 0:          # a line above a live bar, else to the log
+                (shown.write if self.progress else self.log)(self._log_losses(epoch))
             shown.set_postfix(loss=f"{loss:.3f}", ex_s=f"{n_epoch / max(time.time() - t_epoch, 1e-9):.0f}",
                               refresh=False)
             if stop.signum is not None:
