@@ -62,22 +62,7 @@ def _fetch_once(url: str, part: str, expected_size, progress: bool, timeout: flo
         raise _Failed(f"{type(reason).__name__}: {reason}", retry=not unreachable) from None
 
     with resp:
-        if resp.status == 206 and have:
-            cr = _content_range(resp.headers.get("Content-Range"))
-            if cr is None or cr[0] != have:
-                os.remove(part)
-                raise _Failed(f"server answered a resume with Content-Range {resp.headers.get('Content-Range')!r}; "
-                              "restarting", retry=True)
-            start, total = have, cr[2]
-        elif resp.status == 200:
-            start = 0                    # a server that ignores Range sends the whole file again
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        else:
-            raise _Failed(f"unexpected HTTP status {resp.status}", retry=False)
-        if total is not None and expected_size is not None and total != expected_size:
-            raise _Failed(f"server announces {total} bytes, expected {expected_size}", retry=False)
-
+        start, total = _where_it_starts(resp, part, have, expected_size)
         written = 0
         with open(part, "ab" if start else "wb") as f, \
                 bar(enabled=progress, total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
@@ -103,6 +88,27 @@ def _fetch_once(url: str, part: str, expected_size, progress: bool, timeout: flo
         os.remove(part)
         raise _Failed(f"received {size} bytes, expected {expected_size}", retry=False)
     return written
+
+
+def _where_it_starts(resp, part, have, expected_size):
+    """(the byte the response's body starts at, the file's whole size or None) from a response to
+    a request for the bytes from `have` on; _Failed for an answer that does not fit."""
+    if resp.status == 206 and have:
+        cr = _content_range(resp.headers.get("Content-Range"))
+        if cr is None or cr[0] != have:
+            os.remove(part)
+            raise _Failed(f"server answered a resume with Content-Range {resp.headers.get('Content-Range')!r}; "
+                          "restarting", retry=True)
+        start, total = have, cr[2]
+    elif resp.status == 200:
+        start = 0                        # a server that ignores Range sends the whole file again
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+    else:
+        raise _Failed(f"unexpected HTTP status {resp.status}", retry=False)
+    if total is not None and expected_size is not None and total != expected_size:
+        raise _Failed(f"server announces {total} bytes, expected {expected_size}", retry=False)
+    return start, total
 
 
 def download_file(urls, dest, expected_size: int | None = None, progress: bool = True, *,

@@ -93,16 +93,7 @@ def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
         raise FormatError(f"{path}: not a readable HDF5 file ({e})") from None
     try:
         with f:
-            try:
-                file_config = GPT2Config.from_dict({k: f.attrs[k] for k in
-                                                   ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
-                                                   if k in f.attrs})
-                num_classes = int(f.attrs.get("num_classes", 0)) or None
-                meta = json.loads(f.attrs.get("meta", "{}"))
-            except FormatError:
-                raise
-            except Exception as e:
-                raise FormatError(f"{path}: bad config attributes ({e})") from None
+            file_config, num_classes, meta = _header(f, path)
             if config is not None and config != file_config:
                 raise FormatError(f"{path}: config {file_config} does not match the expected {config}")
             found = []
@@ -129,26 +120,45 @@ def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
             if params:
                 expected = {n: expected[n] for n in found}     # the arrays that trained
             for name, shape in expected.items():
-                if name not in f or not isinstance(f[name], h5py.Dataset):
-                    raise FormatError(f"{path}: array {name!r} is missing")
-                ds = f[name]
-                if tuple(ds.shape) != shape:
-                    raise FormatError(f"{path}: array {name!r} has shape {tuple(ds.shape)}, expected {shape}")
-                if ds.dtype.kind != "f" or ds.dtype.itemsize not in (2, 4, 8):
-                    raise FormatError(f"{path}: array {name!r} has dtype {ds.dtype}, expected a float type")
-                try:
-                    arr = ds[()]
-                except Exception as e:
-                    raise FormatError(f"{path}: array {name!r} cannot be read ({e})") from None
-                arr = np.asarray(arr).astype(dtype, copy=False)
-                if not np.isfinite(arr).all():
-                    raise FormatError(f"{path}: array {name!r} has non-finite values")
-                params[name] = arr
+                params[name] = _read_array(f, path, name, shape, dtype)
     except FormatError:
         raise
     except Exception as e:
         raise FormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     return params, file_config, meta
+
+
+def _header(f, path):
+    """(GPT2Config, number of classes or None, meta) from a file's root attributes."""
+    try:
+        config = GPT2Config.from_dict({k: f.attrs[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
+                                       if k in f.attrs})
+        return config, int(f.attrs.get("num_classes", 0)) or None, json.loads(f.attrs.get("meta", "{}"))
+    except FormatError:
+        raise
+    except Exception as e:
+        raise FormatError(f"{path}: bad config attributes ({e})") from None
+
+
+def _read_array(f, path, name, shape, dtype):
+    """One parameter, checked before and after it is read: present, its shape, a float dtype,
+    finite values. -> the array in dtype"""
+    import h5py
+    if name not in f or not isinstance(f[name], h5py.Dataset):
+        raise FormatError(f"{path}: array {name!r} is missing")
+    ds = f[name]
+    if tuple(ds.shape) != shape:
+        raise FormatError(f"{path}: array {name!r} has shape {tuple(ds.shape)}, expected {shape}")
+    if ds.dtype.kind != "f" or ds.dtype.itemsize not in (2, 4, 8):
+        raise FormatError(f"{path}: array {name!r} has dtype {ds.dtype}, expected a float type")
+    try:
+        arr = ds[()]
+    except Exception as e:
+        raise FormatError(f"{path}: array {name!r} cannot be read ({e})") from None
+    arr = np.asarray(arr).astype(dtype, copy=False)
+    if not np.isfinite(arr).all():
+        raise FormatError(f"{path}: array {name!r} has non-finite values")
+    return arr
 
 
 def find_base(path, base: dict):
