@@ -48,7 +48,8 @@ def parse_args(argv=None):
 
 
 def texts_and_tokens(large, work_dir):
-    from npgpt.data import make_datasets, prepare_splits, read_sms_spam
+    from npgpt.data import prepare_splits, read_sms_spam
+    from npgpt.dataset import make_datasets
     from npgpt.tokenizer import encode, get_tokenizer
 
     shared = default_data_dir()

@@ -36,7 +36,7 @@ def default_data_dir() -> Path:
 
 def set_threads(n: int) -> None:
     """n threads for npgpt (Numba and BLAS) and for torch, in this process."""
-    from npgpt.kernels import set_num_threads
+    from npgpt.fastops import set_num_threads
     set_num_threads(n)
     try:
         import torch

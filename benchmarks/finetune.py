@@ -95,8 +95,10 @@ def count_work(args, work_dir):
     """Linear-layer matmul FLOPs of npgpt's default run and of the reference procedure."""
     import numpy as np
 
-    from npgpt.data import eval_batches, make_datasets, prepare_splits, train_batches
-    from npgpt.finetune import full_eval_batches
+    from npgpt.data import prepare_splits
+    from npgpt.dataset import eval_batches, make_datasets, train_batches
+    from npgpt.finetune import final_batches
+    from npgpt.runconfig import RunConfig
     from npgpt.tokenizer import get_tokenizer
 
     splits = prepare_splits(args.data, os.path.join(work_dir, "data-count"), progress=False)
@@ -108,7 +110,7 @@ def count_work(args, work_dir):
         tokens, the query, c_proj and the MLP at one row per message (10 C^2 per message).
         Backward: c_proj and the MLP a dW and a dX product each (2 x 9 C^2 per message); c_attn,
         whose input (the frozen prefix) needs no gradient, one product for ln_1's and its own
-        gradients (`ops.layernorm_linear_param_grads`): as many FLOPs as its forward."""
+        gradients (`fastops.layernorm_linear_param_grads`): as many FLOPs as its forward."""
         kv = 2 * int(lengths[rows].sum()) * C * 2 * C
         per_message = 2 * len(rows) * C * C
         return 2 * kv + (10 + 1 + 18) * per_message if backward else kv + 10 * per_message
@@ -135,7 +137,7 @@ def count_work(args, work_dir):
                 eval_rows += first5
         eval_rows += first5                                          # accuracies after the epoch
     for d in (train, val, test):
-        eval_rows += [(d, b) for b in full_eval_batches(d, B, "last_token")]
+        eval_rows += [(d, b) for b in final_batches(d, RunConfig(batch_size=B))]
     for d, rows in eval_rows:
         npg["evals"] += last_block(rows, d.lengths, False)
     # the reference's evaluations: the same counts of batches, each 8 (or fewer) x 120 tokens, 12 blocks;

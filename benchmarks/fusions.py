@@ -88,7 +88,7 @@ def _adamw_outer(p, m, v, X, DY, decay, c1, b2, c2, step_size, bias2_sqrt, eps):
 
 
 def ln_attn_rows(calls):
-    from npgpt import model, params as P
+    from npgpt import fastmodel as model, params as P
     from npgpt.config import preset
     cfg = preset("124M")
     rng = np.random.default_rng(0)

@@ -94,10 +94,11 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
-    from npgpt import finetune, lora, model, optim
-    from npgpt.config import preset
-    from npgpt.data import eval_batches, make_datasets, prepare_splits, train_batches
-    from npgpt.params import init_params
+    from npgpt import fastmodel as model, fastops, finetune, lora, optim
+    from npgpt.config import init_params, preset
+    from npgpt.data import prepare_splits
+    from npgpt.dataset import eval_batches, make_datasets, train_batches
+    from npgpt.prefix_cache import PrefixCache, dataset_activations
     from npgpt.tokenizer import get_tokenizer
 
     if args.threads:
@@ -114,13 +115,13 @@ def main(argv=None):
     n_t = sum(p.numel() for p in tmodel.parameters() if p.requires_grad)
     assert n_np == n_t, (n_np, n_t)
 
-    settings = finetune.TrainSettings(trainable="lora", lora=spec, lr=8e-4)
-    feats = finetune.prefix_cache(params, cfg, train, 0, "last_token")          # the embeddings
-    opt = optim.AdamW(lr=8e-4, weight_decay=0.1)
+    in_memory = PrefixCache(use_disk=False)
+    feats = dataset_activations(in_memory, params, cfg, [train], 0, "last_token")[0]   # the embeddings
+    opt = optim.AdamW(lr=8e-4, weight_decay=0.1, update=fastops.adamw_update)
     t_opt = torch.optim.AdamW([p for p in tmodel.parameters() if p.requires_grad], lr=8e-4, weight_decay=0.1)
     batches = train_batches(len(train), 8, 123, 0)
     val = make_datasets(splits, tok, "longest")[1]
-    val_feats = finetune.prefix_cache(params, cfg, val, 0, "last_token")
+    val_feats = dataset_activations(in_memory, params, cfg, [val], 0, "last_token")[0]
     evals = [(train, feats, b) for b in eval_batches(len(train), 8)[:5]] + \
         [(val, val_feats, b) for b in eval_batches(len(val), 8)[:5]]          # what one evaluation reads
     it = {"npgpt": 0, "torch": 0, "npgpt eval": 0, "torch eval": 0}

@@ -231,11 +231,12 @@ def step_mode(a):
 
     import numpy as np
 
-    from npgpt import finetune, model, params as P
+    from npgpt import fastmodel as model, fastops, finetune, params as P
     from npgpt.config import preset
-    from npgpt.data import make_datasets, prepare_splits, train_batches
+    from npgpt.data import prepare_splits
+    from npgpt.dataset import make_datasets, train_batches
     from npgpt.optim import AdamW
-    from npgpt.prefix_cache import PrefixCache, prefetch
+    from npgpt.prefix_cache import PrefixCache, dataset_activations, prefetch
     from npgpt.tokenizer import get_tokenizer
 
     shared = default_data_dir()
@@ -255,20 +256,19 @@ def step_mode(a):
     print(f"{what}: {len(datasets[0])} training texts, {tokens} tokens in all splits, {K} classes")
     logs = []
     t0 = time.perf_counter()
-    mem = finetune.prefix_caches(params, cfg, datasets, start, "last_token",
-                                 store=PrefixCache(a.cache_dir, memory_limit=1 << 62, log=logs.append))
+    mem = dataset_activations(PrefixCache(a.cache_dir, memory_limit=1 << 62, log=logs.append), params, cfg,
+                              datasets, start, "last_token")
     t_mem = time.perf_counter() - t0
     t0 = time.perf_counter()
-    disk = finetune.prefix_caches(params, cfg, datasets, start, "last_token",
-                                  store=PrefixCache(a.cache_dir, memory_limit=0, log=logs.append))
+    disk = dataset_activations(PrefixCache(a.cache_dir, memory_limit=0, log=logs.append), params, cfg,
+                               datasets, start, "last_token")
     t_disk = time.perf_counter() - t0
     print("\n".join("  " + s for s in logs))
     assert isinstance(disk[0][0], np.memmap) and not isinstance(mem[0][0], np.memmap)
     print(f"prefix ready: in memory {t_mem:.1f} s (computed or read and checksummed), "
           f"memory-mapped {t_disk:.1f} s (read and checksummed)")
     train = datasets[0]
-    names_ = model.trainable_names(cfg, 1, num_classes=K)
-    opt = AdamW(lr=5e-5, weight_decay=0.1)
+    opt = AdamW(lr=5e-5, weight_decay=0.1, update=fastops.adamw_update)
 
     def drop(feats):
         """Evict the memory-mapped entry's pages: unmapped from this process, then out of the page cache."""

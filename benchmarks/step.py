@@ -18,10 +18,10 @@ min-max over --repeats turns of the same run.
   train step, dense    loss and gradients of the last block, ln_f and the head (everything else
                        frozen), then one AdamW step; every position of every block is computed,
                        pooling at the last position (the reference's setting).
-                       npgpt: model.loss_and_grads(trainable=1, pooling="last_position", dense=True)
+                       npgpt: fastmodel.loss_and_grads(trainable=1, pooling="last_position", dense=True)
                        + optim.AdamW.step.  PyTorch: forward, cross-entropy, backward (autograd
                        stops at the first trainable block), torch.optim.AdamW.step.
-  eval forward, dense  class logits of the batch. npgpt: model.forward_cls(dense=True);
+  eval forward, dense  class logits of the batch. npgpt: fastmodel.forward_cls(dense=True);
                        PyTorch: the module under torch.inference_mode().
   ... npgpt default    the same numbers computed npgpt's default way: blocks 0..10 are frozen, so
                        their output is computed once per example before training (forward_prefix,
@@ -126,12 +126,19 @@ def npgpt_cases(args):
     """{key: callable} for npgpt, and the logits it computes per shape (for the check)."""
     import numpy as np
 
-    from npgpt import config, model, optim, params
+    from npgpt import config, fastops, ops, optim, params
+    from npgpt import fastmodel as model
     from npgpt import kernels as K
 
     cfg = config.preset("124M")
     p = params.init_params(cfg, seed=0, num_classes=2)
-    opt = optim.AdamW(lr=5e-5, weight_decay=0.1)
+    opt = optim.AdamW(lr=5e-5, weight_decay=0.1, update=fastops.adamw_update)      # as training runs it
+    numpy_twins = {                # each kernel's NumPy statement, in the kernel's call form
+        "layernorm_forward": lambda x, g, b: (lambda y, s: (y, s.mean, s.rstd))(*ops.layernorm_forward(x, g, b)),
+        "layernorm_backward": lambda dy, x, m, r, g: ops.layernorm_backward(dy, ops.LayerNormSaved(x, m, r, g)),
+        "gelu_forward": lambda x: ops.gelu_forward(x)[0], "gelu_backward": ops.gelu_backward,
+        "attention_forward": lambda qkv, H: (lambda o, s: (o, s.att))(*ops.attention_forward(qkv, H)),
+        "attention_backward": lambda do, qkv, att, H: ops.attention_backward(do, ops.AttentionSaved(qkv, att, H, True))}
     first = cfg.n_layer - 1
     cases, logits = {}, {}
     for B, T in args.shapes:
@@ -159,11 +166,12 @@ def npgpt_cases(args):
 
         a = kernel_inputs(B, T)
         H = a["H"]
-        _, mean, rstd = K.layernorm_forward_np(a["x"], a["g"], a["b"])
-        _, att = K.attention_forward_np(a["qkv"], H)
+        _, mean, rstd = numpy_twins["layernorm_forward"](a["x"], a["g"], a["b"])
+        _, att = numpy_twins["attention_forward"](a["qkv"], H)
         for impl in ("numba", "np"):
-            f = {n: getattr(K, f"{n}_{impl}") for n in ("layernorm_forward", "layernorm_backward", "gelu_forward",
-                                                        "gelu_backward", "attention_forward", "attention_backward")}
+            f = {n: (getattr(K, n) if impl == "numba" else numpy_twins[n])
+                 for n in ("layernorm_forward", "layernorm_backward", "gelu_forward",
+                           "gelu_backward", "attention_forward", "attention_backward")}
             cases[f"{impl} layernorm fwd {B}x{T}"] = lambda f=f, a=a: f["layernorm_forward"](a["x"], a["g"], a["b"])
             cases[f"{impl} layernorm bwd {B}x{T}"] = lambda f=f, a=a, m=mean, s=rstd: f["layernorm_backward"](
                 a["dy"], a["x"], m, s, a["g"])
@@ -331,7 +339,7 @@ def main(argv=None):
     npgpt.tune_runtime()
     import numpy as np
 
-    from npgpt.kernels import set_num_threads
+    from npgpt.fastops import set_num_threads
 
     command = "python benchmarks/step.py " + " ".join(argv)
     print(command, flush=True)

@@ -50,7 +50,8 @@ def main(argv=None):
     from common import REPO, write_json  # noqa: F401  (puts the repository on sys.path)
     from torch_gpt2 import GPT2Classifier, init_gpt2
 
-    from npgpt.data import make_batch, make_datasets, prepare_splits
+    from npgpt.data import prepare_splits
+    from npgpt.dataset import make_batch, make_datasets
     from npgpt.tokenizer import get_tokenizer
 
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import fastmodel, fastops, ops, prefix_tree
-from .model import PAD_ID
+from .model import PAD_ID, Padding
 
 POOLINGS = ("last_token", "last_position")     # the head reads the last (padded) position
 
@@ -36,11 +36,11 @@ def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max
     terminal), True / False, or a function called with a number of tokens done."""
     if pooling == "last_position" and pad_to is None:
         raise ValueError("packed_logits: last_position pooling needs pad_to")
+    padding = Padding(pooling, True, pad_to)
     first, seqs, where = {}, [], []
     for t in tokens:                                   # dedupe: token sequence -> its row in seqs
-        ids = tuple(int(i) for i in t)
-        if pooling == "last_position":
-            ids = ids[:pad_to] + (PAD_ID,) * (pad_to - min(len(ids), pad_to))
+        n = padding.length(len(t))                     # its own length, or pad_to (last_position)
+        ids = tuple(int(i) for i in t[:n]) + (PAD_ID,) * (n - min(len(t), n))
         if ids not in first:
             first[ids] = len(seqs)
             seqs.append(np.array(ids, dtype=np.int64))

@@ -39,16 +39,11 @@ def npgpt(env, cwd):
 
 
 @pytest.fixture(scope="module")
-def bpe(shared_data):
-    return shared_data / "gpt2_bpe"
-
-
-@pytest.fixture(scope="module")
-def trained(npgpt, shared_data, bpe, cwd):
+def trained(npgpt, shared_data, bpe_dir, cwd):
     """`python -m npgpt.train --tiny --epochs 1` -> (completed process, run folder)."""
     run_dir = cwd / "runs" / "tiny"
     r = npgpt("train", "--tiny", "--epochs", "1", "--data", shared_data / SMS, "--data-dir", cwd / "data",
-              "--bpe-dir", bpe, "--out", run_dir, "--quiet", "--no-plots")
+              "--bpe-dir", bpe_dir, "--out", run_dir, "--quiet", "--no-plots")
     assert r.returncode == 0, r.stderr
     return r, run_dir
 
@@ -75,8 +70,8 @@ def test_train(trained):
     assert f"Test accuracy: {final['test_accuracy'] * 100:.2f}%" in r.stdout
 
 
-def test_classify_arguments(npgpt, model, bpe):
-    r = npgpt("classify", "--model", model, "--bpe-dir", bpe,
+def test_classify_arguments(npgpt, model, bpe_dir):
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe_dir,
               "WINNER!! You have won a £1000 prize, call 09061701461 now", "ok see you at 6")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -86,10 +81,10 @@ def test_classify_arguments(npgpt, model, bpe):
     assert r.stderr == ""
 
 
-def test_classify_file_with_a_long_line(npgpt, model, bpe, tmp_path):
+def test_classify_file_with_a_long_line(npgpt, model, bpe_dir, tmp_path):
     f = tmp_path / "texts.txt"
     f.write_text("hello there\n😀 你好\n" + "word " * 4000 + "\n", encoding="utf-8")
-    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, "--file", f)
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe_dir, "--file", f)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 3 and all(LINE.match(s) for s in lines), lines
@@ -100,16 +95,16 @@ def test_classify_file_with_a_long_line(npgpt, model, bpe, tmp_path):
 
 
 @pytest.mark.parametrize("args", [[], ["-"], ["--file", "-"]])
-def test_classify_stdin(npgpt, model, bpe, args):
-    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, *args, stdin="first text\nsecond text\n")
+def test_classify_stdin(npgpt, model, bpe_dir, args):
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe_dir, *args, stdin="first text\nsecond text\n")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and lines[0].endswith("first text") and lines[1].endswith("second text")
 
 
-def test_classify_json(npgpt, model, bpe):
+def test_classify_json(npgpt, model, bpe_dir):
     texts = ["Free entry in 2 a wkly comp", "Sorry, I'll call later", "spam " * 300]
-    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, "--json", *texts)
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe_dir, "--json", *texts)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [o["text"] for o in out] == texts
@@ -123,14 +118,14 @@ def test_classify_json(npgpt, model, bpe):
     assert "note: 1 text (text 3)" in r.stderr
 
 
-def test_evaluate(npgpt, trained, model, bpe, cwd):
+def test_evaluate(npgpt, trained, model, bpe_dir, cwd):
     final = json.loads((trained[1] / "metrics.json").read_text())["metrics"]["final"]
-    r = npgpt("evaluate", "--model", model, "--bpe-dir", bpe, "--data-dir", cwd / "data")
+    r = npgpt("evaluate", "--model", model, "--bpe-dir", bpe_dir, "--data-dir", cwd / "data")
     assert r.returncode == 0, r.stderr
     assert "test split: 300 messages" in r.stdout
     assert f"accuracy   {final['test_accuracy'] * 100:6.2f}%" in r.stdout
     assert "confusion matrix" in r.stdout
-    r = npgpt("evaluate", "--model", model, "--bpe-dir", bpe, "--data-dir", cwd / "data", "--json",
+    r = npgpt("evaluate", "--model", model, "--bpe-dir", bpe_dir, "--data-dir", cwd / "data", "--json",
               "--split", "validation")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -160,37 +155,37 @@ def test_classify_not_a_classifier(npgpt, tmp_path):
     assert "model.h5" in line and "HDF5" in line
 
 
-def test_classify_empty_text(npgpt, model, bpe):
-    line = one_error_line(npgpt("classify", "--model", model, "--bpe-dir", bpe, "fine", ""), 1)
+def test_classify_empty_text(npgpt, model, bpe_dir):
+    line = one_error_line(npgpt("classify", "--model", model, "--bpe-dir", bpe_dir, "fine", ""), 1)
     assert line == "error: text 2 of 2 is empty"
 
 
-def test_classify_blank_line_in_file(npgpt, model, bpe, tmp_path):
+def test_classify_blank_line_in_file(npgpt, model, bpe_dir, tmp_path):
     f = tmp_path / "texts.txt"
     f.write_text("one\n\nthree\n")
-    line = one_error_line(npgpt("classify", "--model", model, "--bpe-dir", bpe, "--file", f), 1)
+    line = one_error_line(npgpt("classify", "--model", model, "--bpe-dir", bpe_dir, "--file", f), 1)
     assert "line 2 is blank" in line
-    r = npgpt("classify", "--model", model, "--bpe-dir", bpe, "--file", f, "--skip-empty")
+    r = npgpt("classify", "--model", model, "--bpe-dir", bpe_dir, "--file", f, "--skip-empty")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
 
 
-def test_train_missing_data(npgpt, bpe, cwd, tmp_path):
-    line = one_error_line(npgpt("train", "--tiny", "--data", tmp_path / "missing.txt", "--bpe-dir", bpe,
+def test_train_missing_data(npgpt, bpe_dir, cwd, tmp_path):
+    line = one_error_line(npgpt("train", "--tiny", "--data", tmp_path / "missing.txt", "--bpe-dir", bpe_dir,
                                 "--out", tmp_path / "run", "--quiet", "--no-plots"), 1)
     assert "missing.txt: no such file" in line
 
 
-def test_train_malformed_line(npgpt, bpe, malformed, tmp_path):
+def test_train_malformed_line(npgpt, bpe_dir, malformed, tmp_path):
     line = one_error_line(npgpt("train", "--tiny", "--data", malformed, "--data-dir", tmp_path / "data",
-                                "--bpe-dir", bpe, "--out", tmp_path / "run", "--quiet", "--no-plots"), 1)
+                                "--bpe-dir", bpe_dir, "--out", tmp_path / "run", "--quiet", "--no-plots"), 1)
     assert "line 3" in line and "no tab" in line and "--skip-bad-lines" in line
 
 
-def test_evaluate_missing_and_malformed_data(npgpt, model, bpe, malformed, tmp_path):
-    line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe,
+def test_evaluate_missing_and_malformed_data(npgpt, model, bpe_dir, malformed, tmp_path):
+    line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe_dir,
                                 "--data", tmp_path / "missing.txt", "--data-dir", tmp_path / "d"), 1)
     assert "missing.txt: no such file" in line
-    line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe,
+    line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe_dir,
                                 "--data", malformed, "--data-dir", tmp_path / "d"), 1)
     assert "line 3" in line and "--skip-bad-lines" in line
 

@@ -89,3 +89,12 @@ def test_cross_val_score_and_pipeline(settings):
                      ("gpt2", GPT2Classifier(**settings))])
     pipe.fit([x.upper() for x in X], y)
     assert pipe.score([x.upper() for x in X], y) > 0.7
+
+
+def test_every_keyword_is_a_run_setting():
+    """The estimator's keywords are RunConfig / RunOptions fields (checked and documented there),
+    besides its own two."""
+    import dataclasses
+    from npgpt.runconfig import RunConfig, RunOptions
+    fields = {f.name for cls in (RunConfig, RunOptions) for f in dataclasses.fields(cls)}
+    assert set(GPT2Classifier().get_params()) - fields == {"validation_fraction", "verbose"}

@@ -21,16 +21,6 @@ from npgpt.tabular import (class_names, parse_split, prepare_user_splits, read_t
 from npgpt.tokenizer import encode, get_tokenizer
 
 
-@pytest.fixture(scope="module")
-def bpe_dir(shared_data):
-    return str(shared_data / "gpt2_bpe")
-
-
-@pytest.fixture(scope="module")
-def tok(bpe_dir):
-    return get_tokenizer(bpe_dir)
-
-
 def write_csv(path, rows, header=("text", "label"), delimiter=","):
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh, delimiter=delimiter)

@@ -1,5 +1,6 @@
 """The GPT-2 tokenizer built from OpenAI's encoder.json and vocab.bpe."""
 import hashlib
+import pathlib
 import json
 import os
 import shutil
@@ -12,17 +13,9 @@ from npgpt.errors import FormatError, NpgptError
 from npgpt.tokenizer import BPE_FILES, PAD_ID, decode, encode, get_tokenizer
 
 
-@pytest.fixture(scope="module")
-def bpe_dir(shared_data):
-    d = shared_data / "gpt2_bpe"
+def test_the_shared_bpe_files_are_gpt2s(bpe_dir):
     for name, sha in BPE_FILES.items():
-        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == sha, name
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(bpe_dir):
-    return get_tokenizer(bpe_dir)
+        assert hashlib.sha256((pathlib.Path(bpe_dir) / name).read_bytes()).hexdigest() == sha, name
 
 
 @pytest.fixture
@@ -53,7 +46,7 @@ def test_endoftext_in_text_is_plain_text(tok):
 
 
 def test_ids_are_those_of_encoder_json(tok, bpe_dir):
-    vocab = json.loads((bpe_dir / "encoder.json").read_text())
+    vocab = json.loads((pathlib.Path(bpe_dir) / "encoder.json").read_text())
     assert vocab["<|endoftext|>"] == PAD_ID
     # "\u0120" (Ġ) is GPT-2's printable stand-in for the space byte
     assert encode(tok, " spam") == [vocab["\u0120spam"]] == [18084]
@@ -79,8 +72,8 @@ def test_round_trip(tok, text):
 def test_wrong_hash_is_format_error(bpe_dir, tmp_path):
     d = tmp_path / "bad"
     d.mkdir()
-    shutil.copy(bpe_dir / "encoder.json", d / "encoder.json")
-    data = bytearray((bpe_dir / "vocab.bpe").read_bytes())
+    shutil.copy(pathlib.Path(bpe_dir) / "encoder.json", d / "encoder.json")
+    data = bytearray((pathlib.Path(bpe_dir) / "vocab.bpe").read_bytes())
     data[-2] ^= 1  # one flipped bit in the last merge rule
     (d / "vocab.bpe").write_bytes(bytes(data))
     with pytest.raises(FormatError, match=r"vocab\.bpe"):
@@ -90,13 +83,13 @@ def test_wrong_hash_is_format_error(bpe_dir, tmp_path):
 def test_missing_file_in_explicit_dir(bpe_dir, tmp_path):
     d = tmp_path / "half"
     d.mkdir()
-    (d / "vocab.bpe").symlink_to(bpe_dir / "vocab.bpe")
+    (d / "vocab.bpe").symlink_to(pathlib.Path(bpe_dir) / "vocab.bpe")
     with pytest.raises(NpgptError, match=r"encoder\.json"):
         get_tokenizer(d)
 
 
 def test_env_var_dir(bpe_dir, clean_env, monkeypatch):
-    d = link_bpe_files(bpe_dir, clean_env / "from_env")
+    d = link_bpe_files(pathlib.Path(bpe_dir), clean_env / "from_env")
     monkeypatch.setenv("NPGPT_BPE_DIR", str(d))
     tok = get_tokenizer()
     assert tok is tokenizer._encoding_from_dir(str(d.resolve()))
@@ -111,13 +104,13 @@ def test_explicit_dir_beats_env_var(bpe_dir, clean_env, monkeypatch):
 
 
 def test_weights_folder_under_cwd(bpe_dir, clean_env):
-    d = link_bpe_files(bpe_dir, clean_env / "weights" / "124M")
+    d = link_bpe_files(pathlib.Path(bpe_dir), clean_env / "weights" / "124M")
     tok = get_tokenizer()
     assert tok is tokenizer._encoding_from_dir(str(d.resolve()))
 
 
 def test_weights_dir_passed_in(bpe_dir, clean_env):
-    d = link_bpe_files(bpe_dir, clean_env / "elsewhere" / "355M")
+    d = link_bpe_files(pathlib.Path(bpe_dir), clean_env / "elsewhere" / "355M")
     assert get_tokenizer(weights_dir=clean_env / "elsewhere") is tokenizer._encoding_from_dir(str(d.resolve()))
 
 
@@ -142,7 +135,7 @@ def test_nothing_available_says_where_to_put_files(clean_env, monkeypatch):
 
 def test_local_files_leave_tiktoken_cache_env_alone(bpe_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
-    d = link_bpe_files(bpe_dir, tmp_path / "fresh")
+    d = link_bpe_files(pathlib.Path(bpe_dir), tmp_path / "fresh")
     get_tokenizer(d)
     assert os.environ["TIKTOKEN_CACHE_DIR"] == str(tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # local files are not copied into tiktoken's cache
@@ -151,8 +144,8 @@ def test_local_files_leave_tiktoken_cache_env_alone(bpe_dir, tmp_path, monkeypat
 def test_weights_folder_with_one_file_is_passed_over(bpe_dir, clean_env):
     # weights/ holds only encoder.json (say, a copy half done): the next place, weights/124M, is used
     (clean_env / "weights").mkdir()
-    shutil.copy(bpe_dir / "encoder.json", clean_env / "weights" / "encoder.json")
-    d = link_bpe_files(bpe_dir, clean_env / "weights" / "124M")
+    shutil.copy(pathlib.Path(bpe_dir) / "encoder.json", clean_env / "weights" / "encoder.json")
+    d = link_bpe_files(pathlib.Path(bpe_dir), clean_env / "weights" / "124M")
     assert tokenizer.find_bpe_dir() == str(d.resolve())
     assert get_tokenizer() is tokenizer._encoding_from_dir(str(d.resolve()))
 
@@ -163,7 +156,7 @@ def test_bpe_file_bytes_are_checked(bpe_dir, tmp_path):
     assert {n: hashlib.sha256(b).hexdigest() for n, b in files.items()} == BPE_FILES
     bad = tmp_path / "bad"
     bad.mkdir()
-    shutil.copy(bpe_dir / "encoder.json", bad / "encoder.json")
+    shutil.copy(pathlib.Path(bpe_dir) / "encoder.json", bad / "encoder.json")
     (bad / "vocab.bpe").write_text("#version: 0.2\nh e\n")
     with pytest.raises(FormatError, match=r"vocab\.bpe: sha256 .* is not that of GPT-2's"):
         tokenizer.bpe_file_bytes(bad)
