@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import sys
 
+from ..errors import NpgptError
 from ..runconfig import SIZES, ConfigError, RunConfig, RunOptions
 from ..runs import Interrupted
 from ..train import resume_run, train_run
@@ -102,8 +103,8 @@ def parse(argv, parser):
         opts = RunOptions(**options)
         if resume is not None:
             import os
-            if not os.path.isdir(resume):
-                raise ConfigError("resume", "names no run folder: " + resume)
+            if not os.path.isdir(resume):             # named before any flag the run fixes
+                raise NpgptError(f"--resume {resume}: no such run folder")
             fixed = sorted(set(given) - {"epochs"})
             if fixed:
                 parser.error(f"{', '.join(_flags(fixed))}: fixed by the run in {resume} and cannot change on "
