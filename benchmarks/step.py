@@ -184,7 +184,7 @@ def npgpt_cases(args):
     state = {impl: {n: (pg[0].copy(), pg[1], np.zeros_like(pg[0]), np.zeros_like(pg[0]))
                     for n, pg in adamw_inputs().items()} for impl in ("numba", "np")}
     for impl in ("numba", "np"):
-        fn = getattr(K, f"adamw_update_{impl}")
+        fn = K.adamw_update if impl == "numba" else optim.adamw_update
         cases[f"{impl} adamw"] = lambda fn=fn, s=state[impl]: [fn(*a, 3, 5e-5, 0.9, 0.999, 1e-8, 0.1)
                                                               for a in s.values()]
     return cases, logits
