@@ -108,10 +108,10 @@ class GPT2Classifier:
         try:
             result = train_run(run, options, data=train, validation=val, test=val,
                                log=print if self.verbose else (lambda message: None))
+            self.classifier_ = result.classifier            # read from the folder before it goes
         finally:
             if self.out is None:
                 shutil.rmtree(folder, ignore_errors=True)
-        self.classifier_ = result.classifier
         self.metrics_ = result.metrics
         return self
 

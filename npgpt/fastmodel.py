@@ -146,6 +146,22 @@ def block_forward(params, i, x, attention, lora=None):
     return x1 + m, BlockSaved(ln_1, c_attn, attn, c_proj, ln_2, c_fc, gelu, mlp_c_proj)     # [...,C]
 
 
+
+def block_infer(params, i, x, attention, lora=None):
+    """`block_forward` where no backward follows (the frozen prefix, evaluation, inference): the
+    same operations and numbers, but what the backward would read is dropped as soon as the next
+    step has it, so a block holds a few activations at a time instead of all of them.
+    -> x (the block's output)"""
+    p = lambda n: params[f"h{i}/{n}"]
+    h = fastops.layernorm_forward(x, p("ln_1/g"), p("ln_1/b"))[0]                           # [...,C]
+    h = qkv_forward(params, i, h, lora)[0]                                                  # [...,3C]
+    h = attention.forward(h)[0]                                                             # [...,C]
+    x1 = x + linear_forward(params, f"h{i}/attn/c_proj", h, lora)[0]                        # [...,C]
+    h = fastops.layernorm_forward(x1, p("ln_2/g"), p("ln_2/b"))[0]                          # [...,C]
+    h = linear_forward(params, f"h{i}/mlp/c_fc", h, lora)[0]                                # [...,4C]
+    h = fastops.gelu_forward(h)[0]                                                          # [...,4C]
+    return x1 + linear_forward(params, f"h{i}/mlp/c_proj", h, lora)[0]                      # [...,C]
+
 def block_backward(dx2, saved: BlockSaved, i, grads, attention, need_dx=True, full=True):
     """Backward of `block_forward`: the textbook's `model.block_backward`, with the kernels."""
     dgl = linear_backward(dx2, saved.mlp_c_proj, grads, full=full)                          # [...,4C]
@@ -289,7 +305,7 @@ def forward_prefix(params, config, ids, stop: int, lora=None, causal=True):
     x, _ = ops.embedding_forward(ids, params["wte"], params["wpe"])                         # [B,T,C]
     attention = Dense(config.n_head, causal)
     for i in range(stop):
-        x, _ = block_forward(params, i, x, attention, lora=lora)                           # [B,T,C]
+        x = block_infer(params, i, x, attention, lora=lora)                                # [B,T,C]
     return x
 
 
@@ -308,7 +324,7 @@ def forward_prefix_packed(params, config, seqs, stop: int, lora=None, causal=Tru
     x = params["wte"][ids] + params["wpe"][pos]                                            # [N,C]
     attention = Packed(starts, config.n_head, causal)
     for i in range(stop):
-        x, _ = block_forward(params, i, x, attention, lora=lora)                           # [N,C]
+        x = block_infer(params, i, x, attention, lora=lora)                                # [N,C]
     return np.split(x, starts[1:-1])
 
 
@@ -343,6 +359,8 @@ def _cls_forward(params, config, x, start, pos, keep_from, dense, lora=None, cau
     for i in range(start, L):
         if i == L - 1 and pooled_last:
             x, s = block_forward_pooled(params, i, x, pos, config.n_head, lora=lora, packed=True)  # [B,C]
+        elif i < keep_from:                  # no backward reaches it: nothing kept
+            x, s = block_infer(params, i, x, attention, lora=lora), None                  # [N,C] / [B,T,C]
         else:
             x, s = block_forward(params, i, x, attention, lora=lora)                      # [N,C] / [B,T,C]
         if i >= keep_from:

@@ -71,7 +71,7 @@ def _pack_logits(params, config, lay):
     x = params["wte"][lay.ids] + params["wpe"][lay.pos]                         # [N,C] new rows
     tree = fastmodel.SharedPrefix(*lay.tree, config.n_head)
     for i in range(L - 1):
-        x, _ = fastmodel.block_forward(params, i, x, tree)                     # [N,C]
+        x = fastmodel.block_infer(params, i, x, tree)                          # [N,C]
     S, T, C = len(lengths), int(lengths.max()), x.shape[1]
     last = lengths - 1                                                          # [S] pooled positions
     if L == 0:

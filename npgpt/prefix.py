@@ -70,7 +70,7 @@ def compute(params, config, seqs, offsets, out, start_depth, depth, src=None, lo
         else:
             x = np.array(src[lo:hi])                                               # [n_tok,C]
         for i in range(start_depth, depth):
-            x, _ = fastmodel.block_forward(params, i, x, attention_of(starts), lora=lora)  # [n_tok,C]
+            x = fastmodel.block_infer(params, i, x, attention_of(starts), lora=lora)     # [n_tok,C]
         out[lo:hi] = x
         if progress:
             progress(int(hi - lo))
@@ -89,7 +89,7 @@ def _compute_shared(params, config, seqs, offsets, out, start_depth, depth, src,
             x = np.asarray(src[offsets[members][lay.seq] + lay.pos])               # [n_new,C] a copy
         tree = fastmodel.SharedPrefix(*lay.tree, config.n_head)
         for i in range(start_depth, depth):
-            x, _ = fastmodel.block_forward(params, i, x, tree, lora=lora)         # [n_new,C]
+            x = fastmodel.block_infer(params, i, x, tree, lora=lora)              # [n_new,C]
         for m, j in enumerate(members):                                            # every position, shared or not
             out[offsets[j]:offsets[j + 1]] = x[lay.rows_of(m)]
         computed += len(lay.ids)

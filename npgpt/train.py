@@ -17,6 +17,7 @@ if __name__ == "__main__":      # `python -m npgpt.train`: the command line, npg
     from npgpt.cli import hand_over
     hand_over("train")
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -34,13 +35,21 @@ CHECKPOINT = "checkpoint.h5"
 
 @dataclass
 class RunResult:
-    """What a finished run gives back."""
-    classifier: object           # npgpt.classify.Classifier, loaded from the run's classifier.h5
+    """What a finished run gives back. `classifier` (npgpt.classify.Classifier) is read from
+    classifier_path when first used: a run from the command line never holds two copies of the
+    weights."""
+    classifier_path: str         # the run's classifier.h5
+    bpe_dir: str | None          # the tokenizer files it was trained with (None: its own copy)
     metrics: dict                # every logged value; metrics["final"]: loss and accuracy per split
     run_dir: str                 # the run folder
     state: RunState
     checkpoint_note: str         # what is left of checkpoint.h5, in words
     seconds: float               # the whole run, start to saved files
+
+    @functools.cached_property
+    def classifier(self):
+        from .classify import load_classifier
+        return load_classifier(self.classifier_path, self.bpe_dir)
 
 
 def train_run(run: RunConfig, options: RunOptions | None = None, data=None, validation=None, test=None,
@@ -160,9 +169,7 @@ def _train(job, run_dir, options, log, created: bool, t_start: float) -> RunResu
                             f"Try a lower --lr (this run: {run.lr:g})") from None
     trainer.final_evaluation()
     path = _save_outputs(run_dir, job, trainer.state, record, log, plots=options.plots)
-    from .classify import load_classifier
-    classifier = load_classifier(path, run.bpe_dir)
-    return RunResult(classifier, trainer.state.metrics, run_dir, trainer.state, _finish_checkpoint(run_dir),
+    return RunResult(path, run.bpe_dir, trainer.state.metrics, run_dir, trainer.state, _finish_checkpoint(run_dir),
                      time.time() - t_start)
 
 

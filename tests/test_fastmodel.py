@@ -7,7 +7,7 @@ float64: 1e-12 relative (the same formulas; the kernels sum in another order); f
 import numpy as np
 import pytest
 
-from npgpt import config as C, fastmodel, lora, model
+from npgpt import config as C, fastmodel, lora, model, prefix_tree
 from npgpt.errors import NpgptError
 from helpers import SMALL, numerical_grad, rel_err
 
@@ -128,6 +128,34 @@ def test_packed_prefix_equals_each_sequence_alone(dtype):
     with pytest.raises(NotImplementedError, match="forward only"):    # nothing is kept for a backward
         fastmodel.block_backward(x, saved, 0, {}, fastmodel.Packed(np.array([0, 3]), SMALL.n_head))
 
+
+
+@pytest.mark.parametrize("layout", ["dense", "seen_rows", "packed", "shared_prefix"])
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_block_infer_is_block_forward_bit_for_bit(layout, with_lora):
+    """The forward that keeps nothing for a backward gives the same bits as the one that does."""
+    p = small_params(np.float32)
+    spec = lora.add_lora(p, SMALL, rank=3, alpha=5.0, seed=2) if with_lora else None
+    if spec is not None:
+        for name in lora.trainable_names(SMALL, spec):     # nonzero B: the updates count
+            p[name] += np.random.default_rng(3).standard_normal(p[name].shape).astype(np.float32)
+    rng = np.random.default_rng(6)
+    if layout == "dense":
+        x, attention = rng.standard_normal((3, 6, SMALL.n_embd)), fastmodel.Dense(SMALL.n_head, True)
+    elif layout == "seen_rows":
+        attention = fastmodel.SeenRows.of(np.array([5, 0, 2]), SMALL.n_head)
+        x = rng.standard_normal((len(attention.idx), SMALL.n_embd))
+    elif layout == "packed":
+        x, attention = rng.standard_normal((9, SMALL.n_embd)), fastmodel.Packed(np.array([0, 4, 5, 9]), SMALL.n_head)
+    else:
+        seqs = [np.array([1, 2, 3, 4]), np.array([1, 2, 7]), np.array([5])]
+        _, lay = prefix_tree.packed_layouts(seqs, 100)[0]
+        attention = fastmodel.SharedPrefix(*lay.tree, SMALL.n_head)
+        x = rng.standard_normal((len(lay.ids), SMALL.n_embd))
+    x = x.astype(np.float32)
+    want, _ = fastmodel.block_forward(p, 1, x, attention, lora=spec)
+    got = fastmodel.block_infer(p, 1, x, attention, lora=spec)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
 
 def test_pooled_block_is_the_full_block_at_the_pooled_rows():
     p = small_params()

@@ -138,7 +138,7 @@ def main(argv=None):
     print(f"Training accuracy: {final['train_accuracy'] * 100:.2f}%")
     print(f"Validation accuracy: {final['validation_accuracy'] * 100:.2f}%")
     print(f"Test accuracy: {final['test_accuracy'] * 100:.2f}%")
-    print(f"classifier saved to {result.classifier.path}")
+    print(f"classifier saved to {result.classifier_path}")
     print(result.checkpoint_note)
     print(f"Training completed in {result.seconds / 60:.2f} minutes ({result.state.train_time:.1f} s in training steps)")
     return 0
