@@ -281,6 +281,31 @@ def all_finite(x) -> bool:
     return bool(np.isfinite(x).all())
 
 
+
+# ----------------------------------------------------------------------------- compiled apart
+
+def load_compiled_kernels(log=print) -> None:
+    """Have this process run the kernels as loaded from Numba's disk cache, never as compiled in
+    it: freshly compiled and cached parallel code can round differently (see the end of
+    `npgpt.kernels`), and a run must give the same bits whether its process compiled the kernels
+    or not (a resumed run, a second run). When the cache lacks them, they are compiled in a child
+    process, which saves them; this process then loads them. Nothing to do without Numba, when
+    the kernels are in use here already, or when no cache can be written (then every process
+    compiles its own, and they agree)."""
+    if not USE_NUMBA or kernels.cache_state() in ("loaded", "warm", "unwritable", "unknown"):
+        return
+    import subprocess
+    import sys
+    log("compiling kernels (first run only: later runs load them from Numba's cache)")
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH"))
+                                                      if p))
+    done = subprocess.run([sys.executable, "-c", "from npgpt import kernels; kernels.warm_up()"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0 or kernels.cache_state() != "warm":
+        why = (done.stderr.strip().splitlines() or ["no cache saved"])[-1]
+        log(f"compiling the kernels apart did not work ({why}); compiling them in this process")
+
 # ----------------------------------------------------------------------------- threads
 
 def set_num_threads(n):

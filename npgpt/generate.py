@@ -27,7 +27,7 @@ def _attend(q, k, v, start):
 
     q [B,H,t,D], k [B,H,S,D], v [B,H,S,D] (S = start + t) -> [B,H,t,D]"""
     t, S, D = q.shape[2], k.shape[2], q.shape[3]
-    scores = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(D)                    # [B,H,t,S]
+    scores = (q @ k.transpose(0, 1, 3, 2)) / q.dtype.type(np.sqrt(D))      # [B,H,t,S] in q's dtype
     future = np.arange(S)[None, :] > (start + np.arange(t))[:, None]       # [t,S]
     scores = np.where(future, -np.inf, scores)
     scores = scores - scores.max(axis=-1, keepdims=True)

@@ -34,6 +34,8 @@ Shapes: N rows, C channels, B batch, T time, H heads, D = C/H head size.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit, prange
 
@@ -693,3 +695,61 @@ def all_finite(x):
         return True
     uint, mask = _EXPONENT_BITS[x.dtype]
     return bool(_max_exponent_kernel(x.reshape(-1).view(uint), uint(mask)) != mask)
+
+
+# ----------------------------------------------------------------------------- compiled in one process, loaded in every run
+# Numba's freshly compiled parallel code and the same kernels loaded from its disk cache can round
+# float32 differently (measured: the shared-prefix attention, 1 ulp on some outputs; Numba's issue
+# 10617 reports fresh and cached parallel code optimised differently). A run whose process
+# compiled the kernels and its resume, which loads them, would then not be bit-exact. So a run
+# has them compiled in a child process first (`npgpt.fastops.load_compiled_kernels`): every run
+# then loads the same machine code from the cache.
+
+def warm_up() -> None:
+    """Call every kernel once on small float32 inputs, with the argument types the runs use:
+    compiles, and saves to Numba's cache, whatever it does not hold yet."""
+    rng = np.random.default_rng(0)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    B, T, C, H = 2, 3, 8, 2
+    y, mean, rstd = layernorm_forward(f(4, C), f(C), f(C))
+    layernorm_backward(f(4, C), f(4, C), mean, rstd, f(C))
+    gelu_backward(f(5), gelu_forward(f(5)))
+    qkv = f(B, T, 3 * C)
+    out, att = attention_forward(qkv, H)
+    attention_backward(f(B, T, C), qkv, att, H)
+    attention_packed_forward(f(5, 3 * C), np.array([0, 2, 5]), H)
+    attention_tree_forward(f(4, 3 * C), np.array([0, 1, 0, 2, 3]), np.array([0, 2, 5]), np.array([0, 1]), H)
+    pos = np.array([2, 1])
+    q, kv = f(B, C), f(B, T, 2 * C)
+    out, att = attention_query_forward(q, kv, pos, H)
+    attention_query_backward(f(B, C), q, kv, att, pos, H)
+    adamw_update(f(6), f(6), f(6), np.abs(f(6)), 1, 1e-3, 0.9, 0.999, 1e-8, 0.1)
+    ln_linear_grads(f(C, 3), f(3), f(C, 3), f(C), f(C))
+    all_finite(f(6))
+
+
+def cache_state() -> str:
+    """What Numba's disk cache holds of these kernels for this source and this CPU, read from its
+    index files: "loaded" (this process already compiled or loaded them), "warm" (every kernel has
+    a float32 entry), "cold", or "unwritable" (no cache can be saved where Numba keeps it).
+    "unknown" when Numba's cache cannot be read this way."""
+    from numba.core.registry import CPUDispatcher
+    kernels = [v for k, v in globals().items() if isinstance(v, CPUDispatcher) and k.endswith("_kernel")]
+    if any(k.overloads for k in kernels):
+        return "loaded"
+    try:
+        for k in kernels:
+            cache, codegen = k._cache, k.targetctx.codegen()
+            path = cache.cache_path
+            while not os.path.exists(path):
+                path = os.path.dirname(path)
+            if not os.access(path, os.W_OK):
+                return "unwritable"
+            want = cache._index_key(None, codegen)
+            index = cache._cache_file._load_index()
+            if not any(key[1:] == want[1:] and ("float32" in str(key[0]) or "uint32" in str(key[0]))
+                       for key in index):
+                return "cold"
+    except Exception:                    # another Numba's layout: say so rather than guess
+        return "unknown"
+    return "warm"

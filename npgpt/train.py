@@ -63,7 +63,7 @@ def train_run(run: RunConfig, options: RunOptions | None = None, data=None, vali
     SIGTERM after saving a checkpoint."""
     options = options or RunOptions()
     t_start = time.time()
-    _threads(options)
+    _prepare_process(options, log)
     if options.out:
         runs.check_out(options.out)
     job = load_data(run, options, log, frames=(data, validation, test))
@@ -101,7 +101,7 @@ def resume_run(run_dir, options: RunOptions | None = None, epochs: int | None = 
         log(f"{run_dir} is complete ({done} of {run.epochs} epochs; its classifier.h5 is saved): "
             f"nothing to do. To train longer: --resume {run_dir} --epochs N (N > {done})")
         return None
-    _threads(options)
+    _prepare_process(options, log)
     runs.claim(run_dir, "--resume")
     try:
         job = load_data(run, options, log, run_dir=run_dir)
@@ -126,10 +126,12 @@ def _stem(run: RunConfig) -> str:
     return os.path.splitext(os.path.basename(run.data))[0] if run.is_table else "spam"
 
 
-def _threads(options: RunOptions) -> None:
+def _prepare_process(options: RunOptions, log) -> None:
+    """The threads the run asks for; the kernels as every run loads them (`load_compiled_kernels`)."""
+    from .fastops import load_compiled_kernels, set_num_threads
     if options.threads:
-        from .fastops import set_num_threads
         set_num_threads(options.threads)
+    load_compiled_kernels(log)
 
 
 def _start_folder(run_dir, job) -> None:

@@ -19,6 +19,7 @@ def test_cached_logits_equal_full_forward():
         parts.append(lm_forward_cached(p, CFG, ids[:, t:t + 1], cache))
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-4, atol=1e-5)
     assert cache[0][0].shape == (2, 4, 9, 8)
+    assert all(part.dtype == np.float32 for part in parts) and cache[1][0].dtype == np.float32   # no float64 on the way
 
 
 def test_greedy_cache_matches_recompute():

@@ -16,7 +16,7 @@ import pytest
 
 from npgpt import fastops as F, kernels as K, ops, optim
 
-from helpers import numerical_grad, rel_err
+from helpers import REPO, numerical_grad, rel_err
 
 
 # The NumPy statement each kernel is checked against (`ops`, `fastops`, `optim`), in the kernel's
@@ -503,12 +503,13 @@ def test_gelu_backward_np_finite_differences():
 
 # ----------------------------------------------------------------------------- switch and threads
 
-def _run(code, env_extra, cwd, **kw):
-    """python -c code in cwd (which `import npgpt` sees first), environment without our switches."""
+def _run(code, env_extra, cwd, args=(), **kw):
+    """python -c code args... in cwd (which `import npgpt` sees first), environment without our
+    switches."""
     env = {k: v for k, v in os.environ.items() if k not in ("NPGPT_NUMBA", "NUMBA_CACHE_DIR")}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600, **kw)
 
 
 @pytest.mark.parametrize("flag,numba", [(None, True), ("1", True), ("0", False)])
@@ -809,3 +810,58 @@ def test_all_finite_other_layouts_and_dtypes_go_to_numpy():
     assert F.all_finite(np.zeros(0, np.float32)) and K.all_finite(np.zeros(0, np.float32))
     with pytest.raises(ValueError, match="all_finite"):
         K.all_finite(x[:, 1::2])
+
+
+# ----------------------------------------------------------------------------- compiled apart, loaded by every run
+
+_RUNS_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+import npgpt
+from npgpt import kernels as K
+from npgpt.config import preset, init_params
+from npgpt.generate import generate_greedy
+from numba.core.registry import CPUDispatcher
+
+bpe_dir, out = sys.argv[1], sys.argv[2]
+words = ["apple", "river", "hammer"]
+rng = np.random.default_rng(0)
+texts = [" ".join(rng.choice(["the", "a", "of", "to", "and", "is"], 1 + i % 5).tolist() + [words[i % 3]])
+         for i in range(60)]
+labels = [["fruit", "water", "tool"][i % 3] for i in range(60)]
+digest = hashlib.sha256()
+settings = [dict(), dict(trainable_blocks="all"), dict(lora=2), dict(pooling="mean", trainable_blocks=2),
+            dict(causal_mask=False, max_length="batch"), dict(pooling="last-position"), dict(dense=True)]
+for k, s in enumerate(settings):
+    clf = npgpt.fit(texts, labels, model="tiny", epochs=1, batch_size=8, bpe_dir=bpe_dir, out=f"{out}/run{k}",
+                    verbose=k == 0, **s)
+    for name in sorted(clf.params):
+        digest.update(np.ascontiguousarray(clf.params[name]).tobytes())
+    digest.update(clf.predict_proba(texts[:7]).tobytes())
+cfg = preset("tiny")
+digest.update(generate_greedy(init_params(cfg, seed=1), cfg, np.array([[1, 2, 3]]), 4).tobytes())
+kernels = [v for v in vars(K).values() if isinstance(v, CPUDispatcher)]
+print(json.dumps({"digest": digest.hexdigest(),
+                  "compiled_here": {k.__name__: str(list(k.stats.cache_misses)) for k in kernels
+                                    if sum(k.stats.cache_misses.values())},
+                  "loaded": sum(sum(k.stats.cache_hits.values()) for k in kernels)}))
+"""
+
+
+def test_runs_load_the_kernels_and_agree_bit_for_bit(tmp_path, bpe_dir):
+    """With an empty Numba cache, the first run has the kernels compiled in a child process and
+    loads them, as the second run does: neither process compiles a kernel itself (seven kinds of
+    run, classification, generation), and the two give the same bits. (Compiled in the process
+    that ran it, the shared-prefix attention rounded differently from its cached copy, so a
+    first run and its resume disagreed.)"""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba"), "PYTHONPATH": str(REPO)}
+    results = []
+    for k in range(2):
+        r = _run(_RUNS_SCRIPT, env, cwd=tmp_path, args=(bpe_dir, str(tmp_path / f"out{k}")))
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        assert ("compiling kernels (first run only" in r.stdout) == (k == 0)
+    first, second = results
+    assert first["compiled_here"] == {} and second["compiled_here"] == {}
+    assert first["loaded"] > 0 and second["loaded"] > 0
+    assert first["digest"] == second["digest"]
