@@ -4,6 +4,7 @@ One HDF5 file, `checkpoint.h5` in the run folder:
     params/<name>      the trainable arrays (the frozen ones come from the base weights)
     adam/m/<name>      AdamW first moments
     adam/v/<name>      AdamW second moments
+    best/<name>        the trainable arrays of the best validation so far (--keep best)
     order              the current epoch's example order (for checking, it is derived from the seed)
     attrs["state"]     JSON: epoch, batch in epoch, global step, examples seen, AdamW step count,
                        metrics so far, the run's arguments
@@ -24,8 +25,9 @@ from .fileio import atomic_write
 CHECKPOINT = "checkpoint.h5"
 
 
-def save_checkpoint(run_dir, params: dict, trainable: list, opt, state: dict, order=None) -> str:
-    """Write the run's checkpoint (atomically: the previous one stays whole until this one is)."""
+def save_checkpoint(run_dir, params: dict, trainable: list, opt, state: dict, order=None, extra=None) -> str:
+    """Write the run's checkpoint (atomically: the previous one stays whole until this one is).
+    extra: more arrays to keep, by their name in the file ("best/<name>")."""
     import h5py
 
     path = os.path.join(run_dir, CHECKPOINT)
@@ -41,14 +43,17 @@ def save_checkpoint(run_dir, params: dict, trainable: list, opt, state: dict, or
                         f.create_dataset(f"adam/v/{name}", data=opt.v[name])
                 if order is not None:
                     f.create_dataset("order", data=np.asarray(order))
+                for name, arr in (extra or {}).items():
+                    f.create_dataset(name, data=arr)
     except OSError as e:
         raise TrainingError(f"cannot write checkpoint {path} ({e.strerror or e}); "
                             "the previous checkpoint is unchanged") from None
     return path
 
 
-def load_checkpoint(run_dir, params: dict, opt) -> dict:
-    """Put the checkpoint's arrays into params and opt (shapes checked); return its state."""
+def load_checkpoint(run_dir, params: dict, opt, extra=None) -> dict:
+    """Put the checkpoint's arrays into params and opt (shapes checked), and its best/ arrays into
+    the dict `extra` when given; return its state."""
     import h5py
 
     path = os.path.join(run_dir, CHECKPOINT)
@@ -60,11 +65,11 @@ def load_checkpoint(run_dir, params: dict, opt) -> dict:
             opt.t = int(f.attrs["adam_t"])
             names = []
             f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-            targets = {"params": params, "adam/m": opt.m, "adam/v": opt.v}
+            targets = {"params": params, "adam/m": opt.m, "adam/v": opt.v, "best": {} if extra is None else extra}
             for n in names:
                 if n == "order":
                     continue
-                group, name = ("params", n[7:]) if n.startswith("params/") else (n[:6], n[7:])
+                group, name = n.split("/", 1) if n.split("/", 1)[0] in ("params", "best") else (n[:6], n[7:])
                 arr = f[n][()]
                 if group not in targets or name not in params or arr.shape != params[name].shape:
                     raise FormatError(f"{path}: array {n!r} does not fit the model")
@@ -73,6 +78,8 @@ def load_checkpoint(run_dir, params: dict, opt) -> dict:
                 arr = arr.astype(params[name].dtype, copy=False)
                 if group == "params":
                     params[name][...] = arr
+                elif group == "best":
+                    targets["best"][n] = arr.copy()
                 else:
                     targets[group][name] = arr.copy()
     except FormatError:

@@ -44,6 +44,8 @@ class GPT2Classifier:
                  pooling="last_token", max_length="longest", seed=123, balance="none", eval_freq=50, eval_iter=5,
                  lora=None, lora_alpha=None, lora_targets=("attn", "mlp", "head"), lora_train_head=False,
                  accumulate=1, causal_mask=True, decay_1d=True, random_init=False, weights=None, bpe_dir=None,
+                 lr_schedule="constant", warmup=0, initial_lr=0.0, min_lr=0.0, clip_grad_norm=None,
+                 class_weight=None, keep="last", best_metric="loss", validate_every="epoch", patience=None,
                  validation_fraction=0.1, out=None, threads=None, cache_dir=None, cache_disk=True, verbose=False):
         self.model, self.epochs, self.lr, self.trainable_blocks = model, epochs, lr, trainable_blocks
         self.batch_size, self.weight_decay, self.pooling, self.max_length = batch_size, weight_decay, pooling, max_length
@@ -51,6 +53,9 @@ class GPT2Classifier:
         self.lora, self.lora_alpha, self.lora_targets, self.lora_train_head = lora, lora_alpha, lora_targets, lora_train_head
         self.accumulate, self.causal_mask, self.decay_1d = accumulate, causal_mask, decay_1d
         self.random_init, self.weights, self.bpe_dir = random_init, weights, bpe_dir
+        self.lr_schedule, self.warmup, self.initial_lr, self.min_lr = lr_schedule, warmup, initial_lr, min_lr
+        self.clip_grad_norm, self.class_weight = clip_grad_norm, class_weight
+        self.keep, self.best_metric, self.validate_every, self.patience = keep, best_metric, validate_every, patience
         self.validation_fraction, self.out, self.threads = validation_fraction, out, threads
         self.cache_dir, self.cache_disk, self.verbose = cache_dir, cache_disk, verbose
 
@@ -98,10 +103,12 @@ class GPT2Classifier:
         names = [_name(c) for c in self.classes_]
         if len(set(names)) != len(names):
             raise NpgptError(f"labels {list(self.classes_)} are not distinct as text")
+        settings = self._run_settings()
+        if isinstance(settings["class_weight"], dict):               # keyed by y's labels: by their names
+            settings["class_weight"] = {_name(k): w for k, w in settings["class_weight"].items()}
         labels = [names[i] for i in np.searchsorted(self.classes_, y)]
         train, val = self._hold_out(texts, labels)
-        run = RunConfig(data=MEMORY, validation=MEMORY, test=MEMORY, labels=names, split=(1.0, 0.0),
-                        **self._run_settings())
+        run = RunConfig(data=MEMORY, validation=MEMORY, test=MEMORY, labels=names, split=(1.0, 0.0), **settings)
         folder = self.out or tempfile.mkdtemp(prefix="npgpt-estimator-")
         options = RunOptions(out=folder, threads=self.threads, cache_dir=self.cache_dir, cache_disk=self.cache_disk,
                              plots=False, progress=bool(self.verbose))

@@ -414,7 +414,7 @@ def _head_backward(dlogits, saved: ClsSaved, grads, pos, head_only, full, train_
 
 
 def loss_and_grads(params, config, ids, labels, trainable=1, lengths=None,
-                   pooling="last_token", dense=False, x_start=None, lora=None, causal=True):
+                   pooling="last_token", dense=False, x_start=None, lora=None, causal=True, class_weights=None):
     """`model.loss_and_grads`: (loss, grads {name: array}, logits [B,K]), the same numbers.
     dense=True computes every position (the textbook's work, by the kernels)."""
     L = config.n_layer
@@ -436,7 +436,7 @@ def loss_and_grads(params, config, ids, labels, trainable=1, lengths=None,
 
     logits, saved = _cls_forward(params, config, x_start, first, pos, keep_from=first, dense=dense,
                                  lora=lora, causal=causal, pooling=pooling)
-    loss, ce = ops.cross_entropy_forward(logits, labels)
+    loss, ce = ops.cross_entropy_forward(logits, labels, class_weights)
 
     grads = {}
     head_only = trainable == "head" or (trainable == "lora" and first == L)

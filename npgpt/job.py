@@ -32,6 +32,7 @@ class Job:
     datasets: tuple              # (train, validation, test) TextDatasets
     n_params: int
     n_train: int
+    class_weights: np.ndarray | None = None   # [K] the loss's weight of each class (None: all 1)
 
 
 def weights_path(run: RunConfig) -> str:
@@ -58,7 +59,7 @@ def load_data(run: RunConfig, options, log, frames=(None, None, None), run_dir=N
     names = trainable_names(config, run.trainable, num_classes=len(classes), lora=run.lora_spec)
     n_params = sum(a.size for a in params.values())
     job = Job(run, classes, params, config, model_name, splits, datasets, n_params,
-              sum(params[n].size for n in names))
+              sum(params[n].size for n in names), class_weight_vector(run, classes, datasets[0].labels))
     if run.is_table:
         counts = np.bincount(datasets[0].labels, minlength=len(classes))
         log("classes: " + ", ".join(f"{s} ({c})" for s, c in zip(classes, counts)) + " in train")
@@ -68,11 +69,31 @@ def load_data(run: RunConfig, options, log, frames=(None, None, None), run_dir=N
     return job
 
 
+def class_weight_vector(run: RunConfig, classes, train_labels):
+    """The weight of each class in the loss, [K], from --class-weight: balanced is
+    n / (K count_c) over the training split (scikit-learn's definition); NAME=W gives class NAME
+    the weight W (classes not named: 1). None when every class weighs the same."""
+    cw = run.class_weight
+    if cw is None:
+        return None
+    K = len(classes)
+    if cw == "balanced":
+        counts = np.bincount(train_labels, minlength=K)
+        return len(train_labels) / (K * counts.astype(np.float64))
+    unknown = sorted(set(cw) - set(classes))
+    if unknown:
+        raise ConfigError("class_weight", f"{unknown[0]!r} is not a class of the data (the classes: "
+                                          f"{', '.join(classes)})")
+    return np.array([cw.get(name, 1.0) for name in classes], np.float64)
+
+
 def model_summary(job: Job, run_dir) -> str:
     """The lines a run prints about its model."""
     run, spec = job.run, job.run.lora_spec
     line = (f"model: {job.model_name} ({job.n_params / 1e6:.1f}M parameters, {job.n_train / 1e6:.2f}M trainable: "
             f"{run.trainable}), pooling {run.pooling}, run folder {run_dir}")
+    if job.class_weights is not None:
+        line += "\nclass weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(job.classes, job.class_weights))
     if spec is not None:
         line += (f"\nLoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets) or 'no layer'}"
                  f"{' + the full head' if spec.train_head else ''}: {job.n_train:,} trainable parameters")

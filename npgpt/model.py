@@ -384,7 +384,7 @@ def forward_cls(params, config: GPT2Config, ids=None, lengths=None, pooling="las
 # ----------------------------------------------------------------------------- loss and gradients
 
 def loss_and_grads(params, config: GPT2Config, ids, labels, trainable=1, lengths=None,
-                   pooling="last_token", x_start=None, lora=None, causal=True):
+                   pooling="last_token", x_start=None, lora=None, causal=True, class_weights=None):
     """Mean cross-entropy of the classifier on a batch, and its gradient for every trainable array.
 
     ids [B,T] (or x_start [B,T,C], the activations entering the first trainable block, from
@@ -394,7 +394,7 @@ def loss_and_grads(params, config: GPT2Config, ids, labels, trainable=1, lengths
     ln_f -> the blocks in reverse, stopping at the first trainable one (-> the embeddings when
     they train). No gradient is computed for a frozen array. trainable="lora": backward runs
     through every block but computes no w, b or g gradient, only the LoRA pairs' (and the head's
-    own with lora.train_head)."""
+    own with lora.train_head). class_weights [K]: the weighted mean loss (`ops.cross_entropy_forward`)."""
     L = config.n_layer
     check_lora(params, lora)
     first = first_trainable_block(config, trainable, lora)
@@ -418,7 +418,7 @@ def loss_and_grads(params, config: GPT2Config, ids, labels, trainable=1, lengths
     for i in range(first, L):
         x, saved[i] = block_forward(params, i, x, config.n_head, causal=causal, lora=lora)  # [B,T,C]
     logits, head = head_forward(params, x, pos, pooling, lora)                             # [B,K]
-    loss, ce = ops.cross_entropy_forward(logits, labels)
+    loss, ce = ops.cross_entropy_forward(logits, labels, class_weights)
 
     # backward, in reverse
     grads = {}

@@ -290,33 +290,48 @@ def attention_backward(dout, saved: AttentionSaved):
 class CrossEntropySaved(NamedTuple):
     probs: np.ndarray          # [B,K] softmax(logits)
     targets: np.ndarray        # [B] class ids
+    share: np.ndarray | None   # [B] each row's weight over the batch's total (None: 1/B each)
 
 
-def cross_entropy_forward(logits, targets):
+def cross_entropy_forward(logits, targets, class_weights=None):
     """Mean cross-entropy of softmax(logits) against integer targets:
     loss = mean_b -log softmax(z_b)[y_b], computed as z - max z - log sum exp(z - max z).
     Subtracting the row's max changes no probability (softmax is shift-invariant) and keeps exp
     from overflowing; it needs no backward of its own for that reason: the max cancels out of
     the result, so the loss does not depend on it.
 
+    class_weights [K]: the weighted mean, as torch.nn.functional.cross_entropy(weight=) defines it,
+    loss = sum_b w[y_b] (-log p_b[y_b]) / sum_b w[y_b]: each row counts by its class's weight,
+    and the weights of the batch's rows are normalised to sum to 1 (so a batch of one class has the
+    plain mean whatever its weight).
+
     logits [B,K], targets [B] -> loss (a float)"""
     z = logits - logits.max(axis=-1, keepdims=True)          # [B,K]
     logsumexp = np.log(np.exp(z).sum(axis=-1, keepdims=True))   # [B,1]
     logp = z - logsumexp                                     # [B,K] log-probabilities
     B = logits.shape[0]
-    loss = -logp[np.arange(B), targets].mean()
-    return float(loss), CrossEntropySaved(np.exp(logp), targets)
+    nll = -logp[np.arange(B), targets]                       # [B]
+    if class_weights is None:
+        return float(nll.mean()), CrossEntropySaved(np.exp(logp), targets, None)
+    w = np.asarray(class_weights, np.float64)[targets]       # [B] each row's class weight
+    share = w / w.sum()                                      # [B], sums to 1
+    return float((share * nll).sum()), CrossEntropySaved(np.exp(logp), targets, share)
 
 
 def cross_entropy_backward(dloss, saved: CrossEntropySaved):
-    """dlogits = (softmax(logits) - onehot(targets)) / B * dloss.
+    """dlogits = (softmax(logits) - onehot(targets)) * share * dloss, where share is 1/B for the
+    plain mean and w[y_b] / sum_c w[y_c] with class weights: the loss is sum_b share_b l_b with
+    l_b = -log p_b[y_b], the shares are constants (they depend on the targets alone), and
+    dl_b/dz_b = p_b - onehot(y_b), as for the plain mean.
 
     -> dlogits [B,K]"""
-    probs, targets = saved
+    probs, targets, share = saved
     B = probs.shape[0]
     dlogits = probs.copy()                                   # [B,K]
     dlogits[np.arange(B), targets] -= 1
-    return dlogits * probs.dtype.type(dloss / B)
+    if share is None:
+        return dlogits * probs.dtype.type(dloss / B)
+    return dlogits * (share * dloss).astype(probs.dtype)[:, None]
 
 
 def softmax(z) -> np.ndarray:

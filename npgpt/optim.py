@@ -7,10 +7,18 @@ Per trainable array p with gradient g, at step t (starting at 1):
     p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 Weight decay applies to every array, as torch does by default; `decay_1d=False` exempts the
 1-D arrays (biases and LayerNorm gains), a common choice. State is keyed by parameter name.
+
+Two companions of the step, as appendix D of "Build a Large Language Model (From Scratch)" adds
+them to the training loop: `scheduled_lr` (linear warmup, then constant, linear or cosine decay)
+and `clip_grad_norm` (the global L2 norm of every gradient, as torch.nn.utils.clip_grad_norm_).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def adamw_update(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
@@ -72,3 +80,38 @@ class AdamW:
         self.t = int(state["t"])
         self.m = {k[2:]: np.array(a) for k, a in state["arrays"].items() if k.startswith("m/")}
         self.v = {k[2:]: np.array(a) for k, a in state["arrays"].items() if k.startswith("v/")}
+
+
+def scheduled_lr(step: int, total_steps: int, peak_lr: float, schedule: str = "constant", warmup_steps: int = 0,
+                 initial_lr: float = 0.0, min_lr: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0 for the first) of a run of `total_steps`:
+
+        step s < W (warmup):  lr = initial_lr + s (peak_lr - initial_lr) / W
+        after, with progress p = (s - W) / (total_steps - W), from 0 towards 1:
+          constant:  lr = peak_lr
+          linear:    lr = min_lr + (peak_lr - min_lr) (1 - p)
+          cosine:    lr = min_lr + (peak_lr - min_lr) (1 + cos(pi p)) / 2
+
+    Appendix D's schedule is warmup then cosine, step for step (its global_step is s)."""
+    if step < warmup_steps:
+        return initial_lr + step * (peak_lr - initial_lr) / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    if schedule == "linear":
+        return min_lr + (peak_lr - min_lr) * (1.0 - progress)
+    if schedule == "cosine":
+        return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+def clip_grad_norm(grads: dict, max_norm: float) -> float:
+    """Scale every gradient by min(1, max_norm / (norm + 1e-6)) in place, where norm is the L2 norm
+    of all of them together, sqrt(sum of squares over every array), as
+    torch.nn.utils.clip_grad_norm_ does. -> norm (before clipping)"""
+    total = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for g in grads.values()))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads.values():
+            g *= g.dtype.type(coef)
+    return total

@@ -107,6 +107,31 @@ class RunConfig:
                          negate=True)
     dense: bool = option(False, "compute every position of every block (the textbook forward; slower, same "
                                 "numbers)", "training")
+    # the schedule, clipping, class weights, the epoch kept (appendix D; practitioners' runs)
+    lr_schedule: str = option("constant", "after warmup, keep --lr, or decay it linearly or along a half cosine to "
+                                          "--min-lr at the end of the run", "schedule",
+                              choices=("constant", "linear", "cosine"))
+    warmup: float = option(0, "linear warmup from --initial-lr to --lr over the first STEPS optimizer steps, or "
+                              "over this FRACTION (below 1) of all of them", "schedule", metavar="STEPS|FRACTION")
+    initial_lr: float = option(0.0, "the learning rate warmup starts from", "schedule", metavar="LR")
+    min_lr: float = option(0.0, "the learning rate a linear or cosine schedule ends at", "schedule", metavar="LR")
+    clip_grad_norm: float | None = option(None, "scale the gradients down when their global L2 norm exceeds MAX "
+                                                "(as torch.nn.utils.clip_grad_norm_)", "schedule", metavar="MAX")
+    class_weight: str | dict | None = option(None, "weighted cross-entropy: balanced (n / (classes x count), as "
+                                                   "scikit-learn), or NAME=W,NAME=W for each class (default: none, "
+                                                   "every class weighs the same)", "schedule",
+                                             metavar="none|balanced|NAME=W,...")
+    keep: str = option("last", "the parameters saved: of the last step, or of the best validation (the whole "
+                               "validation split, after every epoch or --validate-every eval)", "schedule",
+                       choices=("last", "best"))
+    best_metric: str = option("loss", "what --keep best and --patience compare on the validation split: the "
+                                      "loss the run minimises, accuracy, or macro F1", "schedule",
+                              choices=("loss", "accuracy", "macro_f1"))
+    validate_every: str = option("epoch", "when the whole validation split is scored for --keep best and "
+                                          "--patience: after each epoch, or at each --eval-freq evaluation",
+                                 "schedule", choices=("epoch", "eval"))
+    patience: int | None = option(None, "stop after N validations without improvement (early stopping)",
+                                  "schedule", metavar="N")
     # LoRA and the book's bonus experiments
     lora: int | None = option(None, "LoRA of rank R on every linear layer (appendix E); only the LoRA pairs train",
                               "lora", metavar="R")
@@ -256,6 +281,34 @@ def _normalise(c: RunConfig) -> None:
         c.lora_alpha = float(c.lora)
     if c.balance is None:
         c.balance = "none" if c.is_table else "undersample"
+    c.class_weight = _class_weight(c.class_weight)
+    if isinstance(c.warmup, float) and c.warmup.is_integer() and c.warmup >= 1:
+        c.warmup = int(c.warmup)
+
+
+def _class_weight(value):
+    """None, "balanced", or {class name: weight} from 'none', 'balanced', 'a=2,b=1' or a dict."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "balanced":
+        return "balanced"
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",")]
+        if any(len(p) != 2 or not p[0].strip() for p in pairs):
+            raise ConfigError("class_weight", f"takes none, balanced or NAME=W,NAME=W; got {value!r}")
+        value = {name.strip(): w for name, w in pairs}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError("class_weight", f"takes none, balanced or NAME=W,NAME=W; got {value!r}")
+    out = {}
+    for name, w in value.items():
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            w = float("nan")
+        if not math.isfinite(w) or w <= 0:
+            raise ConfigError("class_weight", f"{name}={value[name]}: a weight must be a positive number")
+        out[str(name).strip()] = w
+    return out
 
 
 def _at_least(c, name, low=1):
@@ -282,6 +335,7 @@ def _check(c: RunConfig) -> None:
         raise ConfigError("model", f"must be one of {', '.join(SIZES)} (or --tiny for a small random model), "
                                    f"got {c.model!r}")
     _check_choices(c)
+    _check_schedule(c)
     _check_lora(c)
     _check_shapes(c)
     _check_data(c)
@@ -298,6 +352,35 @@ def _check_choices(c: RunConfig) -> None:
         shown = value.replace("_", "-") if f.name == "pooling" and isinstance(value, str) else value
         if choices and value is not None and shown not in choices:
             raise ConfigError(f.name, f"must be one of {', '.join(choices)}, got {shown!r}")
+
+
+def _finite(c, name, low=0.0):
+    v = getattr(c, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+        raise ConfigError(name, f"must be a finite number >= {low:g}, got {v!r}")
+
+
+def _check_schedule(c: RunConfig) -> None:
+    """The schedule, clipping and selection settings: values, and the settings they need."""
+    _finite(c, "warmup")
+    if c.warmup >= 1 and not float(c.warmup).is_integer():
+        raise ConfigError("warmup", f"is a number of steps (a whole number) or a fraction below 1, got {c.warmup}")
+    for name in ("initial_lr", "min_lr"):
+        _finite(c, name)
+    if c.initial_lr > c.lr or c.min_lr > c.lr:
+        raise ConfigError("initial_lr" if c.initial_lr > c.lr else "min_lr", f"must not exceed --lr ({c.lr:g})")
+    if c.initial_lr and not c.warmup:
+        raise ConfigError("initial_lr", "needs --warmup (the steps over which the learning rate rises from it)")
+    if c.min_lr and c.lr_schedule == "constant":
+        raise ConfigError("min_lr", "needs --lr-schedule linear or cosine")
+    if c.clip_grad_norm is not None:
+        _finite(c, "clip_grad_norm")
+        if c.clip_grad_norm <= 0:
+            raise ConfigError("clip_grad_norm", "must be positive")
+    if c.patience is not None and (not _is_int(c.patience) or c.patience < 1):
+        raise ConfigError("patience", f"must be at least 1, got {c.patience!r}")
+    if c.validate_every == "eval" and c.keep == "last" and c.patience is None:
+        raise ConfigError("validate_every", "eval needs --keep best or --patience N (which read the validations)")
 
 
 def _check_lora(c: RunConfig) -> None:

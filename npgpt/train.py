@@ -92,20 +92,22 @@ def resume_run(run_dir, options: RunOptions | None = None, epochs: int | None = 
         raise NpgptError(f"--resume {run_dir}: no {CHECKPOINT} to resume from")
     saved = read_state(run_dir)
     run, done = _saved_run(saved), saved["run_state"]["epoch"]
+    stopped = saved["run_state"].get("stopped", False)
     if epochs is not None:
         if epochs <= done:
             raise ConfigError("epochs", f"{epochs}: the run in {run_dir} has done {done} epochs already; "
                                         f"give more to train longer")
         run = run.replace(epochs=epochs)
-    elif done >= run.epochs and os.path.exists(os.path.join(run_dir, "classifier.h5")):
-        log(f"{run_dir} is complete ({done} of {run.epochs} epochs; its classifier.h5 is saved): "
+    elif (done >= run.epochs or stopped) and os.path.exists(os.path.join(run_dir, "classifier.h5")):
+        why = "stopped early, " if stopped and done < run.epochs else ""
+        log(f"{run_dir} is complete ({why}{done} of {run.epochs} epochs; its classifier.h5 is saved): "
             f"nothing to do. To train longer: --resume {run_dir} --epochs N (N > {done})")
         return None
     _prepare_process(options, log)
     runs.claim(run_dir, "--resume")
     try:
         job = load_data(run, options, log, run_dir=run_dir)
-        return _train(job, run_dir, options, log, created=False, t_start=t_start)
+        return _train(job, run_dir, options, log, created=False, t_start=t_start, extended=epochs is not None)
     finally:
         runs.release(run_dir)
 
@@ -147,17 +149,20 @@ def _start_folder(run_dir, job) -> None:
     write_json(os.path.join(run_dir, RUN_FILE), job.run.to_dict())
 
 
-def _train(job, run_dir, options, log, created: bool, t_start: float) -> RunResult:
-    """The prefix, the loop, the files: the run in its folder."""
+def _train(job, run_dir, options, log, created: bool, t_start: float, extended=False) -> RunResult:
+    """The prefix, the loop, the files: the run in its folder. extended: a resumed run given more
+    epochs (an early stop no longer ends it)."""
     run = job.run
-    record = {"run_config": run.to_dict(), "classes": job.classes}
+    record = {"run_config": run.to_dict(), "classes": job.classes,
+              "class_weights": None if job.class_weights is None else job.class_weights.tolist()}
     try:
         log(model_summary(job, run_dir))
         trainer = Trainer(job.params, job.config, job.datasets, run, run_dir, record, log=log,
-                          progress=options.progress)
+                          progress=options.progress, class_weights=job.class_weights)
         if not created:
             _restore_trained(run_dir, job.params, trainer.names)
             trainer.resume()
+            trainer.state.stopped = trainer.state.stopped and not extended
         with np.errstate(over="ignore", invalid="ignore"):   # a diverging run is caught as Diverged
             trainer.feats, trainer.start = _frozen_prefix(job, options, run_dir, log)
             trainer.train()
@@ -171,8 +176,8 @@ def _train(job, run_dir, options, log, created: bool, t_start: float) -> RunResu
                             f"Try a lower --lr (this run: {run.lr:g})") from None
     trainer.final_evaluation()
     path = _save_outputs(run_dir, job, trainer.state, record, log, plots=options.plots)
-    return RunResult(path, run.bpe_dir, trainer.state.metrics, run_dir, trainer.state, _finish_checkpoint(run_dir),
-                     time.time() - t_start)
+    return RunResult(path, run.bpe_dir, trainer.state.metrics, run_dir, trainer.state,
+                     _finish_checkpoint(run_dir, keep_params=run.keep == "best"), time.time() - t_start)
 
 
 def _frozen_prefix(job, options, run_dir, log):
@@ -238,7 +243,8 @@ def _save_outputs(run_dir, job, state, record, log, plots=True) -> str:
             "max_length": job.datasets[0].pad_to, "context_length": job.config.n_ctx, "pad_id": 50256,
             "tokenizer": "gpt2", "trainable": run.trainable, "model_size": job.model_name,
             "run_config": run.to_dict(), "lora": run.lora_spec.to_dict() if run.lora_spec else None,
-            "causal_mask": run.causal_mask, "final": state.metrics.get("final", {})}
+            "causal_mask": run.causal_mask, "final": state.metrics.get("final", {}),
+            "kept": state.metrics.get("kept"), "class_weights": record["class_weights"]}
     path = os.path.join(run_dir, "classifier.h5")
     files = bpe_file_bytes(run.bpe_dir, weights_dir=os.path.dirname(weights_path(run)) or ".")
     only = None
@@ -256,13 +262,17 @@ def _save_outputs(run_dir, job, state, record, log, plots=True) -> str:
     return path
 
 
-def _finish_checkpoint(run_dir) -> str:
+def _finish_checkpoint(run_dir, keep_params=False) -> str:
     """Shrink the checkpoint of a finished run to what `--resume RUN --epochs N` needs beyond the
-    saved classifier (the AdamW moments and the run state); say what is kept."""
+    saved classifier (the AdamW moments and the run state); say what is kept. keep_params: the
+    classifier holds other arrays than the last step's (--keep best): the checkpoint keeps those."""
     from .checkpoint import strip_params
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.exists(path):
         return "no checkpoint kept"
+    if keep_params:
+        return (f"{path} holds the last step's parameters and the optimizer state ({os.path.getsize(path) / 2**20:.1f}"
+                f" MiB) so that `--resume {run_dir} --epochs N` can train longer; delete it if you will not")
     size = strip_params(path)
     return (f"{path} now holds only the optimizer state ({size / 2**20:.1f} MiB) so that "
             f"`--resume {run_dir} --epochs N` can train longer; delete it if you will not")

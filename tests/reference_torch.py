@@ -205,14 +205,16 @@ def named_torch_params(model: TorchGPT2) -> dict:
     return {name: tensor for name, (tensor, _) in _name_map(model).items()}
 
 
-def loss_and_grads(model: TorchGPT2, ids, labels, lengths=None, pooling="last_token"):
-    """Mean cross-entropy of the class logits, its gradients in npgpt naming, and the logits.
+def loss_and_grads(model: TorchGPT2, ids, labels, lengths=None, pooling="last_token", class_weights=None):
+    """Mean cross-entropy of the class logits (weighted by class with class_weights [K], as
+    F.cross_entropy(weight=) defines it), its gradients in npgpt naming, and the logits.
 
     Gradients are computed for the parameters that require one; earlier .grad values are cleared."""
     model.zero_grad(set_to_none=True)
     ids_t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     logits = model.forward_cls(ids_t, lengths=lengths, pooling=pooling)   # [B,num_classes]
-    loss = F.cross_entropy(logits, labels_t)                   # mean over the batch
+    weight = None if class_weights is None else torch.as_tensor(np.asarray(class_weights), dtype=logits.dtype)
+    loss = F.cross_entropy(logits, labels_t, weight=weight)   # mean over the batch (weighted)
     loss.backward()
     return float(loss.detach()), grads_to_npgpt(model), logits.detach().numpy().copy()

@@ -26,6 +26,7 @@ from ..train import resume_run, train_run
 from . import announce_compilation, make_parser
 
 GROUPS = {"model": "model", "data": "data", "training": "training",
+          "schedule": "schedule, class weights, the epoch kept (appendix D)",
           "lora": "LoRA and the book's bonus experiments", "output": "output"}
 OPTION_FIELDS = {f.name for f in dataclasses.fields(RunOptions)}
 RESUMABLE = OPTION_FIELDS | {"epochs"}       # what --resume accepts besides the run folder
