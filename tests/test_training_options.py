@@ -53,7 +53,7 @@ def test_weighted_cross_entropy_is_torchs(targets):
     zt = torch.tensor(z, requires_grad=True)
     lt = torch.nn.functional.cross_entropy(zt, torch.tensor(y), weight=torch.tensor(w))
     lt.backward()
-    assert loss == pytest.approx(float(lt), rel=1e-12)
+    assert loss == pytest.approx(float(lt.detach()), rel=1e-12)
     assert rel_err(ops.cross_entropy_backward(1.0, saved), zt.grad.numpy()) <= 1e-12
     if len(set(targets)) == 1:
         assert loss == pytest.approx(ops.cross_entropy_forward(z, y)[0], rel=1e-12)
@@ -146,6 +146,24 @@ def small_table(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def noisy_table(tmp_path_factory):
+    """The same kind of 120 texts with about a fifth of the labels drawn at random: a run that
+    memorises the training split does worse on the validation split after a few epochs."""
+    rng = np.random.default_rng(0)
+    words = ["apple", "river", "hammer"]
+    filler = "the a of to and in is it that was for on are with as by at this from or be".split()
+    rows = []
+    for i in range(120):
+        k = i % 3
+        label = k if rng.random() > 0.3 else int(rng.integers(3))
+        text = " ".join(list(rng.choice(filler, 4)) + [words[k]] + list(rng.choice(filler, 2)))
+        rows.append((text, ["fruit", "river", "tool"][label]))
+    path = tmp_path_factory.mktemp("noisy") / "noisy.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
+    return str(path)
+
+
 def run_small(path, out, bpe_dir, **settings):
     run = RunConfig(model="tiny", data=path, bpe_dir=bpe_dir, split="0.667,0.167", batch_size=8, **settings)
     return train_run(run, RunOptions(out=str(out), progress=False, plots=False), log=lambda s: None)
@@ -182,8 +200,8 @@ def test_appendix_d_run_is_torchs_after_20_steps(small_table, bpe_dir, tmp_path)
             step += 1
     assert step == 20
     Cn = cfg.n_embd
-    for name, t in tparams.items():
-        got, want = result.classifier.params[name], t.detach().numpy()
+    for name, want in ref.params_to_npgpt(tm).items():
+        got = result.classifier.params[name]
         if name.endswith("attn/c_attn/b"):                    # the key third: rounding noise (test_vs_torch)
             got, want = np.delete(got, np.s_[Cn:2 * Cn]), np.delete(want, np.s_[Cn:2 * Cn])
         assert np.abs(got - want).max() <= 2e-5, name
@@ -192,28 +210,28 @@ def test_appendix_d_run_is_torchs_after_20_steps(small_table, bpe_dir, tmp_path)
 
 # ----------------------------------------------------------------------------- the best validation, early stopping
 
-def test_keep_best_saves_the_best_validations_parameters(small_table, bpe_dir, tmp_path):
+def test_keep_best_saves_the_best_validations_parameters(noisy_table, bpe_dir, tmp_path):
     """--keep best: the saved arrays are those of the validation with the lowest loss, the same
     bits as a run stopped right there (a constant lr makes the first k epochs of a longer run the
     whole of a k-epoch run). The case is one whose validation loss rises after its best epoch."""
-    over = dict(lr=1e-2, trainable_blocks="all", seed=3)             # a step so large it overshoots
-    best = run_small(small_table, tmp_path / "best", bpe_dir, epochs=6, keep="best", **over)
+    over = dict(lr=1e-2, trainable_blocks="all", seed=1)             # a step so large it overshoots
+    best = run_small(noisy_table, tmp_path / "best", bpe_dir, epochs=6, keep="best", **over)
     vals = best.metrics["validations"]
     losses = [v["loss"] for v in vals]
     k = int(np.argmin(losses))
     assert len(vals) == 6 and k < 5 and losses[-1] > losses[k]       # it did get worse after the best
     assert best.metrics["kept"]["epoch"] == k + 1 and best.classifier.meta["kept"]["epoch"] == k + 1
-    short = run_small(small_table, tmp_path / "short", bpe_dir, epochs=k + 1, **over)
-    last = run_small(small_table, tmp_path / "last", bpe_dir, epochs=6, **over)
+    short = run_small(noisy_table, tmp_path / "short", bpe_dir, epochs=k + 1, **over)
+    last = run_small(noisy_table, tmp_path / "last", bpe_dir, epochs=6, **over)
     for name in short.classifier.params:
         assert np.array_equal(best.classifier.params[name], short.classifier.params[name]), name
     assert any(not np.array_equal(best.classifier.params[n], last.classifier.params[n]) for n in last.classifier.params)
     assert best.metrics["final"]["validation_loss"] == pytest.approx(losses[k], rel=1e-9)
 
 
-def test_patience_stops_after_n_validations_without_improvement(small_table, bpe_dir, tmp_path):
-    over = dict(lr=1e-2, trainable_blocks="all", seed=3)
-    full = run_small(small_table, tmp_path / "full", bpe_dir, epochs=6, keep="best", **over).metrics
+def test_patience_stops_after_n_validations_without_improvement(noisy_table, bpe_dir, tmp_path):
+    over = dict(lr=1e-2, trainable_blocks="all", seed=1)
+    full = run_small(noisy_table, tmp_path / "full", bpe_dir, epochs=6, keep="best", **over).metrics
     losses = [v["loss"] for v in full["validations"]]
     # where patience 2 must stop: the second validation in a row that is not the best so far
     best, bad, stop = math.inf, 0, None
@@ -223,7 +241,7 @@ def test_patience_stops_after_n_validations_without_improvement(small_table, bpe
             stop = i
             break
     assert stop is not None and stop < 5
-    early = run_small(small_table, tmp_path / "early", bpe_dir, epochs=6, keep="best", patience=2, **over)
+    early = run_small(noisy_table, tmp_path / "early", bpe_dir, epochs=6, keep="best", patience=2, **over)
     assert [v["loss"] for v in early.metrics["validations"]] == losses[:stop + 1]
     assert early.state.stopped and early.state.epoch == stop + 1
     again = train_run_resume(tmp_path / "early")
