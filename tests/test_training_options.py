@@ -276,6 +276,44 @@ def test_settings_that_cannot_be_are_named(settings, flag):
     assert str(e.value).startswith(flag)
 
 
+# ----------------------------------------------------------------------------- the Python API and the estimator
+
+EVERY_OPTION = dict(keep="best", best_metric="macro_f1", patience=2, class_weight="river=2", lr_schedule="cosine",
+                    warmup=0.2, initial_lr=1e-4, min_lr=1e-5, clip_grad_norm=0.5)
+
+
+def test_fit_takes_every_option_as_the_run_service_does(noisy_table, bpe_dir, tmp_path):
+    """npgpt.fit on a DataFrame with every option gives the arrays of the run service on the same
+    table read from its file (nothing dropped on the way), and the options changed the result."""
+    import npgpt
+    base = dict(epochs=4, lr=1e-2, trainable_blocks="all", seed=1)
+    clf = npgpt.fit(pd.read_csv(noisy_table), model="tiny", out=str(tmp_path / "fit"), batch_size=8,
+                    split="0.667,0.167", bpe_dir=bpe_dir, **base, **EVERY_OPTION)
+    run = run_small(noisy_table, tmp_path / "service", bpe_dir, **{**base, **EVERY_OPTION})
+    plain = run_small(noisy_table, tmp_path / "plain", bpe_dir, **base)
+    assert clf.meta["kept"]["which"] == "best" and clf.meta["class_weights"] == [1.0, 2.0, 1.0]
+    assert all(np.array_equal(clf.params[n], run.classifier.params[n]) for n in run.classifier.params)
+    assert any(not np.array_equal(clf.params[n], plain.classifier.params[n]) for n in plain.classifier.params)
+
+
+def test_the_estimator_passes_every_option_on(bpe_dir, tmp_path):
+    from sklearn.base import clone
+    from npgpt.estimator import GPT2Classifier
+    rng = np.random.default_rng(1)
+    words = {"fruit": "apple", "river": "river", "tool": "hammer"}
+    y = [k for k in words for _ in range(30)]
+    X = [f"the {rng.choice(['a', 'of', 'to'])} {words[k]} is here" for k in y]
+    est = GPT2Classifier(model="tiny", epochs=3, lr=2e-3, bpe_dir=bpe_dir, out=str(tmp_path / "est"), **EVERY_OPTION)
+    assert clone(est).get_params() == est.get_params()
+    est.fit(X, y)
+    meta, m = est.classifier_.meta, est.metrics_
+    assert meta["kept"]["which"] == "best" and meta["class_weights"] == [1.0, 2.0, 1.0]
+    assert m["lr"][0] == pytest.approx(1e-4) and max(m["lr"]) == pytest.approx(2e-3) and m["lr"][-1] < 2e-4
+    run = json.loads((tmp_path / "est" / "run.json").read_text())
+    assert {k: run[k] for k in EVERY_OPTION if k != "class_weight"} == {k: v for k, v in EVERY_OPTION.items()
+                                                                       if k != "class_weight"}
+
+
 # ----------------------------------------------------------------------------- resume, bit for bit
 
 def test_interrupted_and_resumed_with_every_option_is_bit_exact(shared_data, bpe_dir, tmp_path):
