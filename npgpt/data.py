@@ -279,10 +279,12 @@ def skipped_warning(path, skipped: list) -> str:
 # Balancing and splitting
 
 
-def balance_and_split(df: pd.DataFrame, seed=SEED, train_frac=0.7, validation_frac=0.1):
+def balance_and_split(df: pd.DataFrame, seed=SEED, train_frac=0.7, validation_frac=0.1, undersample=True):
     """Undersample ham to the spam count, shuffle, split 70/10/20, as the reference book does.
 
     Label becomes 0 (ham) / 1 (spam). From UCI's file: 747 + 747 = 1494 -> 1045 / 149 / 300.
+    undersample=False keeps every message (`--balance none`, with `--class-weight` to weigh the
+    rare class up): 5572 -> 3900 / 557 / 1115, shuffled and split the same way.
     Returns (train, validation, test) DataFrames with columns Label, Text, Line.
     """
     num_spam = int((df["Label"] == "spam").sum())
@@ -290,7 +292,8 @@ def balance_and_split(df: pd.DataFrame, seed=SEED, train_frac=0.7, validation_fr
     if num_spam == 0 or num_ham < num_spam:
         raise DataError(f"cannot balance {num_ham} ham and {num_spam} spam messages "
                         "(need at least one spam and as many ham as spam)")
-    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=seed)
+    ham = df[df["Label"] == "ham"]
+    ham_subset = ham.sample(num_spam, random_state=seed) if undersample else ham
     balanced = pd.concat([ham_subset, df[df["Label"] == "spam"]])
     balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1})
     df = balanced.sample(frac=1, random_state=seed).reset_index(drop=True)
@@ -304,21 +307,22 @@ def balance_and_split(df: pd.DataFrame, seed=SEED, train_frac=0.7, validation_fr
 
 
 def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=False, seed=SEED,
-                   rebuild=False, urls=None, progress=True, parse="pandas"):
+                   rebuild=False, urls=None, progress=True, parse="pandas", balance="undersample"):
     """The (train, validation, test) DataFrames, with train.csv, validation.csv, test.csv in out_dir.
 
     data_path None: the three CSVs in `out_dir` are reused when all are there and `splits.json`
-    says they were made with this parse and seed; else they are built from
+    says they were made with this parse, seed and balance; else they are built from
     `out_dir/SMSSpamCollection`, downloaded first if missing. data_path given (the
     SMSSpamCollection file or UCI's zip): the CSVs are always rebuilt from it, as with rebuild.
     parse: "pandas" (the reference's read, and so its exact splits) or "strict" (`read_sms_spam`).
+    balance: "undersample" (the reference) or "none" (every message).
     Each returned frame carries the parse's `attrs["skipped"]` and `attrs["warning"]`
     (empty when the CSVs were reused). Runs sharing out_dir may call this at the same time: each
     writes through its own temporary files and renames them into place.
     """
     out_dir = Path(out_dir)
     csvs = [out_dir / f"{name}.csv" for name in SPLITS]
-    recipe = {"parse": parse, "seed": int(seed)}
+    recipe = {"parse": parse, "seed": int(seed), "balance": balance}
     if (data_path is None and not rebuild and all(p.is_file() for p in csvs)
             and _read_recipe(out_dir) == recipe):
         return tuple(_tag(read_split_csv(p), []) for p in csvs)
@@ -329,7 +333,7 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
     elif zipfile.is_zipfile(data_path):
         data_path = extract_sms_spam(data_path, out_dir)
     messages = read_sms_spam(data_path, skip_bad_lines=skip_bad_lines, parse=parse)
-    splits = balance_and_split(messages, seed=seed)
+    splits = balance_and_split(messages, seed=seed, undersample=balance != "none")
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, p in zip(splits, csvs):
         write_split_csv(split, p)
@@ -338,7 +342,7 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
 
 
 def _read_recipe(out_dir: Path):
-    """How the CSVs in out_dir were made ({"parse", "seed"}), or None (made before the record
+    """How the CSVs in out_dir were made ({"parse", "seed", "balance"}), or None (made before the record
     was kept, or unreadable: they are rebuilt)."""
     try:
         return json.loads((out_dir / SPLITS_RECIPE).read_text())

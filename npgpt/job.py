@@ -130,7 +130,7 @@ def _sms_splits(run: RunConfig, progress: bool):
     try:
         # the reference's split: seed 123 whatever --seed (which seeds the head and the batch order)
         return prepare_splits(run.data, run.data_dir, skip_bad_lines=run.skip_bad_lines, progress=progress,
-                              parse=run.parse)
+                              parse=run.parse, balance=run.balance or "undersample")
     except NpgptError as e:
         if run.data is None and "--data" not in str(e):
             raise type(e)(f"{e} (offline? pass --data PATH to the SMSSpamCollection file or UCI's zip, "

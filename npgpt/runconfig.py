@@ -76,8 +76,8 @@ class RunConfig:
     split: tuple = option((0.7, 0.1), "fractions of --data for train and validation, the rest test, stratified "
                                       "by label (rescaled when --validation or --test is given)", "data",
                           metavar="TRAIN,VAL")
-    balance: str | None = option(None, "undersample every class to the smallest (default: none for your data; "
-                                       "the SMS data is always undersampled, as in the reference)", "data",
+    balance: str | None = option(None, "undersample every class to the smallest (default: none for your data, "
+                                       "undersample for the SMS data, as in the reference)", "data",
                                  choices=("none", "undersample"))
     data_dir: str = option("data", "where the data and the train/validation/test CSVs live", "data")
     skip_bad_lines: bool = option(False, "skip malformed dataset lines and report them", "data")
@@ -420,9 +420,6 @@ def _check_data(c: RunConfig) -> None:
     if not c.is_table and (c.validation or c.test or c.labels):
         raise ConfigError("validation" if c.validation else "test" if c.test else "labels",
                           "needs --data FILE.csv|.tsv|.jsonl|.parquet")
-    if not c.is_table and c.balance == "none":
-        raise ConfigError("balance", "none: the SMS data is always undersampled (--balance none needs "
-                                     "--data FILE.csv|...)")
 
 
 def from_old_info(info: dict) -> RunConfig:

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -213,6 +214,38 @@ def test_another_seed_matches_reference_code_with_that_seed(sms_path, pandas_mes
         for a, b in zip(ours, ref):
             assert a["Text"].tolist() == b["Text"].tolist()
             assert a["Label"].tolist() == b["Label"].tolist()
+
+
+def test_balance_none_keeps_every_message_split_as_the_reference_splits(sms_path, pandas_messages, tmp_path):
+    """--balance none on the SMS data: every message, shuffled and cut 70 / 10 / rest by the
+    reference's own steps without the undersampling; the seed still drives the shuffle."""
+    kept = prepare_splits(sms_path, tmp_path, balance="none")
+    assert [len(s) for s in kept] == [3900, 557, 1115]
+    both = pd.concat(kept)
+    assert both["Label"].value_counts().to_dict() == {0: 4825, 1: 747}
+    assert sorted(both["Line"]) == sorted(pandas_messages["Line"])
+    df = pd.read_csv(sms_path, sep="\t", header=None, names=["Label", "Text"])
+    df["Label"] = df["Label"].map({"ham": 0, "spam": 1})
+    df = pd.concat([df[df["Label"] == 0], df[df["Label"] == 1]]).sample(frac=1, random_state=123)
+    assert kept[0]["Text"].tolist() == df["Text"].tolist()[:3900]
+    other = balance_and_split(pandas_messages, seed=7, undersample=False)
+    assert other[0]["Line"].tolist() != kept[0]["Line"].tolist()
+
+
+def test_the_splits_made_one_way_are_not_reused_for_another(sms_path, tmp_path, monkeypatch):
+    """The CSVs in a data folder record their parse, seed and balance; a run asking for another
+    of any of them rebuilds them."""
+    prepare_splits(sms_path, tmp_path)
+    (tmp_path / data.DATA_FILE).write_bytes(Path(sms_path).read_bytes())   # what a rebuild reads
+
+    def reread(*args, **kwargs):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(data, "read_sms_spam", reread)
+    prepare_splits(None, tmp_path)                                 # the same recipe: reused
+    for other in (dict(parse="strict"), dict(seed=7), dict(balance="none")):
+        with pytest.raises(AssertionError, match="rebuilt"):
+            prepare_splits(None, tmp_path, **other)
 
 
 def test_strict_parse_gives_another_split(sms_path, splits, tmp_path):

@@ -101,7 +101,8 @@ def load_labelled(args, clf):
         labels = df["Name"].astype(str).tolist() if "Name" in df.columns else df["Label"].to_numpy()
         lines = df["Line"].to_numpy() if "Line" in df.columns else None
         return df["Text"].tolist(), labels, lines, f"{args.split} split"
-    splits = prepare_splits(None, args.data_dir, progress=not args.quiet, parse=args.parse)
+    splits = prepare_splits(None, args.data_dir, progress=not args.quiet, parse=args.parse,
+                            balance=training_setting(clf.meta, "balance") or "undersample")
     df = splits[SPLITS.index(args.split)]
     return df["Text"].tolist(), df["Label"].to_numpy(), df["Line"].to_numpy(), f"{args.split} split"
 
