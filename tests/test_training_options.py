@@ -276,6 +276,19 @@ def test_settings_that_cannot_be_are_named(settings, flag):
     assert str(e.value).startswith(flag)
 
 
+def test_sms_data_without_undersampling_and_weighted(shared_data, bpe_dir, tmp_path):
+    """--balance none --class-weight balanced on the SMS data: what a run loads is every message
+    (3900 / 557 / 1115, the reference's steps without the undersampling), weighted by the training
+    split's counts (job.load_data, as train_run calls it; the training itself is tested above)."""
+    from npgpt.job import load_data
+    run = RunConfig(model="tiny", data=str(shared_data / SMS), data_dir=str(tmp_path / "data"), bpe_dir=bpe_dir,
+                    balance="none", class_weight="balanced")
+    job = load_data(run, RunOptions(progress=False), log=lambda s: None)
+    assert [len(d) for d in job.datasets] == [3900, 557, 1115]
+    counts = np.bincount(job.datasets[0].labels, minlength=2)
+    assert counts.sum() == 3900 and job.class_weights.tolist() == pytest.approx((3900 / (2 * counts)).tolist(), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- the Python API and the estimator
 
 EVERY_OPTION = dict(keep="best", best_metric="macro_f1", patience=2, class_weight="river=2", lr_schedule="cosine",
