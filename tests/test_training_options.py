@@ -248,6 +248,28 @@ def test_patience_stops_after_n_validations_without_improvement(noisy_table, bpe
     assert again is None                                              # an early-stopped run is complete
 
 
+def test_an_interrupted_run_resumes_with_its_best_validation(noisy_table, bpe_dir, tmp_path):
+    """Stopped (SIGTERM) in epoch 5, after its best validation (epoch 4), and resumed: the resumed
+    run still keeps epoch 4's arrays, which only the checkpoint's copy of them can give back (the
+    validations after the resume are all worse than epoch 4's)."""
+    from npgpt.runs import Interrupted
+    over = dict(lr=1e-2, trainable_blocks="all", seed=1, epochs=6, keep="best")
+    whole = run_small(noisy_table, tmp_path / "whole", bpe_dir, **over)
+    assert whole.metrics["kept"]["epoch"] == 4                     # the case this test is about
+
+    def stop_in_epoch_5(line):
+        if line.startswith("Ep 5 (Step"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run = RunConfig(model="tiny", data=noisy_table, bpe_dir=bpe_dir, split="0.667,0.167", batch_size=8, eval_freq=3,
+                    **over)
+    with pytest.raises(Interrupted):
+        train_run(run, RunOptions(out=str(tmp_path / "cut"), progress=False, plots=False), log=stop_in_epoch_5)
+    again = train_run_resume(tmp_path / "cut")
+    assert again.metrics["kept"]["epoch"] == 4
+    assert all(np.array_equal(again.classifier.params[n], whole.classifier.params[n]) for n in whole.classifier.params)
+
+
 def train_run_resume(run_dir):
     from npgpt.train import resume_run
     return resume_run(str(run_dir), RunOptions(progress=False, plots=False), log=lambda s: None)
