@@ -130,38 +130,33 @@ def test_clip_grad_norm_is_torchs():
         assert after == pytest.approx(min(norm, max_norm), rel=1e-6)           # clipped to max_norm, or as it was
 
 
-@pytest.fixture(scope="module")
-def small_table(tmp_path_factory):
-    """120 texts, 3 classes (80 train / 20 validation / 20 test at --split 0.667,0.167)."""
+def three_word_table(folder, noisy: bool) -> str:
+    """120 texts, 3 classes, each text's class named by one word among filler words (80 train /
+    20 validation / 20 test at --split 0.667,0.167). noisy: about a fifth of the labels drawn at
+    random, so that a run that memorises the training split does worse on the validation split
+    after a few epochs."""
     rng = np.random.default_rng(0)
     words = ["apple", "river", "hammer"]
     filler = "the a of to and in is it that was for on are with as by at this from or be".split()
     rows = []
     for i in range(120):
         k = i % 3
+        label = k if not noisy or rng.random() > 0.3 else int(rng.integers(3))
         text = " ".join(list(rng.choice(filler, 4)) + [words[k]] + list(rng.choice(filler, 2)))
-        rows.append((text, ["fruit", "river", "tool"][k]))
-    path = tmp_path_factory.mktemp("table") / "small.csv"
+        rows.append((text, ["fruit", "river", "tool"][label]))
+    path = folder / "table.csv"
     pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_table(tmp_path_factory):
+    return three_word_table(tmp_path_factory.mktemp("table"), noisy=False)
 
 
 @pytest.fixture(scope="module")
 def noisy_table(tmp_path_factory):
-    """The same kind of 120 texts with about a fifth of the labels drawn at random: a run that
-    memorises the training split does worse on the validation split after a few epochs."""
-    rng = np.random.default_rng(0)
-    words = ["apple", "river", "hammer"]
-    filler = "the a of to and in is it that was for on are with as by at this from or be".split()
-    rows = []
-    for i in range(120):
-        k = i % 3
-        label = k if rng.random() > 0.3 else int(rng.integers(3))
-        text = " ".join(list(rng.choice(filler, 4)) + [words[k]] + list(rng.choice(filler, 2)))
-        rows.append((text, ["fruit", "river", "tool"][label]))
-    path = tmp_path_factory.mktemp("noisy") / "noisy.csv"
-    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
-    return str(path)
+    return three_word_table(tmp_path_factory.mktemp("noisy"), noisy=True)
 
 
 def run_small(path, out, bpe_dir, **settings):
