@@ -10,6 +10,8 @@ COMMANDS = {
     "evaluate": "accuracy, per-class precision/recall/F1 and confusion matrix of a classifier on a labelled file",
     "generate": "greedy continuation of a prompt with pretrained GPT-2 weights",
     "weights": "download GPT-2's published weights or convert files on disk to npgpt's HDF5",
+    "lora": "fold a classifier's LoRA pairs into its weights (lora merge)",
+    "cache": "list or clear the disk cache of frozen-prefix activations",
 }
 
 
@@ -46,7 +48,13 @@ def main(argv=None):
 
 def console_main():
     """Entry point of the `npgpt` console script."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        from .cli import reader_gone
+        reader_gone()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

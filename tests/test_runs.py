@@ -434,8 +434,12 @@ def test_help_has_no_doubled_defaults_and_every_option_has_help(env, tmp_path, m
 def test_python_m_npgpt_and_the_console_script(env, tmp_path):
     r = call(env, tmp_path, module="npgpt")
     assert r.returncode == 0
-    for name in ("train", "classify", "evaluate", "generate", "weights"):
-        assert any(line.split()[:1] == [name] for line in r.stdout.splitlines()), r.stdout
+    commands = sorted(p.stem for p in (REPO / "npgpt" / "cli").glob("*.py") if p.stem != "__init__")
+    assert len(commands) >= 7                                   # every python -m npgpt.X is npgpt X
+    for name in commands:
+        assert any(line.split()[:1] == [name] for line in r.stdout.splitlines()), (name, r.stdout)
+        h = call(env, tmp_path, name, "--help", module="npgpt")
+        assert h.returncode == 0 and h.stdout.startswith(f"usage: npgpt {name}"), h.stderr
     text = (REPO / "pyproject.toml").read_text()
     assert '[project.scripts]\nnpgpt = "npgpt.__main__:console_main"' in text
     code = "import sys; from npgpt.__main__ import console_main; sys.argv = ['npgpt', 'train', '--help']; console_main()"
@@ -443,6 +447,21 @@ def test_python_m_npgpt_and_the_console_script(env, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("usage: npgpt train"), r.stderr
     r = call(env, tmp_path, "nonsense", module="npgpt")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["cache", "--help"]])
+def test_a_reader_that_went_away_is_no_error(env, tmp_path, argv):
+    """`npgpt --help | head -1`: the reader closes the pipe; npgpt stops quietly, exit 0, no
+    traceback (stdout here is a pipe whose reading end is already closed)."""
+    read, write = os.pipe()
+    os.close(read)
+    code = f"import sys; from npgpt.__main__ import console_main; sys.argv = ['npgpt', *{argv!r}]; console_main()"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=write, stderr=subprocess.PIPE,
+                           text=True)
+    finally:
+        os.close(write)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_python_m_npgpt_data_is_not_silent(env, tmp_path):

@@ -78,6 +78,17 @@ def expect_file(path, flag: str, what: str = "a file", hint: str = "") -> None:
         raise NpgptError(f"{flag} {path}: no such file" + (f" ({hint})" if hint else ""))
 
 
+def reader_gone() -> None:
+    """Exit quietly when the reader of stdout has gone (`npgpt ... | head -5`): point stdout at
+    /dev/null, so that the flush at exit does not fail a second time and print a traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(0)
+
+
 def run(main, argv=None, prog=None) -> None:
     """Call main(argv) and turn its failures into one line on stderr and an exit code."""
     global _prog_override
@@ -94,11 +105,7 @@ def run(main, argv=None, prog=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:         # the reader went away (`... | head`): nothing left to say
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
-        sys.exit(0)
+        reader_gone()
     except KeyboardInterrupt:
         if debug:
             raise
