@@ -21,6 +21,8 @@ import json
 import os
 import tempfile
 
+from .errors import FormatError
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -105,14 +107,19 @@ def write_bytes(path, data: bytes) -> None:
             fh.write(data)
 
 
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    """The sha256 of a file's bytes (hex), read 4 MiB at a time."""
+def sha256_file(path, chunk: int = 1 << 22, max_bytes: int | None = None) -> str:
+    """The sha256 of a file's bytes (hex), read 4 MiB at a time; with max_bytes, FormatError once
+    the file turns out longer (it is never read past that)."""
     h = hashlib.sha256()
+    seen = 0
     with open(path, "rb") as fh:
         while True:
-            block = fh.read(chunk)
+            block = fh.read(chunk if max_bytes is None else min(chunk, max_bytes + 1 - seen))
             if not block:
                 return h.hexdigest()
+            seen += len(block)
+            if max_bytes is not None and seen > max_bytes:
+                raise FormatError(f"{path}: longer than the {max_bytes} bytes expected")
             h.update(block)
 
 

@@ -35,6 +35,7 @@ BPE_FILES = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
+BPE_SIZES = {"encoder.json": 1042301, "vocab.bpe": 456318}    # bytes: a stored copy is read only at these
 WEIGHT_SIZES = ("124M", "355M", "774M", "1558M")
 
 
@@ -101,17 +102,14 @@ def encoding_from_bytes(files: dict, source: str = "the classifier file"):
 
 
 def tokenizer_from_h5(path):
-    """The encoding stored in a classifier file (`tokenizer/` arrays), or None if it has none."""
-    import h5py
-    import numpy as np
-    try:
-        with h5py.File(path, "r") as f:
-            if "tokenizer" not in f:
-                return None
-            files = {name: np.asarray(f["tokenizer"][name][()], np.uint8).tobytes()
-                     for name in f["tokenizer"] if name in BPE_FILES}
-    except Exception as e:
-        raise FormatError(f"{path}: cannot read the stored tokenizer ({type(e).__name__}: {e})") from None
+    """The encoding stored in a classifier file (`tokenizer/` arrays), or None if it has none.
+    Each file is read only when its array has GPT-2's exact size (`BPE_SIZES`), then sha256-checked."""
+    from .h5read import open_h5, read_bytes
+    with open_h5(path) as f:
+        if "tokenizer" not in f:
+            return None
+        files = {name: read_bytes(f, path, f"tokenizer/{name}", size)
+                 for name, size in BPE_SIZES.items() if f"tokenizer/{name}" in f}
     return encoding_from_bytes(files, str(path))
 
 

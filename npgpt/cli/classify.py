@@ -17,7 +17,7 @@ import numpy as np
 
 from ..classify import DEFAULT_BATCH_SIZE, check_texts, load_classifier
 from ..data import split_lines
-from ..errors import DataError
+from ..errors import DataError, printable
 from . import make_parser, shorten
 
 
@@ -137,8 +137,9 @@ def print_results(texts, labels, P, cut: set, as_json: bool, width: int, top: in
                 item["top"] = [{"label": labels[j], "probability": float(P[i, j])} for j in order[i]]
         print(json.dumps(out, indent=1))
     else:
-        w = max(len(s) for s in labels)
+        shown = [printable(s) for s in labels]          # a label from a file may hold escape sequences
+        w = max(len(s) for s in shown)
         for i, text in enumerate(texts):
-            best = "  ".join(f"{labels[j]:<{w}}  {P[i, j]:.3f}" for j in order[i])
+            best = "  ".join(f"{shown[j]:<{w}}  {P[i, j]:.3f}" for j in order[i])
             print(f"{best}  {shorten(text, width)}")
     sys.stdout.flush()
