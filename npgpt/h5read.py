@@ -101,8 +101,8 @@ def stored_bytes(f, path, name, kinds="f") -> int:
     """The bytes a dataset takes once read (shape times item size), after checking its dtype is
     one of `kinds` ("f": float16/32/64; "iu": integers; "u": unsigned...)."""
     ds = _dataset(f, path, name)
-    if ds.dtype.kind not in kinds or ds.dtype.itemsize not in (1, 2, 4, 8) or \
-            (ds.dtype.kind == "f" and ds.dtype.itemsize == 1):
+    sizes = (2, 4, 8) if ds.dtype.kind == "f" else (1, 2, 4, 8)
+    if ds.dtype.kind not in kinds or ds.dtype.itemsize not in sizes:
         raise FormatError(f"{path}: array {quote(name)} has dtype {ds.dtype}, expected "
                           f"{'a float type' if kinds == 'f' else 'an integer type'}")
     return math.prod(ds.shape) * ds.dtype.itemsize
@@ -129,9 +129,9 @@ def read_array(f, path, name, shape, kinds="f") -> np.ndarray:
     try:
         plist = ds.id.get_create_plist()
         layout = plist.get_layout()
-        if plist.get_external_count() or layout == h5d_virtual():
+        if plist.get_external_count() or layout == h5py.h5d.VIRTUAL:
             raise FormatError(f"{path}: array {quote(name)} is stored in other files "
-                              f"({'a virtual dataset' if layout == h5d_virtual() else 'external storage'}); "
+                              f"({'a virtual dataset' if layout == h5py.h5d.VIRTUAL else 'external storage'}); "
                               "a model file may hold only its own arrays")
         if layout == h5py.h5d.CONTIGUOUS:
             if ds.size and ds.id.get_offset() is None:
@@ -145,11 +145,6 @@ def read_array(f, path, name, shape, kinds="f") -> np.ndarray:
         raise
     except Exception as e:
         raise FormatError(f"{path}: array {quote(name)} cannot be read ({type(e).__name__}: {e})") from None
-
-
-def h5d_virtual():
-    import h5py
-    return getattr(h5py.h5d, "VIRTUAL", 2)
 
 
 def _read_chunked(ds, plist, where) -> np.ndarray:
@@ -188,7 +183,9 @@ def _read_chunked(ds, plist, where) -> np.ndarray:
 
 def _unfilter(raw: bytes, filters, mask: int, chunk_bytes: int, itemsize: int, where) -> bytes:
     """One chunk's stored bytes back to its raw bytes: the filters undone in reverse order (those
-    whose bit is set in `mask` were skipped when it was written). Inflating stops at chunk_bytes."""
+    whose bit is set in `mask` were skipped when it was written). Inflating stops at chunk_bytes.
+    (fletcher32's checksum is dropped unchecked: the values are checked finite, and a model file
+    has no checksum over its metadata anyway.)"""
     data = raw
     for i in reversed(range(len(filters))):
         if mask & (1 << i):
@@ -224,11 +221,10 @@ def read_attr(f, path, name, default=None, max_bytes: int = 1 << 10):
     """A root attribute as a Python int, float, bool or str (`default` when absent), checked before
     it is read: a scalar (or one-element) number, or a scalar string of at most max_bytes."""
     import h5py
-    owner = f
     try:
-        if name not in owner.attrs:
+        if name not in f.attrs:
             return default
-        aid = owner.attrs.get_id(name)
+        aid = f.attrs.get_id(name)
         shape, dtype = aid.shape, aid.dtype
         text = h5py.check_string_dtype(dtype)
         if text is not None:
@@ -237,7 +233,7 @@ def read_attr(f, path, name, default=None, max_bytes: int = 1 << 10):
             if text.length is not None and text.length > max_bytes:
                 raise FormatError(f"{path}: attribute {quote(name)} is {text.length} bytes, more than "
                                   f"the {max_bytes} allowed")
-            value = owner.attrs[name]
+            value = f.attrs[name]
             value = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
             if len(value) > max_bytes:
                 raise FormatError(f"{path}: attribute {quote(name)} is {len(value)} characters, more "
@@ -245,7 +241,7 @@ def read_attr(f, path, name, default=None, max_bytes: int = 1 << 10):
             return value
         if dtype.kind not in "iufb" or math.prod(shape) != 1:
             raise FormatError(f"{path}: attribute {quote(name)} is not a number (dtype {dtype}, shape {shape})")
-        return np.asarray(owner.attrs[name]).reshape(()).item()
+        return np.asarray(f.attrs[name]).reshape(()).item()
     except FormatError:
         raise
     except Exception as e:

@@ -164,9 +164,9 @@ def _read_array(f, path, name, shape, dtype):
 def find_base(path, base: dict):
     """Where the base weights of a trained-only file are: the absolute path saved, else the path
     as given at training relative to the file's folder or the current one. -> path or None"""
-    given = base.get("given") or ""
+    given = base.get("given") if isinstance(base.get("given"), str) else ""
     for cand in (base.get("path"), os.path.join(os.path.dirname(os.path.abspath(path)), given), given):
-        if cand and os.path.isfile(cand):
+        if isinstance(cand, str) and cand and os.path.isfile(cand):      # (never a number: a file descriptor)
             return cand
     return None
 

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from .errors import FormatError, NpgptError
@@ -123,8 +124,13 @@ def decode(tok, ids) -> str:
 
 
 def check_bpe_file(path: Path) -> None:
-    """Raise FormatError unless `path` (encoder.json or vocab.bpe) has OpenAI's sha256."""
+    """Raise FormatError unless `path` (encoder.json or vocab.bpe) has OpenAI's sha256. The folder
+    may be named by a model file (its training's BPE folder): only a regular file of GPT-2's exact
+    size is hashed, so such a name can make npgpt read nothing else."""
     expected = BPE_FILES[path.name]
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != BPE_SIZES[path.name]:
+        raise FormatError(f"{path}: not GPT-2's {path.name} (a {BPE_SIZES[path.name]}-byte file)")
     digest = sha256_file(path)
     if digest != expected:
         raise FormatError(f"{path}: sha256 {digest} is not that of GPT-2's {path.name} ({expected})")

@@ -129,6 +129,18 @@ def test_links_and_virtual_datasets_are_refused(tmp_path, bpe_dir, kind):
     refused(classify_probe(model, bpe_dir, tmp_path), str(model), words)
 
 
+def test_a_named_tokenizer_folder_is_read_only_for_gpt2s_files(tmp_path):
+    """A file without a stored tokenizer may name its training's BPE folder: there, a FIFO (whose
+    read would never end) or a file of another size is refused without being read."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    os.mkfifo(folder / "encoder.json")
+    (folder / "vocab.bpe").write_bytes(b"x" * 100)
+    model = tiny_classifier(tmp_path / "classifier.h5", run_config={"bpe_dir": str(folder)})
+    r = probe("npgpt.classify", "--model", model, "--quiet", "hello", cwd=tmp_path)
+    refused(r, "encoder.json: not GPT-2's encoder.json")
+
+
 def test_a_model_saved_again_holds_only_its_own_arrays(tmp_path, bpe_dir):
     """The plain file loads and saves again; the refused ones above never reach `save`."""
     model = tiny_classifier(tmp_path / "classifier.h5")
