@@ -130,11 +130,12 @@ def test_links_and_virtual_datasets_are_refused(tmp_path, bpe_dir, kind):
 
 
 def test_a_named_tokenizer_folder_is_read_only_for_gpt2s_files(tmp_path):
-    """A file without a stored tokenizer may name its training's BPE folder: there, a FIFO (whose
-    read would never end) or a file of another size is refused without being read."""
+    """A file without a stored tokenizer may name its training's BPE folder: there, a file of
+    another size than GPT-2's (a 64 GiB sparse encoder.json) is refused without being read."""
     folder = tmp_path / "elsewhere"
     folder.mkdir()
-    os.mkfifo(folder / "encoder.json")
+    with open(folder / "encoder.json", "wb") as fh:
+        fh.truncate(64 << 30)
     (folder / "vocab.bpe").write_bytes(b"x" * 100)
     model = tiny_classifier(tmp_path / "classifier.h5", run_config={"bpe_dir": str(folder)})
     r = probe("npgpt.classify", "--model", model, "--quiet", "hello", cwd=tmp_path)
