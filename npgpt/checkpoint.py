@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .errors import FormatError, TrainingError
+from .errors import FormatError, TrainingError, quote
 from .fileio import atomic_write
 
 CHECKPOINT = "checkpoint.h5"
@@ -51,41 +51,59 @@ def save_checkpoint(run_dir, params: dict, trainable: list, opt, state: dict, or
     return path
 
 
+STATE_MAX_BYTES = 64 << 20     # the run state: settings and metrics so far, a few kB to MB
+
+
 def load_checkpoint(run_dir, params: dict, opt, extra=None) -> dict:
-    """Put the checkpoint's arrays into params and opt (shapes checked), and its best/ arrays into
-    the dict `extra` when given; return its state."""
-    import h5py
+    """Put the checkpoint's arrays into params and opt (shapes checked before each is read,
+    through `npgpt.h5read`), and its best/ arrays (--keep best) into the dict `extra` when given;
+    return its state."""
+    from .h5read import check_budget, dataset_names, open_h5, read_array, read_attr
 
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.exists(path):
         raise FormatError(f"{path}: no checkpoint to resume from")
+    with open_h5(path) as f:
+        state = _state(f, path)
+        opt.t = int(read_attr(f, path, "adam_t", 0))
+        targets = {"params": params, "best": {} if extra is None else extra, "adam/m": opt.m, "adam/v": opt.v}
+        names = [n for n in dataset_names(f) if n != "order"]      # (order: only for checking)
+        for n in names:
+            group, name = _group_and_name(n)
+            if group not in targets or name not in params:
+                raise FormatError(f"{path}: array {quote(n)} does not fit the model")
+        check_budget(f, path, names)
+        for n in names:
+            group, name = _group_and_name(n)
+            arr = read_array(f, path, n, params[name].shape)
+            if not np.isfinite(arr).all():
+                raise FormatError(f"{path}: array {quote(n)} has non-finite values")
+            arr = arr.astype(params[name].dtype, copy=False)
+            if group == "params":
+                params[name][...] = arr
+            elif group == "best":
+                targets["best"][n] = arr.copy()
+            else:
+                targets[group][name] = arr.copy()
+    return state
+
+
+def _group_and_name(n: str) -> tuple:
+    """A checkpoint array's group (params, best, adam/m, adam/v) and parameter name."""
+    head = n.split("/", 1)[0]
+    return (head, n[len(head) + 1:]) if head in ("params", "best") else (n[:6], n[7:])
+
+
+def _state(f, path) -> dict:
+    """The JSON run state of an open checkpoint, read under a size cap."""
+    from .h5read import read_attr
+    text = read_attr(f, path, "state", None, max_bytes=STATE_MAX_BYTES)
     try:
-        with h5py.File(path, "r") as f:
-            state = json.loads(f.attrs["state"])
-            opt.t = int(f.attrs["adam_t"])
-            names = []
-            f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
-            targets = {"params": params, "adam/m": opt.m, "adam/v": opt.v, "best": {} if extra is None else extra}
-            for n in names:
-                if n == "order":
-                    continue
-                group, name = n.split("/", 1) if n.split("/", 1)[0] in ("params", "best") else (n[:6], n[7:])
-                arr = f[n][()]
-                if group not in targets or name not in params or arr.shape != params[name].shape:
-                    raise FormatError(f"{path}: array {n!r} does not fit the model")
-                if not np.isfinite(arr).all():
-                    raise FormatError(f"{path}: array {n!r} has non-finite values")
-                arr = arr.astype(params[name].dtype, copy=False)
-                if group == "params":
-                    params[name][...] = arr
-                elif group == "best":
-                    targets["best"][n] = arr.copy()
-                else:
-                    targets[group][name] = arr.copy()
-    except FormatError:
-        raise
-    except Exception as e:
-        raise FormatError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+        state = json.loads(text)
+    except Exception as e:          # (None: no state; RecursionError: nested thousands deep)
+        raise FormatError(f"{path}: not a readable checkpoint (its state: {type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise FormatError(f"{path}: not a readable checkpoint (its state is not a JSON object)")
     return state
 
 
@@ -111,10 +129,7 @@ def strip_params(path) -> int:
 
 def read_state(run_dir) -> dict:
     """The JSON state of a run folder's checkpoint: run_state, the run's settings."""
-    import h5py
+    from .h5read import open_h5
     path = os.path.join(run_dir, CHECKPOINT)
-    try:
-        with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["state"])
-    except Exception as e:
-        raise FormatError(f"{path}: not a readable checkpoint ({e})") from None
+    with open_h5(path) as f:
+        return _state(f, path)

@@ -33,14 +33,13 @@ if __name__ == "__main__":      # `python -m npgpt.classify`: the command line, 
     from npgpt.cli import hand_over
     hand_over("classify")
 
-import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import GPT2Config
-from .errors import DataError, FormatError
+from .errors import DataError, FormatError, quote
 from .ops import softmax
 
 KIND = "npgpt-classifier"
@@ -226,16 +225,19 @@ def _check_meta(path, meta, K, config):
     from .model import POOLINGS
     labels = meta.get("labels")
     if not isinstance(labels, list) or not all(isinstance(s, str) for s in labels) or len(labels) != K:
-        raise FormatError(f"{path}: meta labels {labels!r} do not name the {K} classes of the head")
+        raise FormatError(f"{path}: meta labels {quote(labels)} do not name the {K} classes of the head")
+    if len(set(labels)) != len(labels):
+        dup = next(s for s in labels if labels.count(s) > 1)
+        raise FormatError(f"{path}: meta labels name class {quote(dup)} twice")
     pooling = meta.get("pooling")
     if pooling not in POOLINGS:
-        raise FormatError(f"{path}: unknown pooling {pooling!r} in meta (expected one of {', '.join(POOLINGS)})")
+        raise FormatError(f"{path}: unknown pooling {quote(pooling)} in meta (expected one of {', '.join(POOLINGS)})")
     max_length = meta.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or not 1 <= max_length <= config.n_ctx):
-        raise FormatError(f"{path}: meta max_length {max_length!r} is not a length in 1..{config.n_ctx}")
+        raise FormatError(f"{path}: meta max_length {quote(max_length)} is not a length in 1..{config.n_ctx}")
     if meta.get("pad_id", 50256) != 50256 or meta.get("tokenizer", "gpt2") != "gpt2":
-        raise FormatError(f"{path}: the model expects tokenizer {meta.get('tokenizer')!r} with pad id "
-                          f"{meta.get('pad_id')!r}; only GPT-2's (pad 50256) is supported")
+        raise FormatError(f"{path}: the model expects tokenizer {quote(meta.get('tokenizer'))} with pad id "
+                          f"{quote(meta.get('pad_id'))}; only GPT-2's (pad 50256) is supported")
     return labels, pooling, max_length
 
 
@@ -256,18 +258,17 @@ def _tokenizer_of(path, meta, bpe_dir):
 
 def _peek_meta(path):
     """The meta attribute of an HDF5 file, or None if it cannot be read (load_params says why)."""
+    from .params import read_header
     try:
-        import h5py
-        with h5py.File(path, "r") as f:
-            return json.loads(f.attrs.get("meta", "{}"))
-    except Exception:
+        return read_header(path)[2]
+    except FormatError:
         return None
 
 
 def _check_kind(path, meta):
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind != KIND:
-        what = f"its kind is {kind!r}" if kind else "it has no classifier metadata"
+        what = f"its kind is {quote(kind)}" if kind else "it has no classifier metadata"
         raise FormatError(f"{path}: not a classifier file ({what}; expected a classifier.h5 "
                           "written by `python -m npgpt.train`)")
 

@@ -81,6 +81,24 @@ HF_NAMES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M"
 TINY = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_ctx=256)
 
 
+# What a file may declare: a config outside these bounds is not a GPT-2 this library can run, and
+# reading it could ask for any amount of memory (npgpt.params checks a file's config against them
+# before reading an array). GPT-2's largest size has 48 layers, 25 heads, 1600 channels, 50257
+# tokens, 1024 positions.
+PLAUSIBLE = {"n_layer": 128, "n_head": 128, "n_embd": 8192, "vocab_size": 1 << 17, "n_ctx": 8192}
+MAX_CLASSES = 10_000
+
+
+def implausible(config: GPT2Config, num_classes: int | None = None) -> str | None:
+    """What is out of bounds in a config read from a file (`PLAUSIBLE`, `MAX_CLASSES`), or None."""
+    for name, most in PLAUSIBLE.items():
+        if getattr(config, name) > most:
+            return f"{name} is {getattr(config, name)}, above the {most} this library accepts"
+    if num_classes is not None and not 0 < num_classes <= MAX_CLASSES:
+        return f"num_classes is {num_classes}, not in 1..{MAX_CLASSES}"
+    return None
+
+
 def preset(name: str) -> GPT2Config:
     """The config of one of OpenAI's sizes ('124M', '355M', '774M', '1558M') or 'tiny'."""
     if name == "tiny":

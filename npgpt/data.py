@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
 import zipfile
@@ -38,8 +37,8 @@ from pathlib import Path
 import pandas as pd
 
 from .dataset import SEED
-from .errors import DataError, FormatError
-from .fileio import atomic_write, write_bytes
+from .errors import DataError, FormatError, quote
+from .fileio import atomic_write, replace_durably, temp_path, write_bytes
 
 LABELS = ("ham", "spam")             # label id 0, 1
 SPLITS = ("train", "validation", "test")
@@ -91,41 +90,100 @@ def download_sms_spam(data_dir=DEFAULT_DATA_DIR, urls=None, progress=True) -> Pa
         zip_path.unlink(missing_ok=True)
 
 
+MAX_MEMBER_BYTES = 64 << 20     # UCI's SMSSpamCollection is 0.5 MB: a zip member past this is not it
+
+
 def extract_sms_spam(zip_path, out_dir) -> Path:
     """Write the zip's SMSSpamCollection (and its readme) into `out_dir`; return the data file.
 
     UCI's zip holds the two files either at its top level or inside a second zip,
-    `smsspamcollection.zip`; both layouts work.
-    """
+    `smsspamcollection.zip`; both layouts work. See `_extract` for the limits."""
+    return _extract(zip_path, out_dir)[0]
+
+
+def _extract(zip_path, out_dir):
+    """`extract_sms_spam`, returning also the files it created: -> (data file, [new files]).
+
+    A zip may come from anyone: each member is streamed (never read whole) to a temporary file
+    beside its target, at most MAX_MEMBER_BYTES, then moved into place. An existing file is never
+    written over: one with the same bytes stays as it is, a data file that differs is an error (a
+    readme that differs is kept, the zip's dropped). A failed extraction leaves nothing behind."""
     zip_path, out_dir = Path(zip_path), Path(out_dir)
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            found = _find_members(zf, {DATA_FILE, "readme"}, depth=1)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error) as e:
-        raise FormatError(f"{zip_path}: not a readable zip file ({e})") from None
-    if DATA_FILE not in found:
-        raise FormatError(f"{zip_path}: no {DATA_FILE} inside (nor inside a zip within it)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in found.items():
-        write_bytes(out_dir / name, data)
-    return out_dir / DATA_FILE
+    found = {}                                              # name -> temporary file
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                _find_members(zf, {DATA_FILE, "readme"}, out_dir, found, depth=1, source=zip_path)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError) as e:
+            raise FormatError(f"{zip_path}: not a readable zip file ({e})") from None
+        if DATA_FILE not in found:
+            raise FormatError(f"{zip_path}: no {DATA_FILE} inside (nor inside a zip within it)")
+        return out_dir / DATA_FILE, _install(found, out_dir, zip_path)
+    finally:
+        for tmp in found.values():
+            tmp.unlink(missing_ok=True)
 
 
-def _find_members(zf: zipfile.ZipFile, names: set, depth: int) -> dict:
-    """{basename: bytes} for members named in `names`, looking `depth` zips deep."""
-    found = {}
+def _install(found: dict, out_dir: Path, zip_path) -> list:
+    """Move the extracted temporary files into place, never over a file. -> the files created"""
+    target = out_dir / DATA_FILE
+    if target.exists() and not _same_bytes(found[DATA_FILE], target):
+        raise FormatError(f"{zip_path}: its {DATA_FILE} differs from the {target} already there, which "
+                          f"is left as it is: move that file away, or give it with --data")
+    created = []
+    for name, tmp in found.items():
+        if not (out_dir / name).exists():
+            replace_durably(tmp, out_dir / name)
+            created.append(out_dir / name)
+    return created
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    import filecmp
+    return b.is_file() and filecmp.cmp(a, b, shallow=False)
+
+
+def _find_members(zf: zipfile.ZipFile, names: set, folder: Path, found: dict, depth: int, source) -> None:
+    """Stream the members named in `names` to temporary files in `folder` (found: {basename: path}),
+    looking `depth` zips deep."""
     for info in zf.infolist():
         base = info.filename.rsplit("/", 1)[-1]
         if base in names and base not in found:
-            found[base] = zf.read(info)
+            found[base] = _copy_member(zf, info, folder, base, source)
     if DATA_FILE not in found and depth > 0:
         for info in zf.infolist():
             if info.filename.lower().endswith(".zip"):
-                with zipfile.ZipFile(io.BytesIO(zf.read(info))) as inner:
-                    found.update(_find_members(inner, names, depth - 1))
+                inner = _copy_member(zf, info, folder, "inner.zip", source)
+                try:
+                    with zipfile.ZipFile(inner) as izf:
+                        _find_members(izf, names, folder, found, depth - 1, source)
+                finally:
+                    inner.unlink(missing_ok=True)
                 if DATA_FILE in found:
                     break
-    return found
+
+
+def _copy_member(zf: zipfile.ZipFile, info, folder: Path, name: str, source) -> Path:
+    """One member streamed to a temporary file in folder, at most MAX_MEMBER_BYTES (the size it
+    declares and the bytes it inflates to both count). -> the temporary file"""
+    too_big = FormatError(f"{source}: member {quote(info.filename)} is larger than "
+                          f"{MAX_MEMBER_BYTES >> 20} MiB: not the SMS Spam Collection")
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise too_big
+    tmp = Path(temp_path(folder, name))
+    try:
+        written = 0
+        with zf.open(info) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > MAX_MEMBER_BYTES:
+                    raise too_big
+                dst.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +281,9 @@ def read_sms_spam_pandas(path, skip_bad_lines=False) -> pd.DataFrame:
         label = label if isinstance(label, str) else ""
         reason = None
         if label.strip().lower() in HEADER_WORDS:
-            reason = f"a header line ({label!r}); the file must have none"
+            reason = f"a header line ({quote(label)}); the file must have none"
         elif label not in LABELS:
-            reason = f"unknown label {label!r} (expected ham or spam)"
+            reason = f"unknown label {quote(label)} (expected ham or spam)"
         elif not isinstance(text, str) or not text:
             reason = "empty message"
         if reason is None:
@@ -259,9 +317,9 @@ def _parse_line(line: bytes):
         return "no tab between label and text"
     label, text = s.split("\t", 1)
     if label.strip().lower() in HEADER_WORDS:
-        return f"a header line ({label!r}); the file must have none"
+        return f"a header line ({quote(label)}); the file must have none"
     if label not in LABELS:
-        return f"unknown label {label!r} (expected ham or spam)"
+        return f"unknown label {quote(label)} (expected ham or spam)"
     if not text:
         return "empty message"
     return label, text
@@ -326,14 +384,20 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
     if (data_path is None and not rebuild and all(p.is_file() for p in csvs)
             and _read_recipe(out_dir) == recipe):
         return tuple(_tag(read_split_csv(p), []) for p in csvs)
+    created = []                        # files extracted from a zip now: removed if it is unusable
     if data_path is None:
         data_path = out_dir / DATA_FILE
         if not data_path.is_file():
             data_path = download_sms_spam(out_dir, urls=urls, progress=progress)
     elif zipfile.is_zipfile(data_path):
-        data_path = extract_sms_spam(data_path, out_dir)
-    messages = read_sms_spam(data_path, skip_bad_lines=skip_bad_lines, parse=parse)
-    splits = balance_and_split(messages, seed=seed, undersample=balance != "none")
+        data_path, created = _extract(data_path, out_dir)
+    try:
+        messages = read_sms_spam(data_path, skip_bad_lines=skip_bad_lines, parse=parse)
+        splits = balance_and_split(messages, seed=seed, undersample=balance != "none")
+    except BaseException:
+        for p in created:
+            p.unlink(missing_ok=True)
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, p in zip(splits, csvs):
         write_split_csv(split, p)
@@ -346,7 +410,7 @@ def _read_recipe(out_dir: Path):
     was kept, or unreadable: they are rebuilt)."""
     try:
         return json.loads((out_dir / SPLITS_RECIPE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -31,7 +31,7 @@ if __name__ == "__main__":      # `python -m npgpt.evaluate`: the command line, 
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, quote
 
 
 def confusion_matrix(true, pred, num_classes: int) -> np.ndarray:
@@ -116,7 +116,7 @@ def evaluate_classifier(clf, texts, labels, positive=None, threshold=None, error
     if K == 2:
         positive = clf.labels[1] if positive is None else positive
         if positive not in clf.labels:
-            raise DataError(f"positive class {positive!r} is not one of the model's labels {clf.labels}")
+            raise DataError(f"positive class {quote(positive)} is not one of the model's labels {clf.labels}")
         pos = clf.labels.index(positive)
         if threshold is not None:
             pred = np.where(P[:, pos] >= threshold, pos, 1 - pos)             # [N]
@@ -143,10 +143,10 @@ def _label_ids(labels, names) -> np.ndarray:
     for i, lab in enumerate(labels):
         if isinstance(lab, str):
             if lab not in names:
-                raise DataError(f"label {i + 1} ({lab!r}) is not one of {names}")
+                raise DataError(f"label {i + 1} ({quote(lab)}) is not one of {quote(names)}")
             ids.append(names.index(lab))
         else:
             if int(lab) != lab or not 0 <= int(lab) < len(names):
-                raise DataError(f"label {i + 1} ({lab!r}) is not a class id in 0..{len(names) - 1}")
+                raise DataError(f"label {i + 1} ({quote(lab)}) is not a class id in 0..{len(names) - 1}")
             ids.append(int(lab))
     return np.array(ids, dtype=np.int64)

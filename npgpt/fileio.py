@@ -6,6 +6,8 @@
     temp_owner(name)        ... and reads that process back from the name
     sha256_file(path)       the sha256 of a file's bytes, read in chunks
     process_alive(pid)      whether a process runs on this machine
+    reserve_space(path)     give every byte of a file its disk blocks now (before it is memory-mapped)
+    regular_file(path)      whether a path is a plain file (not a FIFO, device, folder or link)
 
 Why a write is atomic: a reader (another run, a later `--resume`, the user's `ls`) sees either the
 old file or the new one, never half of one, and a failed or interrupted write (a full disk, Ctrl-C,
@@ -16,10 +18,14 @@ renamed over the target; the folder is fsynced too, so that the rename itself su
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
+
+from .errors import FormatError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -105,14 +111,19 @@ def write_bytes(path, data: bytes) -> None:
             fh.write(data)
 
 
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    """The sha256 of a file's bytes (hex), read 4 MiB at a time."""
+def sha256_file(path, chunk: int = 1 << 22, max_bytes: int | None = None) -> str:
+    """The sha256 of a file's bytes (hex), read 4 MiB at a time; with max_bytes, FormatError once
+    the file turns out longer (it is never read past that)."""
     h = hashlib.sha256()
+    seen = 0
     with open(path, "rb") as fh:
         while True:
-            block = fh.read(chunk)
+            block = fh.read(chunk if max_bytes is None else min(chunk, max_bytes + 1 - seen))
             if not block:
                 return h.hexdigest()
+            seen += len(block)
+            if max_bytes is not None and seen > max_bytes:
+                raise FormatError(f"{path}: longer than the {max_bytes} bytes expected")
             h.update(block)
 
 
@@ -127,3 +138,36 @@ def process_alive(pid: int) -> bool:
     except OSError:                         # exists, but owned by someone else
         return True
     return True
+
+
+def reserve_space(path) -> None:
+    """Give every byte of the file at `path` its blocks on disk now: OSError (ENOSPC) here when
+    the disk is too full. A file about to be written through a memory map needs this: a sparse
+    file gets its blocks only as pages are written, and a write the disk cannot hold is then no
+    error but a SIGBUS that kills the process."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except AttributeError:                  # (no posix_fallocate on this system)
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        block = b"\0" * (1 << 20)                # no fallocate: write the zeros through the file
+        for offset in range(0, size, len(block)):
+            os.pwrite(fd, block[:size - offset], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def regular_file(path) -> bool:
+    """Whether `path` is a regular file itself (not a symbolic link, a FIFO, a device or a folder):
+    what a reader checks before opening a file that should be one, since opening a FIFO blocks."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

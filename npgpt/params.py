@@ -21,8 +21,8 @@ import os
 import numpy as np
 
 from .config import (BLOCK_PARAMS, GPT2Config, add_classifier_head, block_shapes, cast_params,  # noqa: F401
-                     init_params, num_classes_of, param_shapes)
-from .errors import FormatError
+                     implausible, init_params, num_classes_of, param_shapes)
+from .errors import FormatError, quote
 from .fileio import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
@@ -80,105 +80,115 @@ def _lora_shapes(meta, config, num_classes) -> dict:
 def load_params(path, dtype=np.float32, config: GPT2Config | None = None):
     """Read an HDF5 file written by `save_params` (or by `python -m npgpt.weights`).
 
-    Returns (params, config, meta). Every array is checked against the config before it is read:
-    present, no extra ones, right shape, a float dtype, finite values. Errors name the array."""
-    import h5py
+    Returns (params, config, meta). The file may come from anyone, so it is read through
+    `npgpt.h5read` (its own arrays only: no external storage, links or virtual datasets) and
+    checked before any array is read: the config within `config.PLAUSIBLE`, every array present,
+    no extra ones, the right shape, a float dtype, no more bytes than the file's size can hold;
+    after: finite values. Errors name the file and the array."""
+    from .h5read import check_budget, dataset_names, open_h5
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FormatError(f"{path}: no such file")
-    try:
-        f = h5py.File(path, "r")
-    except Exception as e:  # h5py raises OSError for anything not HDF5
-        raise FormatError(f"{path}: not a readable HDF5 file ({e})") from None
-    try:
-        with f:
-            file_config, num_classes, meta = _header(f, path)
-            if config is not None and config != file_config:
-                raise FormatError(f"{path}: config {file_config} does not match the expected {config}")
-            found = []
-            f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset)
-                         and not name.startswith("tokenizer/") else None)
-            params = {}
-            if isinstance(meta, dict) and meta.get("base_weights"):
-                # a trained-only file: its base (loaded and checked first, so that n_layer is
-                # known to be right) supplies every array the file does not hold
-                params = _load_base(path, meta["base_weights"], dtype, file_config, num_classes)
-            else:
-                # The names are built from n_layer: check it against the datasets present first,
-                # so that a corrupt attribute (n_layer 2**56) cannot make param_shapes build names
-                # without bound.
-                blocks = {name.split("/", 1)[0] for name in found if name.startswith("h") and "/" in name}
-                if file_config.n_layer != len(blocks):
-                    raise FormatError(f"{path}: n_layer is {file_config.n_layer} but the file holds "
-                                      f"{len(blocks)} blocks")
-            expected = param_shapes(file_config, num_classes)
-            expected.update(_lora_shapes(meta, file_config, num_classes))
-            extra = sorted(set(found) - set(expected))
-            if extra:
-                raise FormatError(f"{path}: unexpected array {extra[0]!r}")
-            if params:
-                expected = {n: expected[n] for n in found}     # the arrays that trained
-            for name, shape in expected.items():
-                params[name] = _read_array(f, path, name, shape, dtype)
-    except FormatError:
-        raise
-    except Exception as e:
-        raise FormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    with open_h5(path) as f:
+        file_config, num_classes, meta = _header(f, path)
+        if config is not None and config != file_config:
+            raise FormatError(f"{path}: config {file_config} does not match the expected {config}")
+        found = [name for name in dataset_names(f) if not name.startswith("tokenizer/")]
+        params = {}
+        if meta.get("base_weights"):
+            # a trained-only file: its base (loaded and checked first, so that n_layer is
+            # known to be right) supplies every array the file does not hold
+            params = _load_base(path, meta["base_weights"], dtype, file_config, num_classes)
+        else:
+            # The names are built from n_layer: check it against the datasets present first.
+            blocks = {name.split("/", 1)[0] for name in found if name.startswith("h") and "/" in name}
+            if file_config.n_layer != len(blocks):
+                raise FormatError(f"{path}: n_layer is {file_config.n_layer} but the file holds "
+                                  f"{len(blocks)} blocks")
+        expected = param_shapes(file_config, num_classes)
+        expected.update(_lora_shapes(meta, file_config, num_classes))
+        extra = sorted(set(found) - set(expected))
+        if extra:
+            raise FormatError(f"{path}: unexpected array {quote(extra[0])}")
+        if params:
+            expected = {n: expected[n] for n in found}     # the arrays that trained
+        check_budget(f, path, [n for n in expected if n in f])
+        for name, shape in expected.items():
+            params[name] = _read_array(f, path, name, shape, dtype)
     return params, file_config, meta
 
 
+META_MAX_BYTES = 16 << 20      # a classifier's meta is a few kB; more is not a model file
+
+
 def _header(f, path):
-    """(GPT2Config, number of classes or None, meta) from a file's root attributes."""
+    """(GPT2Config, number of classes or None, meta dict) from a file's root attributes, each
+    read under a size cap and the config checked to be plausible (`config.PLAUSIBLE`)."""
+    from .h5read import read_attr
+    names = ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
+    values = {k: read_attr(f, path, k) for k in names}
+    num_classes = read_attr(f, path, "num_classes", 0)
+    text = read_attr(f, path, "meta", "{}", max_bytes=META_MAX_BYTES)
     try:
-        config = GPT2Config.from_dict({k: f.attrs[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx")
-                                       if k in f.attrs})
-        return config, int(f.attrs.get("num_classes", 0)) or None, json.loads(f.attrs.get("meta", "{}"))
+        config = GPT2Config.from_dict({k: v for k, v in values.items() if v is not None})
+        num_classes = int(num_classes) or None
+        meta = json.loads(text)
     except FormatError:
         raise
-    except Exception as e:
-        raise FormatError(f"{path}: bad config attributes ({e})") from None
+    except Exception as e:      # (RecursionError: a meta nested thousands deep)
+        raise FormatError(f"{path}: bad config attributes ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: meta is a JSON {type(meta).__name__}, expected an object")
+    problem = implausible(config, num_classes)
+    if problem:
+        raise FormatError(f"{path}: {problem}; not a GPT-2 this library can load")
+    return config, num_classes, meta
+
+
+def read_header(path):
+    """(config, number of classes or None, meta) of a params file, without reading its arrays."""
+    from .h5read import open_h5
+    with open_h5(path) as f:
+        return _header(f, os.fspath(path))
 
 
 def _read_array(f, path, name, shape, dtype):
-    """One parameter, checked before and after it is read: present, its shape, a float dtype,
-    finite values. -> the array in dtype"""
-    import h5py
-    if name not in f or not isinstance(f[name], h5py.Dataset):
-        raise FormatError(f"{path}: array {name!r} is missing")
-    ds = f[name]
-    if tuple(ds.shape) != shape:
-        raise FormatError(f"{path}: array {name!r} has shape {tuple(ds.shape)}, expected {shape}")
-    if ds.dtype.kind != "f" or ds.dtype.itemsize not in (2, 4, 8):
-        raise FormatError(f"{path}: array {name!r} has dtype {ds.dtype}, expected a float type")
-    try:
-        arr = ds[()]
-    except Exception as e:
-        raise FormatError(f"{path}: array {name!r} cannot be read ({e})") from None
-    arr = np.asarray(arr).astype(dtype, copy=False)
+    """One parameter, checked before and after it is read (`h5read.read_array`: present, stored
+    in the file, its shape, a float dtype), then finite values. -> the array in dtype"""
+    from .h5read import read_array
+    arr = read_array(f, path, name, shape).astype(dtype, copy=False)
     if not np.isfinite(arr).all():
-        raise FormatError(f"{path}: array {name!r} has non-finite values")
+        raise FormatError(f"{path}: array {quote(name)} has non-finite values")
     return arr
 
 
 def find_base(path, base: dict):
     """Where the base weights of a trained-only file are: the absolute path saved, else the path
     as given at training relative to the file's folder or the current one. -> path or None"""
-    given = base.get("given") or ""
+    given = base.get("given") if isinstance(base.get("given"), str) else ""
     for cand in (base.get("path"), os.path.join(os.path.dirname(os.path.abspath(path)), given), given):
-        if cand and os.path.isfile(cand):
+        if isinstance(cand, str) and cand and os.path.isfile(cand):      # (never a number: a file descriptor)
             return cand
     return None
 
 
 def _load_base(path, base: dict, dtype, config, num_classes):
     """The base weights a trained-only file builds on, sha256-checked, with the file's config."""
+    if not isinstance(base, dict):
+        raise FormatError(f"{path}: meta base_weights is not an object")
     found = find_base(path, base)
     if found is None:
         raise FormatError(f"{path}: holds only the trained arrays; its base weights {base.get('path')} "
                           f"(sha256 {str(base.get('sha256'))[:12]}...) are missing: put that file back, or "
                           "train with --save full for a file that stands alone")
-    digest = sha256_file(found)
+    # The size first: a base for this config holds its arrays in float16 to float64, plus HDF5's
+    # few kB per array. A file far off that is not the base, and is never read whole to find out.
+    count = sum(int(np.prod(s)) for s in param_shapes(config).values())
+    low, high = 2 * count, 8 * count + (1 << 20) + 4096 * len(param_shapes(config))
+    size = os.path.getsize(found)
+    if not low <= size <= high:
+        raise FormatError(f"{path}: its base weights {found} are {size} bytes, not the {low}..{high} "
+                          f"that a model of config {config} takes: they are other weights")
+    digest = sha256_file(found, max_bytes=high)
     if digest != base.get("sha256"):
         raise FormatError(f"{path}: its base weights {found} have sha256 {digest[:12]}..., not the "
                           f"{str(base.get('sha256'))[:12]}... it was trained from: they are other weights")

@@ -11,6 +11,13 @@ this module keeps the result in a cache folder, so a later run on the same data 
                    token ids and lengths, the depth, the pooling mode, the packing (max_tokens) and
                    the kernels (Numba or NumPy). A content hash: never a path or a time.
 
+What the cache owns: its folder holds a marker, `CACHEDIR.TAG` (the standard tag that backup
+tools skip, naming npgpt), and its own files, each named by an exact pattern (`ENTRY`, and
+`LEFTOVER` for temporary files): nothing else is ever read, listed or removed. A `--cache-dir`
+that already holds other files is used through a subfolder, `npgpt-prefix-cache/`
+(`cache_folder`). An entry that is not a regular file (a FIFO would block a read), not readable
+or not well formed is removed and recomputed.
+
 Reuse: an entry at depth d serves a run whose first trainable block is s >= d, by computing
 blocks d..s-1 from it (a cache at depth 10 serves `--trainable-blocks 1` and `2`), the same bits
 as a computation from the embeddings (`npgpt.prefix`).
@@ -42,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 
@@ -49,16 +57,65 @@ import numpy as np
 
 from . import fastops, prefix
 from .errors import TrainingError
-from .fileio import process_alive, replace_durably, temp_owner, temp_path, write_json
+from .fileio import (process_alive, regular_file, replace_durably, reserve_space, temp_owner, temp_path,
+                     write_bytes, write_json)
 from .model import Padding
 
 VERSION = 2              # 2: shared first tokens computed once (npgpt.prefix_tree)
 ENV = "NPGPT_CACHE_DIR"
+MARKER = "CACHEDIR.TAG"
+MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+               "# npgpt prefix cache: the frozen-prefix activations of npgpt runs (`python -m npgpt.cache`).\n")
+SUBFOLDER = "npgpt-prefix-cache"
+ENTRY = re.compile(r"[0-9a-f]{64}\.(npy|json)\Z")                                   # <key>.npy, <key>.json
+LEFTOVER = re.compile(r"\.([0-9a-f]{64}\.(npy|json)|CACHEDIR\.TAG)\.\d+\.[a-z0-9_]+\.tmp\Z")  # fileio.temp_path's
 
 
 def default_dir() -> str:
     """The cache folder: $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix."""
     return os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "npgpt", "prefix")
+
+
+def cache_folder(given) -> str:
+    """The folder the cache keeps its files in, for a --cache-dir (or $NPGPT_CACHE_DIR) `given`:
+    `given` itself when it is new, empty, marked as npgpt's or holds only the cache's own files;
+    else its subfolder SUBFOLDER, so that the cache never mixes its files with anyone else's."""
+    given = os.fspath(given)
+    return given if _ours(given) else os.path.join(given, SUBFOLDER)
+
+
+def _ours(folder) -> bool:
+    """Whether `folder` is (or can become) the cache's: missing, marked, or only its own files."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return _marked(folder) or all(n == MARKER or ENTRY.match(n) or LEFTOVER.match(n) for n in names)
+
+
+def _marked(folder) -> bool:
+    path = os.path.join(folder, MARKER)
+    if not regular_file(path):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return b"npgpt prefix cache" in fh.read(4096)
+    except OSError:
+        return False
+
+
+def claim_folder(folder) -> None:
+    """Create the cache folder if needed and mark it as npgpt's; TrainingError when it holds
+    files the cache did not write (a subfolder someone else made, say)."""
+    os.makedirs(folder, exist_ok=True)
+    if _marked(folder):
+        return
+    if not _ours(folder):
+        raise TrainingError(f"the prefix cache folder {folder} holds files npgpt did not write: "
+                            "give --cache-dir a new or empty folder")
+    write_bytes(os.path.join(folder, MARKER), MARKER_TEXT.encode())
 
 
 def free_memory() -> int:
@@ -115,7 +172,7 @@ class PrefixCache:
 
     def __init__(self, cache_dir=None, use_disk=True, memory_limit=None, spill_dir=None,
                  max_tokens=2048, log=None):
-        self.dir = cache_dir or default_dir()
+        self.dir = cache_folder(cache_dir or default_dir())
         self.use_disk = use_disk
         self.memory_limit = default_memory_limit() if memory_limit is None else int(memory_limit)
         self.spill_dir = spill_dir
@@ -135,21 +192,25 @@ class PrefixCache:
     def read(self, key, rows: int, cols: int, dtype):
         """The verified array of an entry, or None (missing; a corrupt entry is removed)."""
         npy, meta_path = self._paths(key)
-        if not os.path.exists(meta_path):
+        if not os.path.lexists(meta_path):
             return None
         try:
+            problem = None
+            if not (regular_file(meta_path) and regular_file(npy)):    # (np.load of a FIFO never returns)
+                raise OSError("not a regular file")
             with open(meta_path) as fh:
                 meta = json.load(fh)
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
             arr = np.load(npy, mmap_mode="r")
-            problem = None
             if arr.shape != (rows, cols) or meta.get("rows") != rows or meta.get("cols") != cols:
                 problem = f"shape {arr.shape}, expected {(rows, cols)}"
             elif arr.dtype != np.dtype(dtype) or meta.get("dtype") != np.dtype(dtype).str:
                 problem = f"dtype {arr.dtype}, expected {np.dtype(dtype)}"
             elif checksum(arr) != meta.get("sha256"):
                 problem = "checksum mismatch"
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problem = f"unreadable ({e})"
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            problem = f"unreadable ({type(e).__name__}: {str(e)[:100]})"
         if problem:
             self.log(f"prefix cache entry {key[:16]} is damaged ({problem}): recomputing it")
             remove_entry(self.dir, key)
@@ -168,7 +229,10 @@ class PrefixCache:
         if nbytes <= self.memory_limit:
             return np.empty((rows, cols), dtype), None
         folder = self.dir if self.use_disk else (self.spill_dir or self.dir)
-        os.makedirs(folder, exist_ok=True)
+        if folder == self.dir:
+            claim_folder(folder)
+        else:
+            os.makedirs(folder, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if free < nbytes + (64 << 20):
             fix = "--cache-dir on a larger disk" if self.use_disk else "--out on a larger disk"
@@ -179,6 +243,13 @@ class PrefixCache:
                  f"({self.memory_limit / 2**20:.0f} MiB): kept on disk in {folder}"
                  + ("" if self.use_disk else " for this run only (removed when it ends)"))
         arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, cols))
+        try:
+            reserve_space(path)            # a full disk: this error now, not a SIGBUS mid-write
+        except OSError as e:
+            del arr
+            os.remove(path)
+            raise TrainingError(f"cannot reserve {nbytes / 2**30:.2f} GiB in {folder} for the frozen prefix "
+                                f"({e.strerror or e}): free space, or raise --cache-memory") from None
         if not self.use_disk:
             try:
                 os.remove(path)
@@ -207,7 +278,7 @@ class PrefixCache:
 
     def write(self, key, arr, meta: dict, tmp_path=None):
         """Store arr as entry `key`, atomically. -> the array to use (memory-mapped if it was)."""
-        os.makedirs(self.dir, exist_ok=True)
+        claim_folder(self.dir)
         npy, meta_path = self._paths(key)
         if tmp_path is None:
             tmp_path = temp_path(self.dir, key + ".npy")
@@ -374,23 +445,26 @@ def checksum(arr) -> str:
 
 def entries(cache_dir=None) -> list:
     """The entries of a cache folder: dicts from their .json, plus 'files_bytes'; sorted by time."""
-    d = cache_dir or default_dir()
+    d = cache_folder(cache_dir or default_dir())
     out = []
     if not os.path.isdir(d):
         return out
     for name in sorted(os.listdir(d)):
-        if not name.endswith(".json"):
+        if not (ENTRY.match(name) and name.endswith(".json")):
             continue
         key = name[:-5]
+        path, npy = os.path.join(d, name), os.path.join(d, key + ".npy")
         try:
-            with open(os.path.join(d, name)) as fh:
+            if not regular_file(path):
+                raise OSError("not a regular file")
+            with open(path) as fh:
                 meta = json.load(fh)
-        except (OSError, ValueError):
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError, RecursionError):
             meta = {"key": key, "damaged": True}
-        npy = os.path.join(d, key + ".npy")
-        meta["files_bytes"] = (os.path.getsize(npy) if os.path.exists(npy) else 0) + \
-            os.path.getsize(os.path.join(d, name))
-        meta.setdefault("key", key)
+        meta["files_bytes"] = sum(os.lstat(p).st_size for p in (npy, path) if regular_file(p))
+        meta["key"] = key
         out.append(meta)
     return sorted(out, key=lambda m: str(m.get("created", "")))
 
@@ -399,13 +473,13 @@ def leftovers(cache_dir=None) -> list:
     """Temporary files in a cache folder (named by `fileio.temp_path`): [(name, pid of the process
     that writes it, bytes)]. A file whose process still runs is being written; any other was left
     by a run that was killed."""
-    d = cache_dir or default_dir()
+    d = cache_folder(cache_dir or default_dir())
     out = []
     if not os.path.isdir(d):
         return out
     for name in sorted(os.listdir(d)):
         pid = temp_owner(name)
-        if pid is None:
+        if pid is None or not LEFTOVER.match(name):
             continue
         try:
             out.append((name, pid, os.path.getsize(os.path.join(d, name))))
@@ -415,23 +489,30 @@ def leftovers(cache_dir=None) -> list:
 
 
 def remove_entry(cache_dir, key):
+    """Remove an entry's two files (whatever they are: a damaged entry may be a folder or a FIFO).
+    A folder in an entry's place is removed only when empty; the entry then cannot be saved."""
     for suffix in (".json", ".npy"):
+        path = os.path.join(cache_dir, key + suffix)
         try:
-            os.remove(os.path.join(cache_dir, key + suffix))
-        except FileNotFoundError:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.remove(path)
+        except OSError:
             pass
 
 
 def clear(cache_dir=None) -> tuple:
-    """Remove every entry (and leftover temporary files). -> (entries removed, bytes freed)"""
-    d = cache_dir or default_dir()
+    """Remove every entry (and leftover temporary files): only files the cache can identify as its
+    own (`cache_folder`, `ENTRY`, `LEFTOVER`). -> (entries removed, bytes freed)"""
+    d = cache_folder(cache_dir or default_dir())
     if not os.path.isdir(d):
         return 0, 0
     n, freed = 0, 0
     for name in os.listdir(d):
         path = os.path.join(d, name)
-        if name.endswith(".json") or name.endswith(".npy") or ".tmp" in name:
-            n += name.endswith(".json")
-            freed += os.path.getsize(path)
+        if (ENTRY.match(name) or LEFTOVER.match(name)) and not os.path.isdir(path):
+            n += bool(ENTRY.match(name)) and name.endswith(".json")
+            freed += os.lstat(path).st_size
             os.remove(path)
     return n, freed

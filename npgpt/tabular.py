@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, quote
 
 TABLE_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".parquet")
 SPLIT_FILES = {"train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
@@ -99,8 +99,9 @@ def _frame(records, columns, text_column, label_column, bad, listing, dashes) ->
         which = "a label column" if missing == [label_column] else "a text column"
         flag = ("--label-column" if missing == [label_column] else "--text-column") if dashes else \
             ("label_column=" if missing == [label_column] else "text_column=")
-        raise DataError(f"{bad.source}: no column {missing[0]!r} ({which}; choose one with {flag}); "
-                        f"{listing}: {', '.join(map(str, columns)) or '(none)'}")
+        raise DataError(f"{bad.source}: no column {quote(missing[0])} ({which}; choose one with {flag}); "
+                        f"{listing}: {', '.join(str(c)[:40] for c in columns[:20]) or '(none)'}"
+                        + (f" and {len(columns) - 20} more" if len(columns) > 20 else ""))
     rows = []
     for line, rec in records:
         if isinstance(rec, str):                 # a reason: the row is unusable
@@ -110,12 +111,16 @@ def _frame(records, columns, text_column, label_column, bad, listing, dashes) ->
         text = rec.get(text_column)
         label = rec.get(label_column, "") if label_column is not None else ""
         if not isinstance(text, str) or not text.strip():
-            bad.add(line, f"empty text in column {text_column!r}" if text in (None, "") or isinstance(text, str)
-                    else f"text in column {text_column!r} is not a string ({type(text).__name__})")
+            bad.add(line, f"empty text in column {quote(text_column)}" if text in (None, "") or isinstance(text, str)
+                    else f"text in column {quote(text_column)} is not a string ({type(text).__name__})")
+            continue
+        if label_column is not None and not _is_label_value(label):
+            bad.add(line, f"label in column {quote(label_column)} is a {type(label).__name__}, "
+                          "not a string or a number")
             continue
         label = _label_string(label)
         if label_column is not None and label is None:
-            bad.add(line, f"empty label in column {label_column!r}")
+            bad.add(line, f"empty label in column {quote(label_column)}")
             continue
         rows.append((text, label, line))
     if not rows:
@@ -186,7 +191,7 @@ def _delimited_records(text: str, ext: str, bad: _BadRows):
                 header = [c.strip() for c in row]
                 if len(set(header)) != len(header):
                     dup = next(c for c in header if header.count(c) > 1)
-                    raise DataError(f"{bad.source}: line {line}: the header names column {dup!r} twice")
+                    raise DataError(f"{bad.source}: line {line}: the header names column {quote(dup)} twice")
                 continue
             if not row or not any(c.strip() for c in row):
                 records.append((line, "blank line"))
@@ -219,6 +224,9 @@ def _jsonl_records(text: str, bad: _BadRows):
         except json.JSONDecodeError as e:
             records.append((n, f"not JSON ({e.msg}, column {e.colno})"))
             continue
+        except RecursionError:          # brackets nested past Python's recursion limit
+            records.append((n, "JSON nested too deeply"))
+            continue
         if not isinstance(obj, dict):
             records.append((n, f"a JSON {type(obj).__name__}, not an object"))
             continue
@@ -246,6 +254,12 @@ def _isna(v) -> bool:
         return False
 
 
+def _is_label_value(label) -> bool:
+    """Whether a cell can be a label: None (missing), a string, an integer or a float (a list or
+    a dict from JSONL or Parquet is not: its repr would become a class name)."""
+    return label is None or isinstance(label, (str, int, float, np.integer, np.floating, np.bool_))
+
+
 def _label_string(label):
     """A label as the class name it stands for: strings stripped, integers (1, 1.0, True: no)
     written in decimal; None for a blank or missing label."""
@@ -270,7 +284,7 @@ def class_names(train_labels, given=None) -> list:
     if given:
         names = [str(s).strip() for s in given]
         if any(not s for s in names) or len(set(names)) != len(names):
-            raise DataError(f"--labels must name each class once, got {','.join(names)!r}")
+            raise DataError(f"--labels must name each class once, got {quote(','.join(names))}")
         return names
     distinct = set(train_labels)
     if all(_INT.match(s) for s in distinct):
@@ -284,8 +298,9 @@ def label_ids(df: pd.DataFrame, names: list, where: str) -> np.ndarray:
     ids = np.array([index.get(s, -1) for s in df["Label"]], dtype=np.int64)   # [N]
     if (ids < 0).any():
         i = int(np.flatnonzero(ids < 0)[0])
-        raise DataError(f"{where}: line {df['Line'].iloc[i]}: label {df['Label'].iloc[i]!r} is not one of "
-                        f"the training data's classes ({', '.join(names)})")
+        raise DataError(f"{where}: line {df['Line'].iloc[i]}: label {quote(df['Label'].iloc[i])} is not one of "
+                        f"the training data's classes ({', '.join(n[:40] for n in names[:20])}"
+                        + (", ...)" if len(names) > 20 else ")"))
     return ids
 
 
@@ -355,7 +370,7 @@ def prepare_user_splits(data, validation=None, test=None, *, text_column="text",
     names = class_names(source["Label"], labels)
     label_ids(source, names, source.attrs["source"])          # every training label is a class
     if len(set(source["Label"])) < 2:
-        raise DataError(f"{source.attrs['source']}: only one class ({source['Label'].iloc[0]!r}); "
+        raise DataError(f"{source.attrs['source']}: only one class ({quote(source['Label'].iloc[0])}); "
                         "a classifier needs at least two")
     if balance == "undersample":
         source = undersample(source, seed)

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from .errors import FormatError, NpgptError
@@ -35,6 +36,7 @@ BPE_FILES = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
+BPE_SIZES = {"encoder.json": 1042301, "vocab.bpe": 456318}    # bytes: a stored copy is read only at these
 WEIGHT_SIZES = ("124M", "355M", "774M", "1558M")
 
 
@@ -101,17 +103,14 @@ def encoding_from_bytes(files: dict, source: str = "the classifier file"):
 
 
 def tokenizer_from_h5(path):
-    """The encoding stored in a classifier file (`tokenizer/` arrays), or None if it has none."""
-    import h5py
-    import numpy as np
-    try:
-        with h5py.File(path, "r") as f:
-            if "tokenizer" not in f:
-                return None
-            files = {name: np.asarray(f["tokenizer"][name][()], np.uint8).tobytes()
-                     for name in f["tokenizer"] if name in BPE_FILES}
-    except Exception as e:
-        raise FormatError(f"{path}: cannot read the stored tokenizer ({type(e).__name__}: {e})") from None
+    """The encoding stored in a classifier file (`tokenizer/` arrays), or None if it has none.
+    Each file is read only when its array has GPT-2's exact size (`BPE_SIZES`), then sha256-checked."""
+    from .h5read import open_h5, read_bytes
+    with open_h5(path) as f:
+        if "tokenizer" not in f:
+            return None
+        files = {name: read_bytes(f, path, f"tokenizer/{name}", size)
+                 for name, size in BPE_SIZES.items() if f"tokenizer/{name}" in f}
     return encoding_from_bytes(files, str(path))
 
 
@@ -125,8 +124,13 @@ def decode(tok, ids) -> str:
 
 
 def check_bpe_file(path: Path) -> None:
-    """Raise FormatError unless `path` (encoder.json or vocab.bpe) has OpenAI's sha256."""
+    """Raise FormatError unless `path` (encoder.json or vocab.bpe) has OpenAI's sha256. The folder
+    may be named by a model file (its training's BPE folder): only a regular file of GPT-2's exact
+    size is hashed, so such a name can make npgpt read nothing else."""
     expected = BPE_FILES[path.name]
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != BPE_SIZES[path.name]:
+        raise FormatError(f"{path}: not GPT-2's {path.name} (a {BPE_SIZES[path.name]}-byte file)")
     digest = sha256_file(path)
     if digest != expected:
         raise FormatError(f"{path}: sha256 {digest} is not that of GPT-2's {path.name} ({expected})")

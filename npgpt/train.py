@@ -209,23 +209,14 @@ def _frozen_prefix(job, options, run_dir, log):
 def _restore_trained(run_dir, params, names):
     """A finished run's checkpoint keeps no parameters: take the trained arrays from its
     classifier.h5 (full or --save trained) before the checkpoint's optimizer state is loaded."""
-    import h5py
-    from .errors import FormatError
-    with h5py.File(os.path.join(run_dir, CHECKPOINT), "r") as f:
+    from .h5read import open_h5, read_array
+    with open_h5(os.path.join(run_dir, CHECKPOINT)) as f:
         if "params" in f:
             return
     path = os.path.join(run_dir, "classifier.h5")
-    try:
-        with h5py.File(path, "r") as f:
-            for n in names:
-                arr = f[n][()]
-                if arr.shape != params[n].shape:
-                    raise FormatError(f"{path}: array {n!r} does not fit the model")
-                params[n][...] = arr
-    except FormatError:
-        raise
-    except Exception as e:
-        raise FormatError(f"{path}: cannot read the trained arrays to resume from ({e})") from None
+    with open_h5(path) as f:
+        for n in names:
+            params[n][...] = read_array(f, path, n, params[n].shape)
 
 
 def _save_outputs(run_dir, job, state, record, log, plots=True) -> str:

@@ -382,15 +382,16 @@ def test_hdf5_truncated(data):
         assert_exact(params, H5_REF)
 
 
-# load_params checks the file's n_layer against the blocks present before it builds any name
-# from it: a flip in that attribute's bytes (n_layer 2 becoming 2**56) is a FormatError.
+# load_params checks the file's config against plausible bounds (and n_layer against the blocks
+# present) before it builds any name from it: a flip in that attribute's bytes (n_layer 2
+# becoming 2**56) is a FormatError.
 def test_hdf5_huge_n_layer_is_a_format_error(tmp_path):
     import h5py
     path = tmp_path / "m.h5"
     path.write_bytes(H5_FILE)
     with h5py.File(path, "r+") as f:
         f.attrs["n_layer"] = 2 ** 56
-    with pytest.raises(NpgptError, match=f"n_layer is {2 ** 56} but the file holds 2 blocks"):
+    with pytest.raises(NpgptError, match=f"n_layer is {2 ** 56}, above the 128"):
         with address_space_cap():
             load_params(path)
 
@@ -404,3 +405,105 @@ def test_hdf5_byte_flips(changes):
         for name, ref in H5_REF.items():
             assert params[name].dtype == np.float32 and params[name].shape == ref.shape, name
             assert np.isfinite(params[name]).all(), name
+
+
+# ----------------------------------------------------------------------------- HDF5 from a hostile writer
+#
+# The loader (npgpt.h5read) is what stands between a downloaded file and the machine: every
+# storage h5py can give one array, hostile ones included, either loads to exactly the original
+# values or is refused with an NpgptError. No kind of storage is left out of the draw.
+
+H5_NAMES = sorted(H5_REF)
+STORAGES = ["contiguous", "chunked", "gzip", "shuffle_gzip", "fletcher32", "lzf", "scaleoffset", "float64",
+            "float16", "int32", "unwritten_chunks", "external_storage", "soft_link", "external_link", "virtual",
+            "virtual_missing", "shape", "scalar", "group"]
+EXACT = {"contiguous", "chunked", "gzip", "shuffle_gzip", "fletcher32", "float64"}
+
+
+def _store(f, name, arr, storage, chunks, d):
+    """Put `arr` (the original array) into f[name] with the given storage."""
+    import h5py
+    if storage in ("contiguous", "float64", "float16", "int32"):
+        dtype = {"float64": "f8", "float16": "f2", "int32": "i4"}.get(storage, "f4")
+        f.create_dataset(name, data=arr.astype(dtype))
+    elif storage in ("chunked", "gzip", "shuffle_gzip", "fletcher32", "lzf", "scaleoffset", "unwritten_chunks"):
+        kw = {"gzip": dict(compression="gzip"), "shuffle_gzip": dict(compression="gzip", shuffle=True),
+              "fletcher32": dict(fletcher32=True, compression="gzip"), "lzf": dict(compression="lzf"),
+              "scaleoffset": dict(scaleoffset=2)}.get(storage, {})
+        ds = f.create_dataset(name, shape=arr.shape, dtype="f4", chunks=chunks, **kw)
+        if storage != "unwritten_chunks":
+            ds[...] = arr
+    elif storage == "external_storage":
+        (d / "raw.bin").write_bytes(arr.tobytes())
+        f.create_dataset(name, shape=arr.shape, dtype="f4", external=[(str(d / "raw.bin"), 0, arr.nbytes)])
+    elif storage == "soft_link":
+        f.create_dataset("elsewhere", data=arr)
+        f[name] = h5py.SoftLink("/elsewhere")
+    elif storage in ("external_link", "virtual", "virtual_missing"):
+        with h5py.File(d / "other.h5", "w") as g:
+            g.create_dataset("x", data=arr)
+        if storage == "external_link":
+            f[name] = h5py.ExternalLink(str(d / "other.h5"), "/x")
+        else:
+            layout = h5py.VirtualLayout(shape=arr.shape, dtype="f4")
+            source = d / ("other.h5" if storage == "virtual" else "missing.h5")
+            layout[...] = h5py.VirtualSource(str(source), "x", shape=arr.shape)
+            f.create_virtual_dataset(name, layout, fillvalue=0)
+    elif storage == "shape":
+        f.create_dataset(name, data=np.concatenate([arr.reshape(-1), [0]]).astype("f4"))
+    elif storage == "scalar":
+        f.create_dataset(name, data=np.float32(1))
+    else:
+        f.create_group(name)
+
+
+@FUZZ
+@given(st.data())
+def test_hdf5_storage_of_one_array_edited(data):
+    import h5py
+    name = data.draw(st.sampled_from(H5_NAMES))
+    storage = data.draw(st.sampled_from(STORAGES))
+    arr = H5_REF[name]
+    chunks = tuple(data.draw(st.integers(1, max(s, 1))) for s in arr.shape) or None
+    if storage in ("chunked", "gzip", "shuffle_gzip", "fletcher32", "lzf", "scaleoffset", "unwritten_chunks") \
+            and chunks is None:
+        storage = "contiguous"
+    with scratch_dir() as d:
+        (d / "m.h5").write_bytes(H5_FILE)
+        with h5py.File(d / "m.h5", "r+") as f:
+            del f[name]
+            _store(f, name, arr, storage, chunks, d)
+        result = load_guarded(load_params, d / "m.h5")
+    params = None if result is None else result[0]
+    if storage in EXACT:
+        assert params is not None, storage
+        assert_exact(params, H5_REF)
+    elif storage != "float16":
+        assert params is None, storage        # refused: not stored in the file, or not the array
+    elif params is not None:                  # float16: loads, rounded
+        np.testing.assert_allclose(params[name], arr.astype(np.float16), rtol=0, atol=0)
+
+
+ATTR_VALUES = st.one_of(INTS, st.integers(-2 ** 65, 2 ** 65), st.floats(), st.text(max_size=12), st.booleans(),
+                        st.lists(st.integers(0, 70), min_size=0, max_size=5).map(np.array),
+                        JSON_VALUES.map(json.dumps))
+
+
+@FUZZ
+@given(st.data())
+def test_hdf5_attributes_edited(data):
+    """Any value in a root attribute: the config's, num_classes, meta (any JSON, or not JSON)."""
+    import h5py
+    key = data.draw(st.sampled_from(["n_layer", "n_head", "n_embd", "vocab_size", "n_ctx", "num_classes", "meta",
+                                     "npgpt_format"]))
+    value = data.draw(ATTR_VALUES)
+    with scratch_dir() as d:
+        (d / "m.h5").write_bytes(H5_FILE)
+        with h5py.File(d / "m.h5", "r+") as f:
+            try:
+                f.attrs[key] = value
+            except (TypeError, ValueError):
+                return                                  # a value h5py cannot store
+        result = load_guarded(load_params, d / "m.h5")
+    if result is not None:
+        assert_exact(result[0], H5_REF)

@@ -157,6 +157,11 @@ def test_bpe_file_bytes_are_checked(bpe_dir, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     shutil.copy(pathlib.Path(bpe_dir) / "encoder.json", bad / "encoder.json")
-    (bad / "vocab.bpe").write_text("#version: 0.2\nh e\n")
+    (bad / "vocab.bpe").write_text("#version: 0.2\nh e\n")               # another size: not even hashed
+    with pytest.raises(FormatError, match=r"vocab\.bpe: not GPT-2's vocab\.bpe \(a 456318-byte file\)"):
+        tokenizer.bpe_file_bytes(bad)
+    raw = bytearray((pathlib.Path(bpe_dir) / "vocab.bpe").read_bytes())
+    raw[-2] ^= 1
+    (bad / "vocab.bpe").write_bytes(bytes(raw))                          # the right size, other bytes
     with pytest.raises(FormatError, match=r"vocab\.bpe: sha256 .* is not that of GPT-2's"):
         tokenizer.bpe_file_bytes(bad)

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from ..errors import NpgptError
+from ..errors import NpgptError, printable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +102,7 @@ def run(main, argv=None, prog=None) -> None:
     except NpgptError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:         # the reader went away (`... | head`): nothing left to say
         reader_gone()
@@ -114,7 +114,7 @@ def run(main, argv=None, prog=None) -> None:
     except (OSError, MemoryError) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e) or type(e).__name__}", file=sys.stderr)   # MemoryError has no message
         sys.exit(1)
     sys.exit(code or 0)
 
@@ -151,7 +151,6 @@ def hand_over(command: str) -> None:
 
 def shorten(text: str, width: int) -> str:
     """One display line: whitespace runs become one space, other control characters are shown
-    escaped (\\x1b), and the text is cut to `width` characters with "..."."""
-    s = " ".join(text.split())
-    s = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in s)
+    escaped (\\x1b, `npgpt.errors.printable`), and the text is cut to `width` characters with "..."."""
+    s = printable(" ".join(text.split()))
     return s if len(s) <= width else s[:max(width - 3, 1)] + "..."

@@ -25,7 +25,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    folder = args.cache_dir or prefix_cache.default_dir()
+    folder = prefix_cache.cache_folder(args.cache_dir or prefix_cache.default_dir())
     if args.command == "clear":
         n, freed = prefix_cache.clear(folder)
         print(f"removed {n} entr{'y' if n == 1 else 'ies'} ({freed / 2**20:.1f} MiB) from {folder}")

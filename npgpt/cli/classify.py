@@ -11,23 +11,32 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 
 import numpy as np
 
 from ..classify import DEFAULT_BATCH_SIZE, check_texts, load_classifier
 from ..data import split_lines
-from ..errors import DataError
+from ..errors import DataError, printable
 from . import make_parser, shorten
 
 
-def read_lines(raw: bytes, source: str, skip_empty=False):
+def read_lines(raw: bytes, source: str, skip_empty=False, notes=None):
     """Texts of a file or stdin, one per line -> (texts, their 1-based line numbers).
 
     A trailing "\\r" and a UTF-8 byte-order mark are dropped. A blank (or whitespace-only) line is
-    a DataError naming it unless skip_empty; so is a line that is not UTF-8."""
+    a DataError naming it unless skip_empty; so is a line that is not UTF-8.
+    notes: a list, for a file (not a pipe): only complete lines are texts. A last line with no
+    newline at its end may be half-written (a file still being appended to): it is left out, and
+    a note saying so is added to `notes`."""
+    lines = split_lines(raw)
+    if notes is not None and lines and not raw.endswith(b"\n"):
+        notes.append(f"note: {source}: line {len(lines)} has no newline at its end (a file still being "
+                     "written?): left out; end the file with a newline to classify it")
+        lines = lines[:-1]
     texts, numbers = [], []
-    for n, line in enumerate(split_lines(raw), start=1):
+    for n, line in enumerate(lines, start=1):
         if line.endswith(b"\r"):
             line = line[:-1]
         try:
@@ -93,23 +102,27 @@ def main(argv=None):
         sys.stdout.reconfigure(errors="backslashreplace")   # any text prints, whatever the terminal
 
     # the texts first: a bad input fails before the model is read
+    notes = []
     if args.file is not None and args.file != "-":
         try:
             with open(args.file, "rb") as fh:
                 raw = fh.read()
         except FileNotFoundError:
             raise DataError(f"{args.file}: no such file") from None
-        texts, lines = read_lines(raw, args.file, args.skip_empty)
+        texts, lines = read_lines(raw, args.file, args.skip_empty, notes)
         names = [f"line {n}" for n in lines]
     elif args.file == "-" or not args.texts or args.texts == ["-"]:
         if sys.stdin.isatty():
             print("reading texts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
-        texts, lines = read_lines(sys.stdin.buffer.read(), "<stdin>", args.skip_empty)
+        from_file = stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)      # `< file`, not a pipe
+        texts, lines = read_lines(sys.stdin.buffer.read(), "<stdin>", args.skip_empty, notes if from_file else None)
         names = [f"line {n}" for n in lines]
     else:
         texts = check_texts(args.texts)
         names = [f"text {i + 1}" for i in range(len(texts))]
 
+    for note in notes:
+        print(printable(note), file=sys.stderr)
     clf = load_classifier(args.model, args.bpe_dir, args.batch_size)
     P = clf.predict_proba(texts, progress=not args.quiet and len(texts) >= 100)   # [N,K]
     if clf.truncated:
@@ -137,8 +150,9 @@ def print_results(texts, labels, P, cut: set, as_json: bool, width: int, top: in
                 item["top"] = [{"label": labels[j], "probability": float(P[i, j])} for j in order[i]]
         print(json.dumps(out, indent=1))
     else:
-        w = max(len(s) for s in labels)
+        shown = [printable(s) for s in labels]          # a label from a file may hold escape sequences
+        w = max(len(s) for s in shown)
         for i, text in enumerate(texts):
-            best = "  ".join(f"{labels[j]:<{w}}  {P[i, j]:.3f}" for j in order[i])
+            best = "  ".join(f"{shown[j]:<{w}}  {P[i, j]:.3f}" for j in order[i])
             print(f"{best}  {shorten(text, width)}")
     sys.stdout.flush()

@@ -9,23 +9,25 @@ from __future__ import annotations
 import json
 import sys
 
+from ..errors import printable
 from ..evaluate import evaluate_classifier
 from . import make_parser, shorten
 
 
 def format_report(result: dict, width=70) -> str:
-    """The metrics as aligned lines: accuracy, per-class table, averages, confusion, mistakes."""
-    names = result["labels"]
+    """The metrics as aligned lines: accuracy, per-class table, averages, confusion, mistakes.
+    Class names are shown through `printable` (a label from a file may hold escape sequences)."""
+    names = [printable(s) for s in result["labels"]]
     w = max(9, max(len(s) for s in names) + 2)
     lines = [f"accuracy   {result['accuracy'] * 100:6.2f}%   loss {result['loss']:.4f} (mean cross-entropy)"]
     if "roc_auc" in result:
-        pos = result["positive"]
+        pos = printable(result["positive"])
         rule = f"p({pos}) >= {result['threshold']}" if result["threshold"] is not None else "the larger probability"
         lines.append(f"positive class {pos} ({rule}): precision {result['precision'] * 100:.2f}%, "
                      f"recall {result['recall'] * 100:.2f}%, F1 {result['f1'] * 100:.2f}%, "
                      f"ROC AUC {result['roc_auc']:.4f}")
     lines.append(f"{'':<{w}}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}")
-    for name, m in result["per_class"].items():
+    for name, m in zip(names, result["per_class"].values()):
         lines.append(f"{name:<{w}}{m['precision'] * 100:9.2f}%{m['recall'] * 100:9.2f}%{m['f1'] * 100:9.2f}%"
                      f"{m['support']:>10}")
     for avg in ("macro", "weighted"):
@@ -40,7 +42,8 @@ def format_report(result: dict, width=70) -> str:
         lines.append(f"the {len(result['errors'])} most confident mistakes:")
         for e in result["errors"]:
             where = f"line {e['line']}" if e["line"] is not None else f"text {e['index'] + 1}"
-            lines.append(f"  {where}: {e['true']} called {e['predicted']} ({e['probability']:.3f})  "
+            lines.append(f"  {where}: {printable(e['true'])} called {printable(e['predicted'])} "
+                         f"({e['probability']:.3f})  "
                          f"{shorten(e['text'], width)}")
     return "\n".join(lines)
 
@@ -92,7 +95,7 @@ def load_labelled(args, clf):
         else:
             df = read_sms_spam(args.data, skip_bad_lines=args.skip_bad_lines, parse=args.parse)
         if df.attrs.get("warning"):
-            print(df.attrs["warning"], file=sys.stderr)
+            print(printable(df.attrs["warning"]), file=sys.stderr)
         return df["Text"].tolist(), df["Label"].tolist(), df["Line"].to_numpy(), f"{args.data} (whole file)"
     run_csv = os.path.join(os.path.dirname(os.path.abspath(clf.path)), f"{args.split}.csv")
     if os.path.isfile(run_csv):
@@ -136,7 +139,7 @@ def main(argv=None):
         print(json.dumps(result, indent=1))
     else:
         cut = f", {result['truncated']} cut to {clf.limit} tokens" if result["truncated"] else ""
-        print(f"{clf.path}: pooling {clf.pooling}, texts cut to {clf.limit} tokens")
-        print(f"{what}: {result['n']} messages{cut}")
+        print(f"{printable(clf.path)}: pooling {clf.pooling}, texts cut to {clf.limit} tokens")
+        print(f"{printable(what)}: {result['n']} messages{cut}")
         print(format_report(result))
     return 0

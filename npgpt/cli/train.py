@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..errors import NpgptError
+from ..errors import NpgptError, printable
 from ..runconfig import SIZES, ConfigError, RunConfig, RunOptions
 from ..runs import Interrupted
 from ..train import resume_run, train_run
@@ -116,13 +116,19 @@ def parse(argv, parser):
         parser.error(str(e))
 
 
+def say(message) -> None:
+    """Print a message of the run, each line through `printable`: class names and column names
+    come from the user's files and may hold escape sequences."""
+    print("\n".join(printable(line) for line in str(message).split("\n")))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     run, options, resume, epochs = parse(argv, parser)
     announce_compilation(print)
     try:
-        result = resume_run(resume, options, epochs) if resume else train_run(run, options)
+        result = resume_run(resume, options, epochs, log=say) if resume else train_run(run, options, log=say)
     except ConfigError as e:             # a setting the data or the weights rule out
         parser.error(str(e))
     except Interrupted as e:
