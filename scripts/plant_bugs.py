@@ -62,7 +62,7 @@ def refusal(bug, root=REPO) -> str:
 def first_failure(output: str) -> str:
     """The test named by pytest's first FAILED or ERROR line of its short summary ("" if none)."""
     for line in output.splitlines():
-        m = re.match(r"(FAILED|ERROR) (\S+)", line)
+        m = re.match(r"(FAILED|ERROR) (.+?)( - .*)?$", line)
         if m:
             return m.group(2)
     return ""

@@ -38,6 +38,21 @@ def table(n=60, seed=0) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["text", "label"])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny runs of a module on one thread (Numba and BLAS), the counts before restored after:
+    for arrays this small, threads cost more than they give, above all on a busy machine. (The
+    numbers do not depend on the thread count.)"""
+    import numba
+    from threadpoolctl import threadpool_limits
+    before = numba.get_num_threads()
+    limits = threadpool_limits(limits=1, user_api="blas")
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+    limits.restore_original_limits()
+
+
 @pytest.fixture(scope="module")
 def csv_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("table") / "three.csv"

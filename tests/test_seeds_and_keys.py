@@ -17,6 +17,7 @@ from npgpt.job import load_data, load_model
 from npgpt.params import save_params
 from npgpt.runconfig import RunConfig, RunOptions
 from npgpt.train import train_run
+from test_options_end_to_end import one_thread  # noqa: F401 (a fixture)
 
 OPTS = RunOptions(progress=False, plots=False)
 
