@@ -106,8 +106,10 @@ def test_saved_again_the_classifier_is_the_same(runs, tmp_path):
 
 def test_resumed_for_another_epoch_is_the_run_that_never_stopped(runs):
     """Every setting survives the checkpoint: the resumed run ends with the same arrays, bit for
-    bit, the same metrics and the same state (but for the time it took)."""
+    bit, the same metrics and the same state (but for the time it took). The first epoch's
+    validation is the best: the arrays kept are those the checkpoint held for it."""
     _, whole, resumed = runs
+    assert whole.metrics["kept"]["epoch"] == 1 and len(whole.metrics["validations"]) == 2
     a, b = whole.classifier.params, resumed.classifier.params
     assert set(a) == set(b) and all(np.array_equal(a[n], b[n]) for n in a)
     sa, sb = dataclasses.asdict(whole.state), dataclasses.asdict(resumed.state)
