@@ -64,12 +64,25 @@ def quiet(out):
     return RunOptions(out=str(out), progress=False, plots=False)
 
 
+def mean_loss(params, dataset, rows, pooling):
+    """The mean over the messages `rows` of -log p(true label)."""
+    ids, lengths, labels = dataset.batch(rows)
+    z = fastmodel.forward_cls(params, C.TINY, ids, lengths, pooling).astype(np.float64)
+    logp = z - z.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(rows)), labels].mean())
+
+
 def hand_loop(run_dir, bpe_dir, *, epochs, batch_size, lr, weight_decay, decay_1d=True, accumulate=1, seed=123,
-              schedule="constant", pooling="last_token"):
-    """The trained parameters and the learning rate of every step, by the definitions (the last
-    block, ln_f and the head train: --trainable-blocks 1, the default)."""
+              schedule="constant", pooling="last_token", eval_freq=None, eval_iter=5):
+    """The trained parameters, the learning rate of every step, and (with eval_freq) the logged
+    estimates [(step, train loss, validation loss)] on the first eval_iter batches of each split,
+    in order, every eval_freq steps from the first: by the definitions (the last block, ln_f and
+    the head train: --trainable-blocks 1, the default)."""
     classes = sorted(WORDS)
-    train = make_datasets(read_user_splits(run_dir, classes), get_tokenizer(bpe_dir), "longest", C.TINY.n_ctx)[0]
+    train, val, _ = make_datasets(read_user_splits(run_dir, classes), get_tokenizer(bpe_dir), "longest",
+                                  C.TINY.n_ctx)
+    logged = []
     params = C.init_params(C.TINY, seed=seed, num_classes=len(classes))
     n_batches = len(train) // batch_size
     total = epochs * math.ceil(n_batches / accumulate)
@@ -95,7 +108,10 @@ def hand_loop(run_dir, bpe_dir, *, epochs, batch_size, lr, weight_decay, decay_1
                 wd = weight_decay if (decay_1d or p.ndim > 1) else 0.0
                 m.setdefault(name, np.zeros_like(p)), v.setdefault(name, np.zeros_like(p))
                 fastops.adamw_update(p, g, m[name], v[name], t, step_lr, b1, b2, eps, wd)   # AdamW's formulas
-    return params, lrs
+            if eval_freq and (t - 1) % eval_freq == 0:
+                logged.append((t - 1, *(mean_loss(params, d, np.arange(min(len(d), eval_iter * batch_size)), pooling)
+                                        for d in (train, val))))
+    return params, lrs, logged
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -105,14 +121,20 @@ def max_diff(a: dict, b: dict) -> float:
 def test_accumulate_with_a_short_last_group_is_the_hand_loop(csv_path, bpe_dir, tmp_path):
     """42 training texts, batches of 6: 7 batches an epoch, so --accumulate 3 makes groups of 3, 3
     and 1, the last one averaged over its one batch; 3 steps an epoch, 6 in all, on which the
-    linear schedule's learning rates are drawn. Two epochs: the second epoch's order is its own."""
-    s = dict(epochs=2, batch_size=6, lr=5e-3, weight_decay=0.1, seed=5)
+    linear schedule's learning rates are drawn. Two epochs: the second epoch's order is its own.
+    The losses logged every 2 steps (--eval-freq 2) on the first 2 batches (--eval-iter 2)."""
+    s = dict(epochs=2, batch_size=6, lr=5e-3, weight_decay=0.1, seed=5, eval_freq=2, eval_iter=2)
     run = RunConfig(model="tiny", data=csv_path, bpe_dir=bpe_dir, accumulate=3,
                     lr_schedule="linear", **s)
     result = train_run(run, quiet(tmp_path / "acc"), log=lambda m: None)
-    want, lrs = hand_loop(tmp_path / "acc", bpe_dir, accumulate=3, schedule="linear", **s)
+    want, lrs, logged = hand_loop(tmp_path / "acc", bpe_dir, accumulate=3, schedule="linear", **s)
     assert len(result.metrics["lr"]) == 6
     assert result.metrics["lr"] == pytest.approx(lrs, rel=1e-12)
+    m = result.metrics
+    assert m["steps"] == [0, 2, 4] == [k for k, _, _ in logged]
+    assert m["estimate_messages"] == {"train": 12, "validation": 6}
+    assert m["train_loss"] == pytest.approx([tl for _, tl, _ in logged], rel=1e-5)
+    assert m["val_loss"] == pytest.approx([vl for _, _, vl in logged], rel=1e-5)
     got = result.classifier.params
     assert max_diff(got, want) <= 2e-6
     start = C.init_params(C.TINY, seed=5, num_classes=3)
@@ -126,8 +148,8 @@ def test_no_decay_1d_through_fit_is_the_hand_loop(bpe_dir, tmp_path):
     clf = npgpt.fit(table(), model="tiny", out=str(tmp_path / "fit"), bpe_dir=bpe_dir,
                     no_decay_1d=True, **s)
     assert clf.meta["run_config"]["decay_1d"] is False
-    exempt, _ = hand_loop(tmp_path / "fit", bpe_dir, decay_1d=False, **s)
-    decayed, _ = hand_loop(tmp_path / "fit", bpe_dir, decay_1d=True, **s)
+    exempt = hand_loop(tmp_path / "fit", bpe_dir, decay_1d=False, **s)[0]
+    decayed = hand_loop(tmp_path / "fit", bpe_dir, decay_1d=True, **s)[0]
     assert max_diff(clf.params, exempt) <= 2e-6
     assert max_diff(clf.params, decayed) > 1e-3
 
@@ -138,10 +160,33 @@ def test_batch_order_of_each_epoch_follows_the_seed(csv_path, bpe_dir, tmp_path)
     s = dict(epochs=2, batch_size=6, lr=5e-3, weight_decay=0.1, seed=11)
     run = RunConfig(model="tiny", data=csv_path, bpe_dir=bpe_dir, **s)
     got = train_run(run, quiet(tmp_path / "order"), log=lambda m: None).classifier.params
-    want, _ = hand_loop(tmp_path / "order", bpe_dir, **s)
+    want = hand_loop(tmp_path / "order", bpe_dir, **s)[0]
     assert max_diff(got, want) <= 2e-6
     start = C.init_params(C.TINY, seed=11, num_classes=3)
     assert max_diff(got, start) > 1e-3                                    # it trained
+
+
+def trained_by_definition(trainable, n_layer=2):
+    """--trainable-blocks K: the head, ln_f and the last K blocks; head: the head alone; all: every array."""
+    names = set(C.param_shapes(C.TINY, 3))
+    if trainable == "all":
+        return names
+    if trainable == "head":
+        return {"cls/w", "cls/b"}
+    blocks = {f"h{i}/" for i in range(n_layer - trainable, n_layer)}
+    return {n for n in names if n.startswith(("cls/", "ln_f/")) or n[:3] in blocks}
+
+
+@pytest.mark.parametrize("trainable", ["head", 0, 2])
+def test_trainable_blocks_train_those_arrays_and_no_other(csv_path, bpe_dir, tmp_path, trainable):
+    """After one epoch through the run service, the arrays that moved from their initial values
+    are exactly those --trainable-blocks names (weight decay moves every trainable array)."""
+    s = dict(epochs=1, batch_size=6, lr=5e-3, seed=2)
+    run = RunConfig(model="tiny", data=csv_path, bpe_dir=bpe_dir, trainable_blocks=trainable, **s)
+    got = train_run(run, quiet(tmp_path / "t"), log=lambda m: None).classifier.params
+    start = C.init_params(C.TINY, seed=2, num_classes=3)
+    moved = {n for n in start if not np.array_equal(got[n], start[n])}
+    assert moved == trained_by_definition(trainable)
 
 
 # ----------------------------------------------------------------------------- every flag reaches the RunConfig
