@@ -108,6 +108,16 @@ def test_validation_texts_longer_than_the_longest_training_text_are_cut(tok):
         assert list(d.tokens[i]) == tok.encode(long)[:3]
 
 
+def test_a_text_holding_the_pad_tokens_text_is_plain_text(tok):
+    """"<|endoftext|>" inside a training or classified text is five ordinary tokens, never the pad
+    id 50256 (which would end the text for the model)."""
+    import pandas as pd
+    from npgpt.tokenizer import encode
+    text = "win <|endoftext|> now"
+    train = make_datasets([pd.DataFrame({"Label": [0], "Text": [text]})] * 3, tok)[0]
+    assert list(train.tokens[0]) == encode(tok, text) and 50256 not in list(train.tokens[0])
+
+
 # ----------------------------------------------------------------------------- kernels: large scores, long sums
 
 def softmax64(a, axis=-1):
