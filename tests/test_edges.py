@@ -188,6 +188,27 @@ def test_layernorm_kernel_sums_long_rows_as_float64_does():
     assert np.abs(mean - x.astype(np.float64).mean(axis=1)).max() <= 1e-4
 
 
+def test_one_query_attention_sums_many_keys_as_float64_does():
+    """The last block's one-query kernel over 4096 keys whose values sit about 10 from 0: its
+    float64 sums keep each output to float32 rounding of the exact weighted mean (float32 sums
+    over that many terms would drift by several units in the last place)."""
+    rng = np.random.default_rng(1)
+    B, T, C, H = 2, 4096, 64, 2
+    q = rng.standard_normal((B, C)).astype(np.float32)
+    kv = rng.standard_normal((B, T, 2 * C)).astype(np.float32)
+    kv[..., C:] += 10
+    pos = np.array([T - 1, T - 1])
+    out, _ = kernels.attention_query_forward(q, kv, pos, H)
+    D = C // H
+    want = np.empty((B, C))
+    for h in range(H):
+        k, v = kv[..., h * D:(h + 1) * D].astype(np.float64), kv[..., C + h * D:C + (h + 1) * D].astype(np.float64)
+        a = softmax64(np.einsum("bd,btd->bt", q[:, h * D:(h + 1) * D].astype(np.float64), k) / np.sqrt(D))
+        want[:, h * D:(h + 1) * D] = np.einsum("bt,btd->bd", a, v)
+    ulp = np.spacing(np.float32(np.abs(want).max()))
+    assert np.abs(out - want).max() <= 2 * ulp
+
+
 # ----------------------------------------------------------------------------- claim files
 
 def dead_pid() -> int:
