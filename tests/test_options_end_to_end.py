@@ -74,13 +74,13 @@ def mean_loss(params, dataset, rows, pooling):
 
 
 def hand_loop(run_dir, bpe_dir, *, epochs, batch_size, lr, weight_decay, decay_1d=True, accumulate=1, seed=123,
-              schedule="constant", pooling="last_token", eval_freq=None, eval_iter=5):
+              schedule="constant", pooling="last_token", max_length="longest", eval_freq=None, eval_iter=5):
     """The trained parameters, the learning rate of every step, and (with eval_freq) the logged
     estimates [(step, train loss, validation loss)] on the first eval_iter batches of each split,
     in order, every eval_freq steps from the first: by the definitions (the last block, ln_f and
     the head train: --trainable-blocks 1, the default)."""
     classes = sorted(WORDS)
-    train, val, _ = make_datasets(read_user_splits(run_dir, classes), get_tokenizer(bpe_dir), "longest",
+    train, val, _ = make_datasets(read_user_splits(run_dir, classes), get_tokenizer(bpe_dir), max_length,
                                   C.TINY.n_ctx)
     logged = []
     params = C.init_params(C.TINY, seed=seed, num_classes=len(classes))
@@ -164,6 +164,20 @@ def test_batch_order_of_each_epoch_follows_the_seed(csv_path, bpe_dir, tmp_path)
     assert max_diff(got, want) <= 2e-6
     start = C.init_params(C.TINY, seed=11, num_classes=3)
     assert max_diff(got, start) > 1e-3                                    # it trained
+
+
+@pytest.mark.parametrize("max_length, pooling", [(6, "last_position"), ("batch", "mean")])
+def test_pad_length_and_pooling_through_fit_are_the_hand_loop(bpe_dir, tmp_path, max_length, pooling):
+    """npgpt.fit(max_length=, pooling=): texts cut and padded to that length (or each batch to its
+    longest), the head reading the position the pooling names: the hand loop's arrays."""
+    s = dict(epochs=1, batch_size=6, lr=5e-3, weight_decay=0.1, seed=4)
+    clf = npgpt.fit(table(), model="tiny", out=str(tmp_path / "fit"), bpe_dir=bpe_dir, max_length=max_length,
+                    pooling=pooling.replace("_", "-"), **s)
+    assert (clf.pooling, clf.max_length) == (pooling, None if max_length == "batch" else max_length)
+    want = hand_loop(tmp_path / "fit", bpe_dir, max_length=max_length, pooling=pooling, **s)[0]
+    other = hand_loop(tmp_path / "fit", bpe_dir, **s)[0]                   # the defaults: longest, last_token
+    assert max_diff(clf.params, want) <= 2e-6
+    assert max_diff(clf.params, other) > 1e-4
 
 
 def trained_by_definition(trainable, n_layer=2):
