@@ -84,6 +84,20 @@ def test_sms_split_seed(undersample):
         assert kept(a) != kept(c)                                            # another ham subset
 
 
+def test_sms_splits_kept_in_the_data_folder_are_rebuilt_for_another_seed(shared_data, tmp_path):
+    """The split CSVs a data folder keeps are reused for the same seed only: another seed rebuilds
+    them, the same again reads them back."""
+    import shutil
+    from helpers import SMS
+    from npgpt.data import prepare_splits
+    shutil.copy(shared_data / SMS, tmp_path / "SMSSpamCollection")
+    split = lambda seed: prepare_splits(None, tmp_path, seed=seed, progress=False)
+    a = split(1)
+    b, c = split(2), split(1)
+    assert not a[0]["Line"].equals(b[0]["Line"])
+    assert all(x["Line"].equals(y["Line"]) for x, y in zip(a, c))
+
+
 @pytest.fixture(scope="module")
 def skewed_csv(tmp_path_factory):
     """30 / 10 / 10 texts of three classes."""
