@@ -11,7 +11,6 @@ import dataclasses
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from npgpt import config as C
