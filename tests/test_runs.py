@@ -256,6 +256,9 @@ def test_a_claim_left_by_a_killed_run_is_taken_over(tmp_path, monkeypatch):
     (["--bpe-dir", "empty"], 1, ["encoder.json", "--bpe-dir"]),
     (["--lr", "nan"], 2, ["--lr", "finite"]),
     (["--lr", "inf"], 2, ["--lr", "finite"]),
+    (["--lr", "-1e-3"], 2, ["--lr must be positive"]),        # a negative value, not "expected one argument"
+    (["--lr", "-2E-5"], 2, ["--lr must be positive"]),
+    (["--clip-grad-norm", "-inf"], 2, ["--clip-grad-norm", "finite"]),
     (["--weight-decay", "nan"], 2, ["--weight-decay", "finite"]),
     (["--batch-size", "100000"], 2, ["--batch-size 100000", "1045 training messages"]),
     (["--trainable-blocks", "99"], 2, ["--trainable-blocks 99", "2 blocks"]),
@@ -274,6 +277,11 @@ def test_failed_starts_leave_no_run_folder(env, home, tmp_path, args, code, word
     assert all(w in line for w in words), line
     assert "cached the frozen prefix" not in r.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_resume_names_a_missing_run_folder_before_any_other_flag(env, tmp_path):
+    line = one_error_line(call(env, tmp_path, "--resume", "nope_run", "--tiny"), 1)
+    assert line == "error: --resume nope_run: no such run folder"
 
 
 def test_divergence_says_what_is_on_disk_and_suggests_a_lower_lr(env, home, tmp_path):

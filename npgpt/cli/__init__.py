@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from ..errors import NpgptError, printable
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (plus a pointer to --help), exit code 2."""
+    """argparse, but a usage error is one line (plus a pointer to --help), exit code 2, and a
+    negative number in any spelling is an option's value: `--lr -1e-3` reaches the check that
+    says "--lr must be positive" (argparse alone knows only -3 and -0.5, and would say
+    "expected one argument")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
