@@ -51,6 +51,8 @@ def read_table(path, text_column="text", label_column="label", skip_bad_lines=Fa
     """
     path = Path(path)
     ext = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a table file ({', '.join(TABLE_EXTENSIONS)})")
     if ext not in TABLE_EXTENSIONS:
         raise DataError(f"{path}: unknown table type {ext or '(no extension)'!r}; "
                         f"use {', '.join(TABLE_EXTENSIONS)}")

@@ -117,6 +117,13 @@ def test_jsonl_bad_lines(tmp_path):
     assert df["Text"].tolist() == ["a"] and [s.split(":")[0] for s in df.attrs["skipped"]] == ["line 2", "line 3", "line 4"]
 
 
+def test_a_folder_given_as_a_table_is_named_as_a_folder(tmp_path):
+    data = write_csv(tmp_path / "d.csv", labelled({"a": 10, "b": 10}, "ab"))
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataError, match=r"val: is a folder, expected a table file \(\.csv, \.tsv"):
+        prepare_user_splits(data, validation=tmp_path / "val")
+
+
 # --- classes and splits --------------------------------------------------------------------
 
 
