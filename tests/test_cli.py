@@ -188,6 +188,10 @@ def test_evaluate_missing_and_malformed_data(npgpt, model, bpe_dir, malformed, t
     line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe_dir,
                                 "--data", malformed, "--data-dir", tmp_path / "d"), 1)
     assert "line 3" in line and "--skip-bad-lines" in line
+    table = tmp_path / "scored.csv"
+    table.write_text('text,label\nsee you soon,ham\n"a text over\ntwo lines",spam\nmaybe a winner,eggs\n')
+    line = one_error_line(npgpt("evaluate", "--model", model, "--bpe-dir", bpe_dir, "--data", table), 1)
+    assert "scored.csv: line 5: label 'eggs' is not one of" in line     # the file's line, 1-based
 
 
 @pytest.mark.parametrize("module, args, message", [

@@ -84,7 +84,7 @@ def load_labelled(args, clf):
     import os
     from ..classify import training_setting
     from ..data import SPLITS, prepare_splits, read_sms_spam
-    from ..tabular import is_table, read_table
+    from ..tabular import is_table, label_ids, read_table
 
     if args.data is not None:
         if is_table(args.data):
@@ -92,6 +92,7 @@ def load_labelled(args, clf):
             label_col = (args.label_column or clf.meta.get("label_column") or training_setting(clf.meta, "label_column")
                          or "label")
             df = read_table(args.data, text_col, label_col, skip_bad_lines=args.skip_bad_lines)
+            label_ids(df, list(clf.labels), args.data)    # a label the model does not know: file and line
         else:
             df = read_sms_spam(args.data, skip_bad_lines=args.skip_bad_lines, parse=args.parse)
         if df.attrs.get("warning"):
