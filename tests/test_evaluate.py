@@ -98,6 +98,18 @@ def test_evaluate_classifier_many_classes():
         evaluate_classifier(clf, ["a"], ["w"])
 
 
+@pytest.mark.parametrize("labels", [["ham", "spam"], ["a", "a class with a long name"]])
+def test_report_table_columns_line_up(labels):
+    P = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    r = evaluate_classifier(FixedClassifier(labels, P), ["t1", "t2", "t3"], [0, 1, 1])
+    lines = evaluate.format_report(r).splitlines()
+    top = next(i for i, line in enumerate(lines) if line.strip().startswith("precision"))
+    table = lines[top:top + 5]                       # header, two classes, macro avg, weighted avg
+    assert table[-1].startswith("weighted avg")
+    assert len({len(line) for line in table}) == 1, "\n".join(table)   # every row ends at the same column
+    assert len({line.index("%") for line in table[1:]}) == 1
+
+
 def test_cli_scores_the_whole_file_and_writes_nothing_else(tmp_path, shared_data, capsys):
     bpe = str(shared_data / "gpt2_bpe")
     rows = [(f"{w} and the {k}", k) for k in ("cat", "dog", "owl") for w in ("see", "a", "my", "one", "big",

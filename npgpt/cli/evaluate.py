@@ -26,14 +26,13 @@ def format_report(result: dict, width=70) -> str:
         lines.append(f"positive class {pos} ({rule}): precision {result['precision'] * 100:.2f}%, "
                      f"recall {result['recall'] * 100:.2f}%, F1 {result['f1'] * 100:.2f}%, "
                      f"ROC AUC {result['roc_auc']:.4f}")
-    lines.append(f"{'':<{w}}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}")
-    for name, m in zip(names, result["per_class"].values()):
-        lines.append(f"{name:<{w}}{m['precision'] * 100:9.2f}%{m['recall'] * 100:9.2f}%{m['f1'] * 100:9.2f}%"
-                     f"{m['support']:>10}")
-    for avg in ("macro", "weighted"):
-        m = result[avg]
-        lines.append(f"{avg + ' avg':<{w}}{m['precision'] * 100:9.2f}%{m['recall'] * 100:9.2f}%"
-                     f"{m['f1'] * 100:9.2f}%{result['n']:>10}")
+    rows = [(name, m, m["support"]) for name, m in zip(names, result["per_class"].values())]
+    rows += [(f"{avg} avg", result[avg], result["n"]) for avg in ("macro", "weighted")]
+    first = max(len(name) for name, _, _ in rows) + 2          # the row names' column, "weighted avg" included
+    lines.append(f"{'':<{first}}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}")
+    for name, m, support in rows:
+        lines.append(f"{name:<{first}}{m['precision'] * 100:9.2f}%{m['recall'] * 100:9.2f}%{m['f1'] * 100:9.2f}%"
+                     f"{support:>10}")
     lines.append("confusion matrix (rows: true label, columns: predicted)")
     lines.append(" " * (w + 2) + "".join(f"{s:>{w}}" for s in names))
     for name, row in zip(names, result["confusion"]):
