@@ -1,5 +1,5 @@
 """Loss, accuracy and learning-rate plots of a run, like the reference's (needs matplotlib:
-`pip install npgpt[plot]`).
+`pip install -e ".[plot]"` in a checkout).
 
 Each plot has the run's name as title and two x axes: examples seen (bottom) and epochs (top).
 Accuracy is in percent, as the training output prints it. The periodic values are estimates on
@@ -11,17 +11,19 @@ from __future__ import annotations
 import os
 
 WIDTH_PX, HEIGHT_PX, DPI = 1000, 560, 100
+NO_MATPLOTLIB = 'no plots: matplotlib is not installed (pip install -e ".[plot]" adds it)'
 
 
-def plot_run(metrics: dict, run_dir, title: str = "") -> list:
-    """Write loss.png, accuracy.png and lr.png into run_dir; return the paths written ([] without
-    matplotlib). The step whose parameters the run kept (--keep best) is marked on the first two."""
+def plot_run(metrics: dict, run_dir, title: str = "") -> list | None:
+    """Write loss.png, accuracy.png and lr.png into run_dir; return the paths written, None
+    without matplotlib (the caller says NO_MATPLOTLIB). The step whose parameters the run kept
+    (--keep best) is marked on the first two."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return None
     n = metrics.get("estimate_messages") or {}
     est = lambda split: f" (estimate on {n[split]} messages)" if split in n else " (estimate)"
     epochs_x = metrics.get("epoch_examples_seen") or []

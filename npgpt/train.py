@@ -246,9 +246,11 @@ def _save_outputs(run_dir, job, state, record, log, plots=True) -> str:
     write_json(os.path.join(run_dir, "metrics.json"),
                {"metrics": state.metrics, **record, "model_size": job.model_name, "train_time_s": state.train_time})
     if plots:
-        from .plots import plot_run
+        from .plots import NO_MATPLOTLIB, plot_run
         written = plot_run(state.metrics, run_dir, title=os.path.basename(os.path.normpath(run_dir)))
-        if written:
+        if written is None:
+            log(NO_MATPLOTLIB)
+        elif written:
             log("plots: " + ", ".join(written))
     return path
 

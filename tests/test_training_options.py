@@ -281,6 +281,16 @@ def test_metrics_and_plots_show_the_lr_and_the_kept_epoch(small_table, bpe_dir, 
     assert json.loads((tmp_path / "r" / "run.json").read_text())["lr_schedule"] == "linear"
 
 
+def test_a_run_without_matplotlib_says_once_how_to_get_the_plots(small_table, bpe_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` raises ImportError
+    run = RunConfig(model="tiny", data=small_table, bpe_dir=bpe_dir, split="0.667,0.167", epochs=1)
+    said = []
+    train_run(run, RunOptions(out=str(tmp_path / "r"), progress=False, plots=True), log=said.append)
+    hints = [s for s in said if "plot]" in str(s)]
+    assert hints == ['no plots: matplotlib is not installed (pip install -e ".[plot]" adds it)']
+    assert not list((tmp_path / "r").glob("*.png"))
+
+
 @pytest.mark.parametrize("settings, flag", [
     (dict(min_lr=1e-6), "--min-lr needs --lr-schedule"), (dict(initial_lr=1e-6), "--initial-lr needs --warmup"),
     (dict(warmup=2.5), "--warmup is a number of steps"), (dict(clip_grad_norm=0.0), "--clip-grad-norm must be"),
