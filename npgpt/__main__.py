@@ -8,7 +8,7 @@ COMMANDS = {
     "train": "fine-tune GPT-2 into a classifier: the SMS spam job, or --data FILE of your own (a run folder under runs/)",
     "classify": "label texts with a trained classifier (runs/<name>/classifier.h5)",
     "evaluate": "accuracy, per-class precision/recall/F1 and confusion matrix of a classifier on a labelled file",
-    "generate": "greedy continuation of a prompt with pretrained GPT-2 weights",
+    "generate": "continue a prompt with GPT-2: greedy, or sampled with --temperature and --top-k",
     "weights": "download GPT-2's published weights or convert files on disk to npgpt's HDF5",
     "lora": "fold a classifier's LoRA pairs into its weights (lora merge)",
     "cache": "list or clear the disk cache of frozen-prefix activations",

@@ -1,13 +1,20 @@
-"""Greedy text generation with a key/value cache: the check that pretrained weights loaded right.
+"""Text generation with a key/value cache: greedy (the check that pretrained weights loaded
+right), or sampled with a temperature and top-k as chapter 5 of the book defines them.
 
     python -m npgpt.generate "Every effort moves you" --max-new-tokens 15
+    python -m npgpt.generate "Every effort moves you" --temperature 1.4 --top-k 25 --seed 123
 
-With OpenAI's 124M weights this prints
+With OpenAI's 124M weights the first prints
 "Every effort moves you forward.\\n\\nThe first step is to understand the importance of your work".
 
 With the cache, each new token runs the model at one position: the keys and values of earlier
 positions are kept per block, so attention of the new query reads them instead of recomputing
 the prefix.
+
+The next token, from the last position's logits z [V] (`next_token`):
+    top-k        keep the k largest logits, set the others to -inf (ties with the k-th are kept)
+    temperature  T = 0: the argmax (greedy); T > 0: draw from softmax(z / T), with a seeded
+                 generator. T < 1 sharpens the distribution towards the argmax, T > 1 flattens it.
 """
 from __future__ import annotations
 
@@ -67,12 +74,40 @@ def lm_forward_cached(params, config: GPT2Config, ids, cache: list):
     return h @ params["wte"].T                                              # [B,t,V]
 
 
-def generate_greedy(params, config: GPT2Config, ids, max_new_tokens: int, use_cache=True, progress=None):
-    """Append max_new_tokens greedy (argmax) tokens to ids [B,T] -> [B,T+max_new_tokens].
+def next_token(logits, temperature: float = 0.0, top_k: int | None = None, rng=None) -> np.ndarray:
+    """The next token of each row of logits [B,V] -> [B,1] int64: the book's `generate` step.
+
+    top_k: only the k largest logits of a row stay candidates (the rest become -inf).
+    temperature 0: the largest logit (greedy); above 0: a draw from softmax(logits / temperature)
+    with `rng` (a numpy Generator; a fresh unseeded one if None)."""
+    from .ops import softmax
+
+    logits = np.asarray(logits, dtype=np.float64)                           # [B,V]
+    if top_k is not None:
+        k = min(int(top_k), logits.shape[1])
+        kth = np.partition(logits, -k, axis=1)[:, -k][:, None]              # [B,1] the k-th largest
+        logits = np.where(logits < kth, -np.inf, logits)                    # [B,V]
+    if temperature == 0:
+        return np.argmax(logits, axis=1)[:, None]                           # [B,1]
+    probs = softmax(logits / temperature)                                   # [B,V], 0 outside the top k
+    rng = np.random.default_rng() if rng is None else rng
+    return np.array([[rng.choice(probs.shape[1], p=row)] for row in probs], dtype=np.int64)   # [B,1]
+
+
+def generate(params, config: GPT2Config, ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, seed: int | None = None, use_cache=True, progress=None):
+    """Append max_new_tokens tokens to ids [B,T] -> [B,T+max_new_tokens], each chosen by
+    `next_token` (greedy by default; sampled with temperature > 0, from a generator seeded with
+    `seed`: the same seed gives the same tokens).
 
     use_cache=False recomputes the whole prefix for every token (the slow reference)."""
     from .model import forward_lm
 
+    if not temperature >= 0 or not np.isfinite(temperature):
+        raise NpgptError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise NpgptError(f"top_k must be at least 1, got {top_k}")
+    rng = np.random.default_rng(seed)
     ids = np.asarray(ids, dtype=np.int64)
     if ids.shape[1] + max_new_tokens > config.n_ctx:
         raise NpgptError(f"prompt ({ids.shape[1]} tokens) + {max_new_tokens} new tokens exceed "
@@ -84,11 +119,16 @@ def generate_greedy(params, config: GPT2Config, ids, max_new_tokens: int, use_ca
             logits = lm_forward_cached(params, config, new, cache)          # [B,t,V]
         else:
             logits = forward_lm(params, config, ids)                        # [B,T,V]
-        new = np.argmax(logits[:, -1], axis=-1)[:, None]                    # [B,1]
+        new = next_token(logits[:, -1], temperature, top_k, rng)            # [B,1]
         ids = np.concatenate([ids, new], axis=1)
         if progress:
             progress(new)
     return ids
+
+
+def generate_greedy(params, config: GPT2Config, ids, max_new_tokens: int, use_cache=True, progress=None):
+    """Append max_new_tokens greedy (argmax) tokens to ids [B,T] -> [B,T+max_new_tokens]."""
+    return generate(params, config, ids, max_new_tokens, use_cache=use_cache, progress=progress)
 
 
 class TextStream:
