@@ -104,7 +104,7 @@ def evaluate_classifier(clf, texts, labels, positive=None, threshold=None, error
     also positive, precision/recall/f1 and tp/fp/fn/tn of the positive class (default the second
     label), roc_auc, and threshold (None: argmax)."""
     texts = list(texts)
-    y = _label_ids(labels, clf.labels)                                        # [N]
+    y = _label_ids(labels, clf.labels, lines)                                 # [N]
     if len(y) != len(texts):
         raise DataError(f"{len(texts)} texts but {len(y)} labels")
     K = len(clf.labels)
@@ -138,15 +138,18 @@ def evaluate_classifier(clf, texts, labels, positive=None, threshold=None, error
     return out
 
 
-def _label_ids(labels, names) -> np.ndarray:
+def _label_ids(labels, names, lines=None) -> np.ndarray:
+    """Class ids of labels (names or ids); a DataError names a label that is not a class by its
+    line (`lines`, as the file shows it) or else its place, counted from 1."""
     ids = []
     for i, lab in enumerate(labels):
+        where = f"line {lines[i]}: label" if lines is not None else f"label {i + 1}"
         if isinstance(lab, str):
             if lab not in names:
-                raise DataError(f"label {i + 1} ({quote(lab)}) is not one of {quote(names)}")
+                raise DataError(f"{where} ({quote(lab)}) is not one of {quote(names)}")
             ids.append(names.index(lab))
         else:
             if int(lab) != lab or not 0 <= int(lab) < len(names):
-                raise DataError(f"label {i + 1} ({quote(lab)}) is not a class id in 0..{len(names) - 1}")
+                raise DataError(f"{where} ({quote(lab)}) is not a class id in 0..{len(names) - 1}")
             ids.append(int(lab))
     return np.array(ids, dtype=np.int64)

@@ -96,6 +96,8 @@ def test_evaluate_classifier_many_classes():
         evaluate_classifier(clf, list("abcdef"), [0, 1, 2, 1, 0, 0], threshold=0.5)
     with pytest.raises(DataError, match="'w'"):
         evaluate_classifier(clf, ["a"], ["w"])
+    with pytest.raises(DataError, match=r"^line 9: label \('w'\) is not one of"):    # the file's line, not a row index
+        evaluate_classifier(clf, ["a", "b"], ["x", "w"], lines=np.array([4, 9]))
 
 
 @pytest.mark.parametrize("labels", [["ham", "spam"], ["a", "a class with a long name"]])
