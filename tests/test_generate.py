@@ -113,6 +113,13 @@ def test_top_k_1_is_greedy_at_any_temperature(temperature):
                                       generate_greedy(p, CFG, ids, 12))
 
 
+def test_a_temperature_near_zero_is_greedy_not_nan():
+    """logits / 1e-310 overflows; the sampled step must still be the argmax (a limit, not NaN)."""
+    p = moved_params(7)
+    ids = np.array([[3, 14, 15, 92]])
+    np.testing.assert_array_equal(generate(p, CFG, ids, 8, temperature=1e-310, seed=0), generate_greedy(p, CFG, ids, 8))
+
+
 def test_the_same_seed_gives_the_same_tokens_another_seed_others():
     p = moved_params(7)
     ids = np.array([[3, 14, 15, 92]])
