@@ -27,7 +27,7 @@ import tempfile
 
 import numpy as np
 
-from .errors import NpgptError
+from .errors import DataError, NpgptError
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -96,7 +96,10 @@ class GPT2Classifier:
         """Fine-tune on texts X with labels y; returns self."""
         from .runconfig import MEMORY, RunConfig, RunOptions
         from .train import train_run
-        texts, y = _texts(X), np.asarray(y)
+        texts = _texts(X)
+        _refuse_missing(texts, "X", is_text=True)
+        _refuse_missing(y, "y", is_text=False)
+        y = np.asarray(y)
         if y.ndim != 1 or len(y) != len(texts):
             raise ValueError(f"y must be one label per text: {len(texts)} texts, y of shape {y.shape}")
         self.classes_ = np.unique(y)
@@ -174,6 +177,17 @@ def _texts(X) -> list:
     if arr.ndim != 1:
         raise ValueError(f"X must be a list of texts, got an array of shape {arr.shape}")
     return arr.tolist()
+
+
+def _refuse_missing(values, name, is_text) -> None:
+    """DataError naming the first missing value, y[3]: None or NaN (in y also a blank label or the
+    text NaN), checked before numpy would turn NaN into the class "nan" or the word "nan"."""
+    from .tabular import is_missing_label, is_missing_value
+    missing = is_missing_value if is_text else is_missing_label
+    for i, value in enumerate(values):
+        if missing(value):
+            raise DataError(f"{name}[{i}] is missing ({'None or NaN' if is_text else 'None, NaN or blank'}): "
+                            f"every {'text' if is_text else 'label'} must be given")
 
 
 def _name(label) -> str:

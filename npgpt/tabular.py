@@ -73,7 +73,8 @@ def read_frame(data, text_column="text", label_column="label", source="the DataF
     """Texts and labels held in memory, as `read_table` returns a file's: data is a pandas
     DataFrame holding both columns, or a pair (texts, labels) of equal lengths. Rows are numbered
     from 1 (`Line`); a missing value (None, NaN), an empty text or label is an error naming the
-    row, as in a file. -> DataFrame [Text, Label (a string), Line]"""
+    row, as in a file: a DataFrame's row by its index label, a list's by its position (from 0).
+    -> DataFrame [Text, Label (a string), Line]"""
     if isinstance(data, tuple):
         if len(data) != 2:
             raise DataError(f"{source}: expected (texts, labels), got a tuple of {len(data)}")
@@ -83,14 +84,22 @@ def read_frame(data, text_column="text", label_column="label", source="the DataF
         text_column, label_column = "text", "label"
         columns, rows = [text_column, label_column], zip(texts, labels)
         records = [(i + 1, {text_column: t, label_column: lab}) for i, (t, lab) in enumerate(rows)]
+        row_name = lambda line: f"position {line - 1}"                       # noqa: E731
     elif hasattr(data, "columns") and hasattr(data, "to_dict"):
         columns = [str(c) for c in data.columns]
         records = [(i + 1, rec) for i, rec in enumerate(data.to_dict("records"))]
+        index = list(data.index)
+        row_name = lambda line: f"row with index {quote(_index_value(index[line - 1]))}"   # noqa: E731
     else:
         raise DataError(f"{source}: expected a DataFrame or (texts, labels), got {type(data).__name__}")
-    records = [(i, {k: (None if _isna(v) else v) for k, v in rec.items()}) for i, rec in records]
-    return _frame(records, columns, text_column, label_column, _BadRows(source, skip_bad_lines, "row"),
-                  "its columns", "")
+    records = [(i, {k: (None if is_missing_value(v) else v) for k, v in rec.items()}) for i, rec in records]
+    return _frame(records, columns, text_column, label_column,
+                  _BadRows(source, skip_bad_lines, "row", row_name), "its columns", "")
+
+
+def _index_value(value):
+    """A DataFrame index label as it is quoted in a message: 20, not np.int64(20)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _frame(records, columns, text_column, label_column, bad, listing, dashes) -> pd.DataFrame:
@@ -122,7 +131,7 @@ def _frame(records, columns, text_column, label_column, bad, listing, dashes) ->
             continue
         label = _label_string(label)
         if label_column is not None and label is None:
-            bad.add(line, f"empty label in column {quote(label_column)}")
+            bad.add(line, f"missing label in column {quote(label_column)} (empty, NaN or None)")
             continue
         rows.append((text, label, line))
     if not rows:
@@ -139,12 +148,13 @@ def _frame(records, columns, text_column, label_column, bad, listing, dashes) ->
 class _BadRows:
     """Collects (or raises on) unusable rows of one source (a file, or data in memory)."""
 
-    def __init__(self, source, skip, unit="line"):
+    def __init__(self, source, skip, unit="line", row_name=None):
         self.source, self.skip, self.unit, self.skipped = source, skip, unit, []
+        self.row_name = row_name or (lambda line: f"{unit} {line}")     # how a message names the row
         self.dropped = set()          # lines blanked for not being UTF-8 (already counted)
 
     def add(self, line, reason):
-        what = f"{self.unit} {line}"
+        what = self.row_name(line)
         if not self.skip:
             fix = "--skip-bad-lines" if self.unit == "line" or str(self.source).endswith(".parquet") else \
                 "skip_bad_lines=True"
@@ -244,12 +254,18 @@ def _parquet_records(path: Path):
         raise DataError(f"{path}: reading Parquet needs pyarrow or fastparquet ({e})") from None
     except Exception as e:  # noqa: BLE001  (pandas raises engine-specific errors)
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    records = [(i + 1, {k: (None if _isna(v) else v) for k, v in rec.items()})
+    records = [(i + 1, {k: (None if is_missing_value(v) else v) for k, v in rec.items()})
                for i, rec in enumerate(df.to_dict("records"))]
     return [str(c) for c in df.columns], records
 
 
-def _isna(v) -> bool:
+def is_missing_label(v) -> bool:
+    """A label that names no class: missing, blank, or the text NaN or None (`_label_string`)."""
+    return _is_label_value(v) and _label_string(v) is None
+
+
+def is_missing_value(v) -> bool:
+    """None, NaN, pandas' NA or NaT: a cell with no value."""
     try:
         return bool(pd.isna(v))
     except (TypeError, ValueError):
@@ -264,7 +280,8 @@ def _is_label_value(label) -> bool:
 
 def _label_string(label):
     """A label as the class name it stands for: strings stripped, integers (1, 1.0, True: no)
-    written in decimal; None for a blank or missing label."""
+    written in decimal; None for a missing label: blank, None, NaN, or the text NaN (any case) or
+    None. (Texts are taken as they are: a text "NA" or "nan" is a text.)"""
     if label is None or isinstance(label, bool):
         return None if label is None else str(label)
     if isinstance(label, (int, np.integer)):
@@ -274,7 +291,7 @@ def _label_string(label):
             return None
         return str(int(label)) if float(label).is_integer() else str(label)
     s = str(label).strip()
-    return s or None
+    return None if not s or s.lower() == "nan" or s == "None" else s
 
 
 # ----------------------------------------------------------------------------- classes

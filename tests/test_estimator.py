@@ -55,6 +55,18 @@ def test_parameters_as_scikit_learn_expects(settings):
     assert "epochs=1" in repr(est)
 
 
+def test_missing_values_in_X_or_y_are_refused(settings):
+    """A None or NaN label (which numpy would turn into a class "nan") or text is an error naming
+    its position, before anything trains."""
+    X, y = ["a b", "c d", "e f", "g h"], ["x", "y", "x", "y"]
+    for bad_y, at in (([*y[:2], float("nan"), y[3]], 2), (np.array([*y[:3], None], dtype=object), 3),
+                      (np.array([1.0, 2.0, np.nan, 1.0]), 2), (["x", " ", "x", "y"], 1)):
+        with pytest.raises(npgpt.errors.DataError, match=rf"y\[{at}\] is missing \(None, NaN or blank\)"):
+            GPT2Classifier(**settings).fit(X, bad_y)
+    with pytest.raises(npgpt.errors.DataError, match=r"X\[1\] is missing \(None or NaN\): every text must be given"):
+        GPT2Classifier(**settings).fit(["a b", float("nan"), "e f", "g h"], y)
+
+
 def test_fit_predict_score_with_integer_labels(settings, tmp_path):
     X, y = texts_and_labels(ints=True)
     est = GPT2Classifier(**settings, out=str(tmp_path / "run"))

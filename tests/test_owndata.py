@@ -16,8 +16,8 @@ from npgpt.dataset import TokenRows, make_batch, make_datasets, tokenize
 from npgpt.ops import softmax
 from npgpt.errors import DataError
 from npgpt.model import forward_cls
-from npgpt.tabular import (class_names, parse_split, prepare_user_splits, read_table, read_user_splits,
-                           stratified_split, undersample)
+from npgpt.tabular import (class_names, parse_split, prepare_user_splits, read_frame, read_table,
+                           read_user_splits, stratified_split, undersample)
 from npgpt.tokenizer import encode, get_tokenizer
 
 
@@ -92,7 +92,7 @@ def test_parquet_if_pandas_can(tmp_path):
 @pytest.mark.parametrize("body, line, reason", [
     (b"text,label\nfine,a\n\nalso,b\n", 3, "blank line"),
     (b"text,label\nfine,a\n  ,b\n", 3, "empty text"),
-    (b"text,label\nfine,a\nno label,\n", 3, "empty label"),
+    (b"text,label\nfine,a\nno label,\n", 3, "missing label"),
     (b"text,label\nfine,a\ntext,label\nok,b\n", 3, "repeated header"),
     (b"text,label\nfine,a\ncaf\xe9,b\n", 3, "not valid UTF-8"),
     (b"text,label\nfine,a\none,two,three\n", 3, "3 fields"),
@@ -115,6 +115,41 @@ def test_jsonl_bad_lines(tmp_path):
         read_table(path)
     df = read_table(path, skip_bad_lines=True)
     assert df["Text"].tolist() == ["a"] and [s.split(":")[0] for s in df.attrs["skipped"]] == ["line 2", "line 3", "line 4"]
+
+
+def test_a_label_written_as_nan_is_missing_but_a_text_nan_is_a_text(tmp_path):
+    """A label cell NaN (any case) or None is a missing label, a bad row like an empty one; texts
+    are never read as missing values: "NA", "null", "nan" stay texts."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nNA,a\nnull,b\nnan,a\nsome text,NaN\nmore,None\nlast,nan\n")
+    with pytest.raises(DataError, match=r"d\.csv: line 5: missing label in column 'label' \(empty, NaN or None\)"):
+        read_table(path)
+    df = read_table(path, skip_bad_lines=True)
+    assert df["Text"].tolist() == ["NA", "null", "nan"] and df["Label"].tolist() == ["a", "b", "a"]
+    assert [s.split(":")[0] for s in df.attrs["skipped"]] == ["line 5", "line 6", "line 7"]
+
+
+def test_missing_values_in_memory_are_named_by_index_label_or_position(tmp_path):
+    """npgpt.fit's data in memory: a NaN or None label or text is refused (never the class or
+    the word "nan"), naming a DataFrame's row by its index label and a list's by its position, in
+    the training, validation and test data alike."""
+    frame = pd.DataFrame({"text": ["one", "two", "three", "four"], "label": ["a", "b", np.nan, "b"]},
+                         index=[10, 20, 30, 40])
+    with pytest.raises(DataError, match=r"the training data: row with index 30: missing label in column 'label'"):
+        npgpt.fit(frame, model="tiny", out=str(tmp_path / "x"))
+    texts = pd.DataFrame({"text": ["one", None, "three", "four"], "label": list("abab")}, index=list("pqrs"))
+    with pytest.raises(DataError, match=r"row with index 'q': empty text in column 'text'"):
+        npgpt.fit(texts, model="tiny", out=str(tmp_path / "x"))
+    with pytest.raises(DataError, match=r"the training data: position 2: missing label"):
+        npgpt.fit(["one", "two", "three"], ["a", "b", None], model="tiny", out=str(tmp_path / "x"))
+    good = (["one", "two", "three", "four"], list("abab"))
+    with pytest.raises(DataError, match=r"the validation data: position 1: missing label"):
+        npgpt.fit(*good, validation=(["x", "y"], ["a", float("nan")]), model="tiny", out=str(tmp_path / "x"))
+    with pytest.raises(DataError, match=r"the test data: row with index 7: missing label"):
+        npgpt.fit(*good, test=pd.DataFrame({"text": ["x"], "label": ["NaN"]}, index=[7]), model="tiny",
+                  out=str(tmp_path / "x"))
+    kept = read_frame(frame, skip_bad_lines=True)
+    assert kept["Text"].tolist() == ["one", "two", "four"] and kept.attrs["skipped"][0].startswith("row with index 30:")
 
 
 def test_a_folder_given_as_a_table_is_named_as_a_folder(tmp_path):
