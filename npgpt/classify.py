@@ -11,7 +11,10 @@ A text goes through the same steps as a training message:
          -> p = softmax(z) = exp(z - max z) / sum exp(z - max z)
 
 `max_length` is the pad length training used (the longest training message, 120 tokens for the
-reference), or the context length when training padded each batch to its own longest message.
+reference), or None when training padded each batch to its own longest message. A text is cut to
+it only where the model reads a fixed pad length (last_position pooling, or no causal mask);
+otherwise inference reads up to the model's context, n_ctx tokens, however short the training
+texts were (`limit`).
 
 Padding follows what the model reads (`npgpt.model.Padding`):
 - last_token (and first_token, mean) with causal attention: pad tokens after the last real token
@@ -64,8 +67,17 @@ class Classifier:
 
     @property
     def limit(self) -> int:
-        """Tokens a text may have; longer texts are cut to their first `limit` tokens."""
-        return self.max_length or self.config.n_ctx
+        """Tokens a text may have; longer texts are cut to their first `limit` tokens: training's
+        pad length where the model reads the padding (`padding.pad_to`), else the context n_ctx."""
+        return self.padding.pad_to or self.config.n_ctx
+
+    @property
+    def limit_fix(self) -> str:
+        """How to read longer texts, for a note on cut ones: "" when the limit is the context."""
+        if self.limit == self.config.n_ctx:
+            return ""
+        return (f"the model reads the fixed length of its training ({self.pooling} pooling"
+                f"{'' if self.causal else ', no causal mask'}); train with --max-length N for longer texts")
 
     @property
     def causal(self) -> bool:

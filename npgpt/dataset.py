@@ -31,6 +31,8 @@ class TextDataset:
     labels: np.ndarray    # [N] int64, class ids (SMS: 0 ham / 1 spam)
     lines: np.ndarray     # [N] int64, line in SMSSpamCollection (-1 if unknown)
     pad_to: int | None    # batches are padded to this length; None: to each batch's longest
+    cut: int = 0          # rows that were longer than the length limit, cut to it
+    limit: int = 0        # the length limit rows were cut to (0: not recorded)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -138,8 +140,19 @@ def make_datasets(splits, tok, padding="longest", context_length=1024, progress=
             lengths=tokens.lengths,                                       # [N]
             labels=df["Label"].to_numpy(np.int64),                        # [N]
             lines=lines,                                                  # [N]
-            pad_to=pad_to))
+            pad_to=pad_to,
+            cut=int((rows.lengths > limit).sum()),
+            limit=limit))
     return tuple(datasets)
+
+
+def cut_summary(datasets, names=("training", "validation", "test")) -> str:
+    """One line saying how many texts of each split were cut, and to what length; "" if none was.
+    ("cut 3 of 40 training, 1 of 10 test texts to 18 tokens")"""
+    parts = [f"{d.cut} of {len(d)} {name}" for d, name in zip(datasets, names) if d.cut]
+    if not parts:
+        return ""
+    return f"cut {', '.join(parts)} texts to {datasets[0].limit} tokens (--max-length sets the length)"
 
 
 

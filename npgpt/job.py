@@ -88,12 +88,16 @@ def class_weight_vector(run: RunConfig, classes, train_labels):
 
 
 def model_summary(job: Job, run_dir) -> str:
-    """The lines a run prints about its model."""
+    """The lines a run prints about its model (and its data's texts cut to the length limit)."""
+    from .dataset import cut_summary
     run, spec = job.run, job.run.lora_spec
     line = (f"model: {job.model_name} ({job.n_params / 1e6:.1f}M parameters, {job.n_train / 1e6:.2f}M trainable: "
             f"{run.trainable}), pooling {run.pooling}, run folder {run_dir}")
     if job.class_weights is not None:
         line += "\nclass weights: " + ", ".join(f"{c} {w:.3g}" for c, w in zip(job.classes, job.class_weights))
+    cut = cut_summary(job.datasets)
+    if cut:
+        line += "\n" + cut
     if spec is not None:
         line += (f"\nLoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets) or 'no layer'}"
                  f"{' + the full head' if spec.train_head else ''}: {job.n_train:,} trainable parameters")

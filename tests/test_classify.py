@@ -5,6 +5,8 @@
   to the accuracy training wrote to metrics.json.
 - Last-token pooling: a text's probabilities do not depend on its batch (tolerance 1e-5).
 - Last-position pooling: texts are padded to the training length, as `forward_cls` is given them.
+- Length: last-token pooling reads a text up to the context (n_ctx), past the training length;
+  last-position pooling cuts it to the training length and names the fix.
 - Bad and unusual text: empty and whitespace-only texts are one-line DataErrors; emoji, CJK,
   Arabic, control characters work; a text far longer than the limit is cut, and says so.
 - The metric formulas on a hand-made confusion matrix.
@@ -72,7 +74,7 @@ def test_split(run_dir, data_dir):
 def test_meta_is_read(clf):
     assert clf.labels == ["ham", "spam"]
     assert clf.pooling == "last_token"
-    assert clf.max_length == 120 and clf.limit == 120
+    assert clf.max_length == 120 and clf.limit == clf.config.n_ctx == 256    # read up to the context
     assert clf.config == preset("tiny")
 
 
@@ -94,13 +96,28 @@ def test_saved_classifier_matches_forward_cls_on_test_split(clf, run_dir, data_d
     labels, probs = clf.classify(texts)
     assert labels == [clf.labels[k] for k in expected.argmax(axis=1)]
     np.testing.assert_allclose(probs, expected.max(axis=1), atol=TOL, rtol=0)
-    # a message longer than the longest training message is cut as in training (the reference's
-    # test split has none, so one is made of twenty test messages)
-    assert clf.truncated == [i for i, t in enumerate(texts) if len(encode(clf.tok, t)) > 120]
-    long_text = " ".join(texts[:20])
-    assert len(encode(clf.tok, long_text)) > 120
+    # a message longer than the context is cut (the test split has none, so one is made of
+    # sixty test messages)
+    assert clf.truncated == []
+    long_text = " ".join(texts[:60])
+    assert len(encode(clf.tok, long_text)) > clf.config.n_ctx
     clf.predict_proba([texts[0], long_text])
     assert clf.truncated == [1]
+
+
+def test_last_token_model_reads_past_the_training_length(clf):
+    """Trained on messages of at most 120 tokens, a last-token model reads a 200-token text whole:
+    the probabilities of the textbook model on the full text, not on its first 120 tokens, so the
+    words after token 120 decide."""
+    text = "Sorry, I'll call later. " * 20 + "WINNER!! Claim your free £1000 prize now, call 09061701461"
+    ids = encode(clf.tok, text)
+    assert clf.max_length == 120 < len(ids) <= clf.config.n_ctx
+    full = softmax(forward_cls(clf.params, clf.config, np.array([ids]), pooling="last_token"))[0]
+    head = softmax(forward_cls(clf.params, clf.config, np.array([ids[:120]]), pooling="last_token"))[0]
+    P = clf.predict_proba(["ok", text])
+    assert clf.truncated == []
+    np.testing.assert_allclose(P[1], full, atol=TOL, rtol=0)
+    assert np.abs(full - head).max() > 1e-3                    # the words after token 120 count
 
 
 def test_evaluate_accuracy_equals_training_metrics(clf, run_dir, test_split):
@@ -181,6 +198,7 @@ def test_last_position_model_pads_to_training_length(lp_run_dir, bpe_dir):
              "Sorry, I'll call later", "U dun say so early hor... U c already then say..."]
     P = lp.predict_proba(texts)
     assert lp.truncated == [1]                                 # about 100 tokens, cut to 40
+    assert lp.limit == 40 and "train with --max-length N" in lp.limit_fix
 
     tokens = [encode(lp.tok, t)[:40] for t in texts]
     ids, _ = make_batch(tokens, range(len(texts)), pad_to=40)  # [4,40]
@@ -189,6 +207,29 @@ def test_last_position_model_pads_to_training_length(lp_run_dir, bpe_dir):
     # the padding matters for this pooling: without it "hi" gets other logits
     unpadded = forward_cls(lp.params, lp.config, np.array([tokens[0]]), pooling="last_position")
     assert np.abs(softmax(unpadded)[0] - expected[0]).max() > 1e-4
+
+
+def test_classify_and_evaluate_name_the_fix_for_a_cut_only_where_the_length_is_fixed(
+        lp_run_dir, run_dir, bpe_dir, tmp_path, capsys):
+    """A last-position model cuts texts to its training length (40): classify's note and
+    evaluate's count say so and name --max-length; a last-token model reads the same texts whole."""
+    from npgpt.cli.classify import main as classify_main
+    from npgpt.cli.evaluate import main as evaluate_main
+    long = "Free entry in 2 a wkly comp to win FA Cup final tkts 21st May 2005. " * 4     # about 100 tokens
+    data = tmp_path / "d.csv"
+    data.write_text(f"text,label\nhi,ham\n{long},spam\n")
+    lp, last = str(lp_run_dir / "classifier.h5"), str(run_dir / "classifier.h5")
+    assert classify_main(["--model", lp, "--bpe-dir", str(bpe_dir), "hi", long]) == 0
+    err = capsys.readouterr().err
+    assert "1 text (text 2) has more than 40 tokens" in err and "train with --max-length N for longer texts" in err
+    assert evaluate_main(["--model", lp, "--bpe-dir", str(bpe_dir), "--data", str(data), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "2 messages, 1 cut to 40 tokens (the model reads the fixed length of its training (last_position" in out
+    assert "train with --max-length N for longer texts)" in out
+    assert classify_main(["--model", last, "--bpe-dir", str(bpe_dir), "hi", long]) == 0
+    assert capsys.readouterr().err == ""
+    assert evaluate_main(["--model", last, "--bpe-dir", str(bpe_dir), "--data", str(data), "--quiet"]) == 0
+    assert "cut" not in capsys.readouterr().out.split("\n")[1]
 
 
 def test_last_position_pads_short_texts_to_the_stored_length(lp_run_dir, bpe_dir):
@@ -270,8 +311,8 @@ def test_very_long_text_is_cut_and_reported(clf):
     P_long = clf.predict_proba(["short one", long])
     assert clf.truncated == [1]
     ids = encode(clf.tok, long)
-    head = clf.tok.decode(ids[:120])
-    assert encode(clf.tok, head) == ids[:120]                  # so `head` stands for the cut text
+    head = clf.tok.decode(ids[:clf.limit])
+    assert encode(clf.tok, head) == ids[:clf.limit]            # so `head` stands for the cut text
     P_head = clf.predict_proba([head])
     assert clf.truncated == []
     np.testing.assert_allclose(P_long[1], P_head[0], atol=TOL, rtol=0)

@@ -91,7 +91,7 @@ def test_classify_file_with_a_long_line(npgpt, model, bpe_dir, tmp_path):
     assert lines[1].endswith("😀 你好")
     assert len(lines[2]) < 100                                  # the text shown is shortened
     note = one_error_line(r, 0)
-    assert note.startswith("note: 1 text (line 3) has more than 120 tokens")
+    assert note.startswith("note: 1 text (line 3) has more than 256 tokens")        # the context: tiny n_ctx
 
 
 @pytest.mark.parametrize("args", [[], ["-"], ["--file", "-"]])

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from npgpt.data import prepare_splits
-from npgpt.dataset import TextDataset, eval_batches, make_batch, make_datasets, pad_length, train_batches
+from npgpt.dataset import (TextDataset, cut_summary, eval_batches, make_batch, make_datasets, pad_length,
+                           train_batches)
 from npgpt.errors import DataError
 from npgpt.tokenizer import PAD_ID
 from helpers import SMS
@@ -14,6 +15,19 @@ from helpers import SMS
 @pytest.fixture(scope="module")
 def splits(shared_data, tmp_path_factory):
     return prepare_splits(shared_data / SMS, tmp_path_factory.mktemp("splits"))
+
+
+def test_cut_texts_are_counted_and_summarised_in_one_line(tok):
+    """Training says how many texts of each split it cut, and to what length; nothing when none."""
+    frame = lambda texts: pd.DataFrame({"Label": [0] * len(texts), "Text": texts})       # noqa: E731
+    splits = (frame(["one two three", "one"]), frame(["one two three four five", "a"]),
+              frame(["one two three four", "one two three four five six"]))
+    datasets = make_datasets(splits, tok)                                   # the longest: 3 tokens
+    assert [d.cut for d in datasets] == [0, 1, 2] and datasets[0].limit == 3
+    assert cut_summary(datasets) == ("cut 1 of 2 validation, 2 of 2 test texts to 3 tokens "
+                                     "(--max-length sets the length)")
+    assert cut_summary(make_datasets(splits, tok, padding="batch")) == ""
+    assert cut_summary(make_datasets(splits, tok, padding=2)).startswith("cut 1 of 2 training, 1 of 2 validation")
 
 
 def test_longest_padding_matches_reference(splits, tok):

@@ -54,12 +54,12 @@ def read_lines(raw: bytes, source: str, skip_empty=False, notes=None):
     return texts, numbers
 
 
-def truncation_note(names: list, limit: int) -> str:
-    """One stderr line naming the texts that were cut to `limit` tokens."""
+def truncation_note(names: list, limit: int, fix: str = "") -> str:
+    """One stderr line naming the texts that were cut to `limit` tokens (and `fix`, how to avoid it)."""
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     many = len(names) > 1
     return (f"note: {len(names)} text{'s' if many else ''} ({shown}) {'have' if many else 'has'} more "
-            f"than {limit} tokens; only the first {limit} tokens were used")
+            f"than {limit} tokens; only the first {limit} tokens were used" + (f"; {fix}" if fix else ""))
 
 
 def build_parser():
@@ -126,7 +126,7 @@ def main(argv=None):
     clf = load_classifier(args.model, args.bpe_dir, args.batch_size)
     P = clf.predict_proba(texts, progress=not args.quiet and len(texts) >= 100)   # [N,K]
     if clf.truncated:
-        print(truncation_note([names[i] for i in clf.truncated], clf.limit), file=sys.stderr)
+        print(truncation_note([names[i] for i in clf.truncated], clf.limit, clf.limit_fix), file=sys.stderr)
     try:
         print_results(texts, clf.labels, P, set(clf.truncated), args.json, args.width, args.top)
     except BrokenPipeError:           # the reader stopped early (`... | head`): not an error

@@ -139,6 +139,7 @@ def main(argv=None):
         print(json.dumps(result, indent=1))
     else:
         cut = f", {result['truncated']} cut to {clf.limit} tokens" if result["truncated"] else ""
+        cut += f" ({clf.limit_fix})" if cut and clf.limit_fix else ""
         print(f"{printable(clf.path)}: pooling {clf.pooling}, texts cut to {clf.limit} tokens")
         print(f"{printable(what)}: {result['n']} messages{cut}")
         print(format_report(result))
