@@ -324,6 +324,19 @@ def test_fit_agrees_with_the_cli(tmp_path, bpe_dir):
         npgpt.fit(["a", "b"], ["x"], model="tiny", out=str(tmp_path / "bad"))
 
 
+def test_training_says_how_many_texts_it_cut(tmp_path, bpe_dir, capsys):
+    """Texts longer than the pad length (the longest training text, 2 tokens) are cut, and the run
+    says so in one line; a run that cuts nothing prints no such line."""
+    texts, labels = ["an apple", "by river", "an apple", "by river"], ["a", "b", "a", "b"]
+    test = (["an apple by the river today", "an apple"], ["a", "a"])
+    npgpt.fit(texts, labels, validation=(texts, labels), test=test, model="tiny", epochs=1, batch_size=2,
+              out=str(tmp_path / "cut"), bpe_dir=bpe_dir, no_plots=True, verbose=True)
+    assert "\ncut 1 of 2 test texts to 2 tokens (--max-length sets the length)\n" in capsys.readouterr().out
+    npgpt.fit(texts, labels, validation=(texts, labels), test=(texts, labels), model="tiny", epochs=1,
+              batch_size=2, out=str(tmp_path / "none"), bpe_dir=bpe_dir, no_plots=True, verbose=True)
+    assert "texts to" not in capsys.readouterr().out
+
+
 def test_classify_prints_names_top_and_json(tmp_path, bpe_dir, capsys):
     from npgpt.cli import classify
     data = write_csv(tmp_path / "d.csv", token_identity_rows(80, seed=1))
