@@ -91,7 +91,8 @@ def next_token(logits, temperature: float = 0.0, top_k: int | None = None, rng=N
         return np.argmax(logits, axis=1)[:, None]                           # [B,1]
     # the largest logit subtracted first: a tiny temperature then sends the others to -inf, not
     # every logit to +-inf (inf - inf would be NaN); softmax is unchanged by the shift
-    probs = softmax((logits - logits.max(axis=1, keepdims=True)) / temperature)   # [B,V], 0 outside the top k
+    with np.errstate(over="ignore"):                                        # (-large / tiny T -> -inf: meant)
+        probs = softmax((logits - logits.max(axis=1, keepdims=True)) / temperature)   # [B,V], 0 outside the top k
     rng = np.random.default_rng() if rng is None else rng
     return np.array([[rng.choice(probs.shape[1], p=row)] for row in probs], dtype=np.int64)   # [B,1]
 
