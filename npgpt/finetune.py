@@ -118,13 +118,10 @@ def evaluate(params, config, dataset, run, feats=None, start=0, batches=None, cl
 
 
 def macro_f1(true, pred, num_classes: int) -> float:
-    """The mean over classes of 2 TP / (2 TP + FP + FN) (0 for a class never seen nor predicted)."""
-    scores = []
-    for c in range(num_classes):
-        tp = int(np.sum((pred == c) & (true == c)))
-        wrong = int(np.sum((pred == c) != (true == c)))
-        scores.append(2 * tp / (2 * tp + wrong) if tp + wrong else 0.0)
-    return float(np.mean(scores))
+    """The mean over classes of F1 = 2 TP / (2 TP + FP + FN) (0 for a class never seen nor
+    predicted), as `npgpt.evaluate` reports it."""
+    from .evaluate import confusion_matrix, per_class_metrics
+    return per_class_metrics(confusion_matrix(true, pred, num_classes), range(num_classes))[1]["f1"]
 
 
 def padding_of(dataset, run) -> Padding:
