@@ -64,6 +64,8 @@ class Classifier:
     path: str = ""
     batch_size: int = DEFAULT_BATCH_SIZE
     truncated: list = field(default_factory=list)   # set by each predict_proba / classify call
+    bpe_dir: str | None = None   # the tokenizer folder it was loaded with (None: its file's own copy)
+    bpe_files: dict | None = field(default=None, repr=False)   # the BPE files its file stores
 
     @property
     def limit(self) -> int:
@@ -159,13 +161,16 @@ class Classifier:
         return [self.labels[k] for k in np.argmax(P, axis=1)]
 
     def save(self, path) -> str:
-        """Write the classifier (parameters, config, labels, settings) to an HDF5 file."""
+        """Write the classifier (parameters, config, labels, settings and the tokenizer's two files,
+        so that it works offline from any folder) to an HDF5 file."""
         from .params import save_params
+        from .tokenizer import bpe_file_bytes
         path = os.fspath(path)
         meta = dict(self.meta, kind=KIND, labels=list(self.labels), pooling=self.pooling,
                     max_length=self.max_length,
                     id2label={str(i): s for i, s in enumerate(self.labels)})
-        save_params(path, self.params, self.config, meta)
+        files = self.bpe_files or bpe_file_bytes(*_bpe_places(self.meta, self.bpe_dir))
+        save_params(path, self.params, self.config, meta, files=files)
         return path
 
     def classify(self, texts):
@@ -228,8 +233,9 @@ def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classi
     params, config, meta = load_params(path)
     _check_kind(path, meta)
     labels, pooling, max_length = _check_meta(path, meta, num_classes_of(params), config)
+    tok, files = _tokenizer_of(path, meta, bpe_dir)
     return Classifier(params=params, config=config, labels=labels, pooling=pooling, max_length=max_length,
-                      tok=_tokenizer_of(path, meta, bpe_dir), meta=meta, path=path, batch_size=batch_size)
+                      tok=tok, meta=meta, path=path, batch_size=batch_size, bpe_dir=bpe_dir, bpe_files=files)
 
 
 def _check_meta(path, meta, K, config):
@@ -255,17 +261,35 @@ def _check_meta(path, meta, K, config):
 
 def _tokenizer_of(path, meta, bpe_dir):
     """The GPT-2 encoding for a classifier file: bpe_dir, else the file's own, else the places
-    `get_tokenizer` looks (the training run's BPE folder first, when it still exists)."""
-    from .tokenizer import get_tokenizer, tokenizer_from_h5
-    stored = tokenizer_from_h5(path) if bpe_dir is None else None   # self-contained files carry it
+    `get_tokenizer` looks (the training run's BPE folder first, when it still exists).
+    -> (encoding, the BPE files the file stores or None)"""
+    from .tokenizer import bpe_files_from_h5, encoding_from_bytes, get_tokenizer
+    stored = bpe_files_from_h5(path) if bpe_dir is None else None   # self-contained files carry it
     if stored is not None:
-        return stored
+        return encoding_from_bytes(stored, path), stored
+    return get_tokenizer(*_bpe_places(meta, bpe_dir)), None
+
+
+def _bpe_places(meta, bpe_dir):
+    """(bpe_dir, weights_dir) for `npgpt.tokenizer`'s search, for a file without its own copy:
+    bpe_dir, else the training run's BPE folder when it still exists; the folder of its weights."""
     if bpe_dir is None and not os.environ.get("NPGPT_BPE_DIR"):
         trained = training_setting(meta, "bpe_dir")
         if trained and os.path.isdir(trained):
             bpe_dir = trained
     weights = training_setting(meta, "weights")
-    return get_tokenizer(bpe_dir, weights_dir=(os.path.dirname(weights) or ".") if weights else None)
+    return bpe_dir, (os.path.dirname(weights) or ".") if weights else None
+
+
+def classifier_bpe_files(path, meta) -> dict:
+    """The two BPE files a classifier file written from the file at `path` must carry: the ones
+    it stores, else those `load_classifier` would find for it (sha256-checked either way)."""
+    from .tokenizer import bpe_file_bytes, bpe_files_from_h5, check_bpe_bytes
+    stored = bpe_files_from_h5(path)
+    if stored is not None:
+        check_bpe_bytes(stored, path)
+        return stored
+    return bpe_file_bytes(*_bpe_places(meta, None))
 
 
 def _peek_meta(path):

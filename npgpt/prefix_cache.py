@@ -60,6 +60,7 @@ from .errors import TrainingError
 from .fileio import (process_alive, regular_file, replace_durably, reserve_space, temp_owner, temp_path,
                      write_bytes, write_json)
 from .model import Padding
+from .userpaths import cache_root
 
 VERSION = 2              # 2: shared first tokens computed once (npgpt.prefix_tree)
 ENV = "NPGPT_CACHE_DIR"
@@ -72,8 +73,9 @@ LEFTOVER = re.compile(r"\.([0-9a-f]{64}\.(npy|json)|CACHEDIR\.TAG)\.\d+\.[a-z0-9
 
 
 def default_dir() -> str:
-    """The cache folder: $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix."""
-    return os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "npgpt", "prefix")
+    """The cache folder: $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix ($XDG_CACHE_HOME/npgpt/prefix
+    when that is set: `npgpt.userpaths`)."""
+    return os.environ.get(ENV) or os.path.join(cache_root(), "prefix")
 
 
 def cache_folder(given) -> str:

@@ -58,7 +58,8 @@ class RunConfig:
     # the model
     model: str = option("124M", "GPT-2 size: 124M, 355M, 774M or 1558M, or tiny (a small random model, "
                                 "2 layers, 64 dims: the pipeline in seconds)", "model", flag="--model-size")
-    weights: str | None = option(None, "converted weights (default: weights/gpt2-<size>.h5)", "model")
+    weights: str | None = option(None, "converted weights (default: ./weights/gpt2-<size>.h5 if there, else "
+                                        "~/.cache/npgpt/weights/gpt2-<size>.h5 or $NPGPT_WEIGHTS_DIR's)", "model")
     random_init: bool = option(False, "random weights with the chosen size's shapes (for timing without "
                                       "downloads)", "model")
     trainable_blocks: int | str = option(1, "train the head, ln_f and the last K blocks; 'all' trains "
@@ -79,13 +80,15 @@ class RunConfig:
     balance: str | None = option(None, "undersample every class to the smallest (default: none for your data, "
                                        "undersample for the SMS data, as in the reference)", "data",
                                  choices=("none", "undersample"))
-    data_dir: str = option("data", "where the data and the train/validation/test CSVs live", "data")
+    data_dir: str | None = option(None, "where the SMS data and its train/validation/test CSVs live (default: ./data "
+                                        "if it holds them, else ~/.cache/npgpt/data or $NPGPT_DATA_DIR)", "data")
     skip_bad_lines: bool = option(False, "skip malformed dataset lines and report them", "data")
     parse: str = option("pandas", "SMS file only: read it as the reference does (pandas' quoting, 5572 messages, "
                                   "its exact splits) or strictly one message a line (5574)", "data",
                         choices=("pandas", "strict"))
     bpe_dir: str | None = option(None, "folder with GPT-2's encoder.json and vocab.bpe (default: $NPGPT_BPE_DIR, "
-                                       "else the folder of --weights or its <size>/ subfolder, else tiktoken's "
+                                       "else the folder of --weights or its <size>/ subfolder, ./weights, "
+                                       "~/.cache/npgpt/weights, else tiktoken's "
                                        "cache or download)", "data")
     max_length: int | str = option("longest", "pad to the longest training example (reference: 120), per batch, "
                                               "or to N tokens", "data", metavar="longest|batch|N")

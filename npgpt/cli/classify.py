@@ -79,7 +79,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--bpe-dir", default=None,
                    help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
-                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
+                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, ./weights, ~/.cache/npgpt/weights, tiktoken)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="texts per forward pass")
     p.add_argument("--width", type=int, default=60, help="characters of each text shown")
     return p

@@ -59,8 +59,9 @@ def build_parser():
     p.add_argument("--label-column", default=None, help="label column of --data (default: the model's)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"],
                    help="without --data: which of the run's splits to score")
-    p.add_argument("--data-dir", default="data",
-                   help="without --data, for runs that kept no split CSVs: where train/validation/test.csv live")
+    p.add_argument("--data-dir", default=None,
+                   help="without --data, for runs that kept no split CSVs: where train/validation/test.csv live "
+                        "(default: ./data if it holds them, else ~/.cache/npgpt/data or $NPGPT_DATA_DIR)")
     p.add_argument("--parse", default="pandas", choices=["pandas", "strict"],
                    help="how an SMSSpamCollection file is read (as in python -m npgpt.train)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed rows of --data and report them")
@@ -69,7 +70,7 @@ def build_parser():
                    help="two classes: predict the positive (second) class when its probability is >= T")
     p.add_argument("--bpe-dir", default=None,
                    help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
-                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
+                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, ./weights, ~/.cache/npgpt/weights, tiktoken)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="texts per forward pass (default: the training batch size)")
     p.add_argument("--json", action="store_true", help="print every metric as one JSON object")
@@ -104,7 +105,8 @@ def load_labelled(args, clf):
         labels = df["Name"].astype(str).tolist() if "Name" in df.columns else df["Label"].to_numpy()
         lines = df["Line"].to_numpy() if "Line" in df.columns else None
         return df["Text"].tolist(), labels, lines, f"{args.split} split"
-    splits = prepare_splits(None, args.data_dir, progress=not args.quiet, parse=args.parse,
+    from ..userpaths import data_dir
+    splits = prepare_splits(None, args.data_dir or data_dir(), progress=not args.quiet, parse=args.parse,
                             balance=training_setting(clf.meta, "balance") or "undersample")
     df = splits[SPLITS.index(args.split)]
     return df["Text"].tolist(), df["Label"].to_numpy(), df["Line"].to_numpy(), f"{args.split} split"

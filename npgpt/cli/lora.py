@@ -3,6 +3,7 @@ weight it adapts (npgpt.lora.merge): a classifier file without LoRA arrays that 
 """
 from __future__ import annotations
 
+from ..classify import classifier_bpe_files
 from ..errors import FormatError
 from ..lora import adapted, merge, spec_of
 from ..params import load_params, save_params
@@ -30,7 +31,8 @@ def main(argv=None):
     merged = merge(params, config, spec)
     meta = dict(meta)
     meta["lora_merged"] = meta.pop("lora")
-    save_params(args.out, merged, config, meta)
+    # the merged file carries the tokenizer, as every classifier file does (classify works offline)
+    save_params(args.out, merged, config, meta, files=classifier_bpe_files(args.model, meta))
     if not args.quiet:
         n = len(adapted(config, spec.targets, params["cls/b"].shape[0]))
         print(f"merged {n} LoRA pairs (rank {spec.rank}, alpha {spec.alpha:g}) into {args.out}")
