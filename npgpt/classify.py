@@ -281,15 +281,16 @@ def _bpe_places(meta, bpe_dir):
     return bpe_dir, (os.path.dirname(weights) or ".") if weights else None
 
 
-def classifier_bpe_files(path, meta) -> dict:
-    """The two BPE files a classifier file written from the file at `path` must carry: the ones
-    it stores, else those `load_classifier` would find for it (sha256-checked either way)."""
+def classifier_bpe_files(path, meta, bpe_dir=None) -> dict:
+    """The two BPE files a classifier file written from the file at `path` must carry: those in
+    bpe_dir, else the ones it stores, else those `load_classifier` would find for it
+    (sha256-checked in every case)."""
     from .tokenizer import bpe_file_bytes, bpe_files_from_h5, check_bpe_bytes
-    stored = bpe_files_from_h5(path)
+    stored = bpe_files_from_h5(path) if bpe_dir is None else None
     if stored is not None:
         check_bpe_bytes(stored, path)
         return stored
-    return bpe_file_bytes(*_bpe_places(meta, None))
+    return bpe_file_bytes(*_bpe_places(meta, bpe_dir))
 
 
 def _peek_meta(path):

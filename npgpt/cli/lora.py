@@ -18,6 +18,9 @@ def build_parser():
                                    "classifier file without LoRA arrays that classifies the same.")
     m.add_argument("model", help="classifier file with LoRA arrays (RUN/classifier.h5)")
     m.add_argument("--out", required=True, help="where to write the merged classifier file")
+    m.add_argument("--bpe-dir", default=None,
+                   help="folder with GPT-2's encoder.json and vocab.bpe, for a file that does not carry them "
+                        "(the merged file always does)")
     m.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p
 
@@ -32,7 +35,7 @@ def main(argv=None):
     meta = dict(meta)
     meta["lora_merged"] = meta.pop("lora")
     # the merged file carries the tokenizer, as every classifier file does (classify works offline)
-    save_params(args.out, merged, config, meta, files=classifier_bpe_files(args.model, meta))
+    save_params(args.out, merged, config, meta, files=classifier_bpe_files(args.model, meta, args.bpe_dir))
     if not args.quiet:
         n = len(adapted(config, spec.targets, params["cls/b"].shape[0]))
         print(f"merged {n} LoRA pairs (rank {spec.rank}, alpha {spec.alpha:g}) into {args.out}")
