@@ -219,24 +219,32 @@ class RunOptions:
     cache_memory: str | None = option(None, "frozen-prefix bytes held in memory, e.g. 512M or 2G; a larger prefix "
                                             "stays on disk and is streamed (default: half of the free memory)",
                                       "training", metavar="SIZE")
+    cache_max: str | None = option(None, "size cap of the disk cache, e.g. 20G: after a new entry, the entries used "
+                                         "longest ago are removed until the rest fit (default: a tenth of its "
+                                         "disk)", "training", metavar="SIZE")
     plots: bool = option(True, "do not write PNG plots", "output", flag="--no-plots", negate=True)
     progress: bool = option(True, "no progress bars", "output", flag="--quiet", negate=True)
 
     def __post_init__(self):
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError("threads", "must be at least 1")
-        if self.cache_memory is not None:
-            from .prefix_cache import parse_size
+        from .prefix_cache import parse_size
+        for name in ("cache_memory", "cache_max"):
+            value = getattr(self, name)
             try:
-                parse_size(self.cache_memory)
+                value is None or parse_size(value)
             except (ValueError, IndexError):
-                raise ConfigError("cache_memory", f"must be a size such as 512M or 2G, got {self.cache_memory!r}") \
-                    from None
+                raise ConfigError(name, f"must be a size such as 512M or 2G, got {value!r}") from None
 
     @property
     def cache_memory_bytes(self):
         from .prefix_cache import parse_size
         return None if self.cache_memory is None else parse_size(self.cache_memory)
+
+    @property
+    def cache_max_bytes(self):
+        from .prefix_cache import parse_size
+        return None if self.cache_max is None else parse_size(self.cache_max)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -194,7 +194,7 @@ def _frozen_prefix(job, options, run_dir, log):
     total = sum(int(d.lengths.sum()) if run.pooling == "last_token" else len(d) * (d.pad_to or 0)
                 for d in job.datasets)
     store = PrefixCache(options.cache_dir, use_disk=options.cache_disk, memory_limit=options.cache_memory_bytes,
-                        spill_dir=run_dir, log=log)
+                        spill_dir=run_dir, log=log, max_bytes=options.cache_max_bytes, made_from=_made_from(job))
     with bar(enabled=options.progress, unit="tok", leave=False,
              desc=f"frozen blocks 0..{start - 1}" if start else "embeddings") as shown:
         feats = dataset_activations(store, job.params, job.config, job.datasets, start, run.pooling,
@@ -204,6 +204,18 @@ def _frozen_prefix(job, options, run_dir, log):
     what = f"the frozen prefix (blocks 0..{start - 1})" if start else "the embeddings"
     log(f"cached {what} of {total} tokens in {time.time() - t0:.1f} s")
     return feats, start
+
+
+def _made_from(job) -> dict:
+    """What the run's prefix cache entries are made from, as `python -m npgpt.cache ls` shows it:
+    the data (a file's absolute path) and the model (its size, and its weights file if any)."""
+    from .job import weights_path
+    from .runconfig import MEMORY
+    run = job.run
+    data = ("data in memory (npgpt.fit)" if run.data == MEMORY else os.path.abspath(run.data) if run.data
+            else "the SMS Spam Collection")
+    model = job.model_name if run.tiny or run.random_init else f"{job.model_name} ({os.path.abspath(weights_path(run))})"
+    return {"data": data, "model": model}
 
 
 def _restore_trained(run_dir, params, names):
