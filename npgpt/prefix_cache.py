@@ -535,9 +535,10 @@ def remove_entry(cache_dir, key):
 
 
 def clear(cache_dir=None, older_than=None) -> tuple:
-    """Remove the entries not in use (and, clearing all, leftover temporary files): only files the
-    cache can identify as its own (`cache_folder`, `ENTRY`, `LEFTOVER`). older_than: seconds;
-    only the entries last used longer ago. -> (entries removed, bytes freed, entries kept in use)"""
+    """Remove the entries not in use (and, clearing all, the temporary files of runs no longer
+    running): only files the cache can identify as its own (`cache_folder`, `ENTRY`, `LEFTOVER`).
+    older_than: seconds; only the entries last used longer ago.
+    -> (entries removed, bytes freed, entries kept in use)"""
     d = cache_folder(cache_dir or default_dir())
     if not os.path.isdir(d):
         return 0, 0, 0
@@ -552,7 +553,10 @@ def clear(cache_dir=None, older_than=None) -> tuple:
         n, freed = n + 1, freed + e["files_bytes"]
     for name in os.listdir(d) if older_than is None else []:
         path = os.path.join(d, name)               # an entry's half left by a crash, a leftover
-        if ((ENTRY.match(name) and name[:64] not in busy) or LEFTOVER.match(name)) and not os.path.isdir(path):
+        pid = temp_owner(name)
+        being_written = LEFTOVER.match(name) and pid is not None and process_alive(pid)
+        if ((ENTRY.match(name) and name[:64] not in busy) or (LEFTOVER.match(name) and not being_written)) \
+                and not os.path.isdir(path):
             freed += os.lstat(path).st_size
             os.remove(path)
     return n, freed, len(busy)

@@ -355,6 +355,8 @@ def test_an_entry_in_use_and_files_not_the_caches_are_never_removed(tmp_path, ca
     view = mapped[3:5]                                                 # a view keeps the lock too
     del mapped
     (tmp_path / "notes.txt").write_text("mine")                        # someone else's file in the folder
+    written = tmp_path / f".{'cd' * 32}.npy.{os.getpid()}.a1b2c3d4.tmp"    # an entry a live job is writing
+    written.write_bytes(b"\0" * 1024)
     assert prefix_cache.evict(str(tmp_path), 0) == []
     assert cache_cli.main(["clear", "--cache-dir", str(tmp_path)]) == 0
     assert "removed 0 entries (0.0 MiB)" in capsys.readouterr().out
@@ -366,7 +368,7 @@ def test_an_entry_in_use_and_files_not_the_caches_are_never_removed(tmp_path, ca
     gc.collect()
     assert [e["key"] for e in prefix_cache.evict(str(tmp_path), 0)] == [key]
     assert prefix_cache.clear(str(tmp_path))[2] == 0
-    assert sorted(os.listdir(tmp_path)) == [prefix_cache.MARKER, "notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == [written.name, prefix_cache.MARKER, "notes.txt"]
 
 
 def test_cache_max_is_a_size():
