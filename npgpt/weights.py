@@ -9,7 +9,9 @@
 or $NPGPT_WEIGHTS_DIR), where every run finds the weights and the tokenizer from any folder.
 `download` puts OpenAI's seven files (or Hugging Face's model.safetensors and config.json) in
 `<dir>/<size>/`, skipping the ones already complete, checks the tokenizer files' sha256, then
-converts to `<dir>/gpt2-<size>.h5`:
+converts to `<dir>/gpt2-<size>.h5`; `convert` of a checkpoint folder holding the tokenizer's
+encoder.json and vocab.bpe copies them beside the .h5, so that they too are found from any folder.
+The .h5 holds
 OpenAI's names without `model/`, float32, conv weights [1,in,out] reshaped to [in,out], the
 config as attributes (see npgpt.params).
 
@@ -29,6 +31,7 @@ import os
 from .config import HF_NAMES, PRESETS
 from .download import check_sha256, download_file
 from .errors import FormatError
+from .fileio import regular_file, sha256_file, write_bytes
 from .params import save_params
 from .userpaths import user_weights_dir
 
@@ -139,7 +142,22 @@ def convert(path, out=None, size: str | None = None, weights_dir=None) -> str:
             name = os.path.basename(p if os.path.isdir(p) else os.path.splitext(p)[0])
         out = os.path.join(os.fspath(weights_dir or user_weights_dir()), f"gpt2-{name}.h5")
     save_params(out, params, config, meta={"source": source, "converted_from": os.path.abspath(os.fspath(path))})
+    _keep_tokenizer(path, os.path.dirname(os.path.abspath(os.fspath(out))))
     return os.fspath(out)
+
+
+def _keep_tokenizer(src, dest) -> None:
+    """Copy GPT-2's encoder.json and vocab.bpe (checked) from a converted checkpoint folder `src`
+    to `dest`, the .h5's folder, where every run looks for them (`npgpt.tokenizer`), unless they
+    are there already (or `src` is `dest/<size>/`, where `download` left them)."""
+    src, dest = os.path.abspath(os.fspath(src)), os.path.abspath(dest)
+    if not os.path.isdir(src) or os.path.dirname(src) == dest or src == dest:
+        return
+    for name, digest in TOKENIZER_SHA256.items():
+        found, target = os.path.join(src, name), os.path.join(dest, name)
+        if regular_file(found) and not os.path.exists(target) and sha256_file(found) == digest:
+            with open(found, "rb") as fh:
+                write_bytes(target, fh.read())
 
 
 def download(size: str, source: str = "openai", weights_dir=None, out=None, mirror=None,

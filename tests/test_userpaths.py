@@ -116,6 +116,19 @@ def test_download_writes_to_the_user_folder_and_is_found_from_anywhere(user, ser
     assert tokenizer.find_bpe_dir() == str(user / "npgpt" / "weights" / "124M")
 
 
+def test_convert_of_a_folder_keeps_its_tokenizer_files_where_runs_look(user, tmp_path, bpe_dir, monkeypatch):
+    from npgpt.weights import convert
+    src = tmp_path / "Downloads" / "124M"                       # the checkpoint fetched by hand
+    shutil.copytree(FIXTURE, src)
+    _copy_bpe(bpe_dir, src)
+    out = convert(src)
+    assert os.path.dirname(out) == str(user / "npgpt" / "weights")
+    shutil.rmtree(tmp_path / "Downloads")
+    os.makedirs("elsewhere")
+    monkeypatch.chdir("elsewhere")
+    assert tokenizer.find_bpe_dir() == str(user / "npgpt" / "weights")
+
+
 @pytest.fixture(scope="module")
 def offline_env(tmp_path_factory):
     """The environment of the commands below: offline, no per-user folder set by variable, one
