@@ -164,12 +164,11 @@ class Classifier:
         """Write the classifier (parameters, config, labels, settings and the tokenizer's two files,
         so that it works offline from any folder) to an HDF5 file."""
         from .params import save_params
-        from .tokenizer import bpe_file_bytes
         path = os.fspath(path)
         meta = dict(self.meta, kind=KIND, labels=list(self.labels), pooling=self.pooling,
                     max_length=self.max_length,
                     id2label={str(i): s for i, s in enumerate(self.labels)})
-        files = self.bpe_files or bpe_file_bytes(*_bpe_places(self.meta, self.bpe_dir))
+        files = self.bpe_files or classifier_bpe_files(self.path, self.meta, self.bpe_dir)
         save_params(path, self.params, self.config, meta, files=files)
         return path
 
@@ -282,11 +281,11 @@ def _bpe_places(meta, bpe_dir):
 
 
 def classifier_bpe_files(path, meta, bpe_dir=None) -> dict:
-    """The two BPE files a classifier file written from the file at `path` must carry: those in
-    bpe_dir, else the ones it stores, else those `load_classifier` would find for it
-    (sha256-checked in every case)."""
+    """The two BPE files a classifier file written from the file at `path` must carry: the ones it
+    stores, else those in bpe_dir, else those `load_classifier` would find for it (sha256-checked
+    in every case: GPT-2's two files, wherever they come from)."""
     from .tokenizer import bpe_file_bytes, bpe_files_from_h5, check_bpe_bytes
-    stored = bpe_files_from_h5(path) if bpe_dir is None else None
+    stored = bpe_files_from_h5(path) if path and os.path.isfile(path) else None
     if stored is not None:
         check_bpe_bytes(stored, path)
         return stored

@@ -214,7 +214,8 @@ def _classifies_offline(path, monkeypatch):
 
 
 def test_fit_then_save_carries_the_tokenizer(nowhere, tmp_path, bpe_dir, monkeypatch):
-    """The BPE folder fit used is gone when the saved files are classified."""
+    """The BPE folder fit used is gone before fit's classifier is saved, and when the saved files
+    are classified."""
     import npgpt
     from npgpt.params import load_params, save_params
     texts = ["win a prize now", "free cash prize", "see you at 8", "lunch tomorrow?"] * 10
@@ -223,12 +224,12 @@ def test_fit_then_save_carries_the_tokenizer(nowhere, tmp_path, bpe_dir, monkeyp
     clf = npgpt.fit(texts, labels, model="tiny", epochs=1, batch_size=4, bpe_dir=str(tmp_path / "bpe"),
                     out=str(tmp_path / "run"), plots=False)
     want = clf.predict_proba(TEXTS)
-    clf.save(tmp_path / "my.h5")
     # a file loaded with a bpe dir (an older file, no copy of its own) is saved with one too
-    params, config, meta = load_params(tmp_path / "my.h5")
+    params, config, meta = load_params(tmp_path / "run" / "classifier.h5")
     save_params(tmp_path / "old.h5", params, config, meta)
     npgpt.load_classifier(tmp_path / "old.h5", bpe_dir=str(tmp_path / "bpe")).save(tmp_path / "resaved.h5")
     shutil.rmtree(tmp_path / "bpe")
+    clf.save(tmp_path / "my.h5")                                       # its run's file has the copy
     np.testing.assert_array_equal(_classifies_offline(tmp_path / "my.h5", monkeypatch), want)
     np.testing.assert_array_equal(_classifies_offline(tmp_path / "resaved.h5", monkeypatch), want)
     with pytest.raises(NpgptError, match="cannot load the GPT-2 tokenizer"):
