@@ -80,6 +80,9 @@ def bpe_file_bytes(bpe_dir=None, weights_dir=None) -> dict:
     d = find_bpe_dir(bpe_dir, weights_dir)
     if d is not None:
         for name in BPE_FILES:
+            if not (Path(d) / name).is_file():
+                raise NpgptError(f"{Path(d) / name}: no such file (the tokenizer needs encoder.json and "
+                                 "vocab.bpe; --bpe-dir names their folder)")
             check_bpe_file(Path(d) / name)
         return {name: (Path(d) / name).read_bytes() for name in BPE_FILES}
     import tiktoken.load

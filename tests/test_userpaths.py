@@ -250,7 +250,17 @@ def test_lora_merge_carries_the_tokenizer(nowhere, tmp_path, bpe_dir, monkeypatc
     meta = {"kind": "npgpt-classifier", "labels": ["ham", "spam"], "pooling": "last_token",
             "max_length": None, "lora": spec.to_dict()}
     P.save_params(tmp_path / "lora.h5", p, cfg, meta, files=bpe_file_bytes(bpe_dir))   # as train writes it
+    P.save_params(tmp_path / "bare.h5", p, cfg, meta)                                  # a file without one
+    _offline_tiktoken(monkeypatch)
     assert lora_cli.main(["merge", str(tmp_path / "lora.h5"), "--out", str(tmp_path / "merged.h5"), "--quiet"]) == 0
     want = _classifies_offline(tmp_path / "lora.h5", monkeypatch)
     np.testing.assert_allclose(_classifies_offline(tmp_path / "merged.h5", monkeypatch), want, atol=1e-5)
     assert np.abs(want - 0.5).max() > 1e-3
+    merge_bare = ["merge", str(tmp_path / "bare.h5"), "--out", str(tmp_path / "m2.h5"), "--quiet"]
+    with pytest.raises(NpgptError, match="pass --bpe-dir"):                          # nothing written
+        lora_cli.main(merge_bare)
+    with pytest.raises(NpgptError, match=r"nope.encoder.json: no such file .*--bpe-dir names their folder"):
+        lora_cli.main(merge_bare + ["--bpe-dir", str(tmp_path / "nope")])
+    assert not (tmp_path / "m2.h5").exists()
+    assert lora_cli.main(merge_bare + ["--bpe-dir", bpe_dir]) == 0
+    np.testing.assert_allclose(_classifies_offline(tmp_path / "m2.h5", monkeypatch), want, atol=1e-5)
