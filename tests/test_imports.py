@@ -27,7 +27,7 @@ LAYERS = [
     ("data", {"npgpt.tokenizer", "npgpt.data", "npgpt.tabular", "npgpt.dataset"}),
     ("training and using", {"npgpt.runconfig", "npgpt.runs", "npgpt.finetune", "npgpt.job", "npgpt.train",
                             "npgpt.classify", "npgpt.evaluate", "npgpt.api", "npgpt.estimator", "npgpt.plots",
-                            "npgpt"}),
+                            "npgpt.explain", "npgpt.batcher", "npgpt.http_api", "npgpt.serve", "npgpt"}),
     ("command line", {"npgpt.__main__", "npgpt.cache"}),     # and every npgpt.cli module
 ]
 TEXTBOOK_THIRD_PARTY = {"numpy"}
