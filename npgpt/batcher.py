@@ -113,6 +113,15 @@ class Batcher:
             self._cond.notify_all()
         return job.future
 
+    def hurry(self) -> None:
+        """Stop waiting for more requests to join a pass (max_wait 0): the server is stopping,
+        what is queued runs now. New requests are still taken until close(). Safe in a signal
+        handler: the condition's lock is re-entrant (an RLock), so a handler run while the main
+        thread holds it in submit() cannot deadlock."""
+        with self._cond:
+            self.max_wait = 0.0
+            self._cond.notify_all()
+
     def close(self, timeout=None) -> None:
         """Take no new work, answer every queued request, stop the worker thread."""
         with self._cond:
@@ -143,7 +152,6 @@ class Batcher:
             batch, tokens = [first], first.n_tokens
             if first.fn is not None or not self.batching:
                 return batch
-            deadline = first.arrived + self.max_wait
             while True:
                 if self._jobs:
                     nxt = self._jobs[0]
@@ -152,7 +160,7 @@ class Batcher:
                     batch.append(self._jobs.popleft())
                     tokens += nxt.n_tokens
                     continue
-                left = deadline - time.monotonic()
+                left = first.arrived + self.max_wait - time.monotonic()        # hurry() sets max_wait 0
                 if left <= 0 or self._closing:
                     return batch
                 self._cond.wait(left)

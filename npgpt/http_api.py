@@ -106,7 +106,8 @@ class _Service:
         async def route(request: Request):
             try:
                 self._check_key(request)
-                return JSONResponse(await handler(request))
+                answer = await handler(request)
+                return answer if isinstance(answer, JSONResponse) else JSONResponse(answer)
             except HTTPError as e:
                 return _error(e.status, str(e), e.headers)
             except QueueFull as e:
@@ -156,10 +157,15 @@ class _Service:
         top_k = body.get("top_k")
         if top_k is not None and (type(top_k) is not int or top_k < 1):
             raise HTTPError(422, f"top_k must be a whole number >= 1 or null (every class), not {quote(top_k)}")
-        tokens = self._encode(texts)
+        tokens, cut = self._encode(texts)
         probs = await asyncio.wrap_future(self.batcher.submit(tokens))             # [n,K]
         answers = [_ranked(self.clf.labels, p, top_k) for p in probs]
-        return answers[0] if isinstance(inputs, str) else answers
+        answer = answers[0] if isinstance(inputs, str) else answers
+        if not cut:
+            return answer
+        # --truncate cut some texts: the body keeps the pipeline's shape, a header names them
+        return JSONResponse(answer, headers={"X-Truncated-Texts": ",".join(map(str, cut)),
+                                             "X-Token-Limit": str(self.clf.limit)})
 
     async def explain(self, request: Request) -> dict:
         from .explain import explain, label_index
@@ -173,13 +179,14 @@ class _Service:
         self._encode([text])
         return (await asyncio.wrap_future(self.batcher.call(lambda: explain(self.clf, text, label)))).to_dict()
 
-    def _encode(self, texts) -> list:
-        """Token ids of each text, cut to the model's limit: 422 for a longer text unless --truncate."""
+    def _encode(self, texts):
+        """Token ids of each text, cut to the model's limit -> (tokens, indices of the cut texts):
+        422 for a longer text unless --truncate."""
         tokens, cut = self.clf.encode(texts)            # DataError (422) names a non-string or empty text
         if cut and not self.limits.truncate:
             raise HTTPError(422, f"text {cut[0] + 1} of {len(texts)} is longer than the model's {self.clf.limit} "
                                  "tokens (start the server with --truncate to cut such texts)")
-        return tokens
+        return tokens, cut
 
     async def _json(self, request: Request, keys: set) -> dict:
         """The request's JSON object, its body read up to --max-body bytes (413 past it)."""

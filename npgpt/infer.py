@@ -80,10 +80,23 @@ def _pack_logits(params, config, lay):
         pos = np.arange(len(lay.path)) - np.repeat(lay.pstarts[:-1], lengths)   # [P] every position
         xb = np.zeros((S, T, C), x.dtype)                                       # [S,T,C]
         xb[np.repeat(np.arange(S), lengths), pos] = x[lay.path]                 # unpacked; pads stay 0
+        if S == 1:      # one pooled row: NumPy would send its products to BLAS gemv, whose sums
+            xb, last = np.repeat(xb, 2, axis=0), np.repeat(last, 2)   # differ from gemm's: two rows
         h, _ = fastmodel.block_forward_pooled(params, L - 1, xb, last, config.n_head)  # [S,C]
+        h = h[:S]
     h, _ = fastops.layernorm_forward(h, params["ln_f/g"], params["ln_f/b"])     # [S,C]
-    logits, _ = ops.linear_forward(h, params["cls/w"], params["cls/b"])         # [S,K]
-    return logits
+    return head_logits(h, params["cls/w"], params["cls/b"])                     # [S,K]
+
+
+def head_logits(h, w, b) -> np.ndarray:
+    """h @ w + b for the classifier head, each row's numbers independent of the other rows.
+    OpenBLAS computes a product this narrow (K = 2..4 classes) with kernels whose sums depend on
+    the number of rows, so a text's logits would change in the last bit with the texts that share
+    its pack; here each logit is one sum over C in float64, whatever the rows (the server's
+    answers then equal `predict_proba` on a request's texts alone, npgpt.batcher).
+    h [S,C], w [C,K], b [K] -> [S,K] in h's dtype"""
+    z = np.einsum("sc,ck->sk", h.astype(np.float64), w.astype(np.float64)) + b             # [S,K]
+    return z.astype(h.dtype)
 
 
 def _progress(progress, n_texts, n_tokens):

@@ -72,7 +72,8 @@ def main(argv=None):
     batcher = Batcher(clf, args.max_batch_tokens, args.max_wait_ms, args.max_queue)
     app = make_app(clf, Limits(args.max_texts, args.max_body, args.truncate, args.api_key or None),
                    batcher=batcher, cors_origin=args.cors)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=args.access_log, lifespan="on"))
+    server = _server_class(uvicorn)(uvicorn.Config(app, log_level="info", access_log=args.access_log, lifespan="on"))
+    server.batcher = batcher
     host, port = sock.getsockname()[:2]
     print(f"serving {clf.path} ({', '.join(clf.labels)}) on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     with _signals_end_the_server():
@@ -93,6 +94,20 @@ def _bind(host: str, port: int) -> socket.socket:
         raise NpgptError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
     sock.listen(2048)
     return sock
+
+
+def _server_class(uvicorn):
+    """uvicorn's Server, but a stop signal also tells the batcher to run what it holds now: uvicorn
+    waits for every open request before the app shuts down, and a request must not sit out
+    --max-wait-ms meanwhile."""
+    class Server(uvicorn.Server):
+        batcher = None
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            if self.batcher is not None:
+                self.batcher.hurry()
+    return Server
 
 
 class _signals_end_the_server:
