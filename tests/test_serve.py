@@ -280,3 +280,18 @@ def test_the_page_in_a_browser_shows_the_api_s_bars_and_shaded_tokens(model_file
         assert rgba[:3] == ([220, 40, 40] if s >= 0 else [40, 90, 220]) and abs(rgba[3] - abs(s) / top) <= 0.005   # the browser keeps 2 digits
     assert "billing, delivery, spam" in settings and "last_token" in settings
     assert (tmp_path / "page.png").stat().st_size > 1000
+
+
+def test_the_core_install_does_not_need_the_extra_and_its_absence_is_one_line(model_file, tmp_path):
+    """`import npgpt` (and the batcher) import no Starlette; without it `npgpt serve` says how to install it."""
+    blocked = "import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None; "
+    env = {"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"], "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    r = subprocess.run([sys.executable, "-c", "import sys, npgpt, npgpt.classify, npgpt.batcher; "
+                        "print(sorted({'starlette', 'uvicorn'} & set(sys.modules)))"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert r.stdout.strip() == "[]", r.stderr
+    r = subprocess.run([sys.executable, "-c", blocked + "from npgpt.__main__ import main; main(['serve', '--model', "
+                        f"{str(model_file)!r}])"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        'error: the server needs Starlette and uvicorn, an optional extra: pip install -e ".[serve]" '
+        '(or pip install "npgpt[serve]")'], r.stderr

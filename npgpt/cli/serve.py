@@ -30,7 +30,7 @@ def build_parser():
     p.add_argument("--model", required=True, help="the classifier, runs/<name>/classifier.h5")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
-    p.add_argument("--api-key", default=os.environ.get("NPGPT_API_KEY"),
+    p.add_argument("--api-key", default=None,           # not the environment's: --help would show it
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NPGPT_API_KEY, else none)")
     p.add_argument("--cors", default=None, metavar="ORIGIN", help="allow browser pages from ORIGIN to call the API")
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
@@ -50,6 +50,11 @@ def build_parser():
 
 
 def main(argv=None):
+    try:                 # first, --help included: the flags' defaults live in the app's module
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise NpgptError(MISSING_EXTRA) from None
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("max_texts", "max_body", "max_queue"):
@@ -57,11 +62,6 @@ def main(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_batch_tokens < 0 or args.max_wait_ms < 0:
         parser.error("--max-batch-tokens and --max-wait-ms must be >= 0")
-    try:
-        import starlette  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise NpgptError(MISSING_EXTRA) from None
     from ..batcher import Batcher
     from ..classify import load_classifier
     from ..http_api import Limits, make_app
@@ -70,7 +70,8 @@ def main(argv=None):
     clf = load_classifier(args.model, args.bpe_dir)
     sock = _bind(args.host, args.port)
     batcher = Batcher(clf, args.max_batch_tokens, args.max_wait_ms, args.max_queue)
-    app = make_app(clf, Limits(args.max_texts, args.max_body, args.truncate, args.api_key or None),
+    app = make_app(clf, Limits(args.max_texts, args.max_body, args.truncate,
+                                   args.api_key or os.environ.get("NPGPT_API_KEY") or None),
                    batcher=batcher, cors_origin=args.cors)
     server = _server_class(uvicorn)(uvicorn.Config(app, log_level="info", access_log=args.access_log, lifespan="on"))
     server.batcher = batcher
