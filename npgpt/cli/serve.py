@@ -43,6 +43,8 @@ def build_parser():
     p.add_argument("--max-body", type=int, default=Limits.max_body, help="bytes of a request body (more: 413)")
     p.add_argument("--truncate", action="store_true",
                    help="cut texts longer than the model reads (default: refuse them with 422)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for Numba and BLAS (default: all cores; 1 on a machine shared with other work)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--bpe-dir", default=None,
                    help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model file)")
@@ -57,8 +59,8 @@ def main(argv=None):
         raise NpgptError(MISSING_EXTRA) from None
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_texts", "max_body", "max_queue"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_texts", "max_body", "max_queue", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_batch_tokens < 0 or args.max_wait_ms < 0:
         parser.error("--max-batch-tokens and --max-wait-ms must be >= 0")
@@ -66,6 +68,9 @@ def main(argv=None):
     from ..classify import load_classifier
     from ..http_api import Limits, make_app
 
+    if args.threads:
+        from ..fastops import set_num_threads
+        set_num_threads(args.threads)
     expect_file(args.model, "--model", "a classifier file", "runs/<name>/classifier.h5")
     clf = load_classifier(args.model, args.bpe_dir)
     sock = _bind(args.host, args.port)
