@@ -71,7 +71,8 @@ def start_server(model, bpe_dir, threads, *flags):
     import httpx
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "npgpt.serve", "--model", model, "--bpe-dir", bpe_dir,
-                             "--port", "0", "--threads", str(threads), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             "--port", "0", "--threads", str(threads), *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     url = re.search(r"http://127\.0\.0\.1:\d+", proc.stdout.readline()).group(0)
     for _ in range(600):
