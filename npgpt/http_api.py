@@ -153,7 +153,8 @@ class _Service:
         if not texts:
             raise HTTPError(422, "inputs is an empty list: send at least one text")
         if len(texts) > self.limits.max_texts:
-            raise HTTPError(413, f"{len(texts)} texts in one request; the limit (--max-texts) is {self.limits.max_texts}")
+            raise HTTPError(413, f"{len(texts)} texts in one request; the limit (--max-texts) is "
+                                 f"{self.limits.max_texts}")
         top_k = body.get("top_k")
         if top_k is not None and (type(top_k) is not int or top_k < 1):
             raise HTTPError(422, f"top_k must be a whole number >= 1 or null (every class), not {quote(top_k)}")
