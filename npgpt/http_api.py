@@ -78,7 +78,7 @@ def make_app(classifier, limits: Limits = None, batcher: Batcher = None, cors_or
         await asyncio.get_running_loop().run_in_executor(None, batcher.close)
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={404: _not_found, 405: _not_allowed})
+                    exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal})
     app.state.batcher = batcher
     return app
 
@@ -89,6 +89,11 @@ async def _not_found(request, exc):
 
 async def _not_allowed(request, exc):
     return _error(405, f"{request.method} is not allowed on {request.url.path}")
+
+
+async def _internal(request, exc):
+    """A bug, not the request's fault: still JSON, and the server goes on (uvicorn logs the traceback)."""
+    return _error(500, f"internal error ({type(exc).__name__}); the server's log has the traceback")
 
 
 def _error(status: int, message: str, headers=None) -> JSONResponse:

@@ -175,6 +175,21 @@ def test_truncate_cuts_and_says_so(clf):
     assert ranked.json()[1][0]["score"] == clf.predict_proba([LONG]).max()
 
 
+def test_a_failure_inside_is_a_json_500_and_the_server_goes_on(clf):
+    class Broken:                       # a model that fails on one text
+        labels, padding = clf.labels, clf.padding
+
+        def logits_of_tokens(self, tokens):
+            if len(tokens[0]) == 1:
+                raise FloatingPointError("boom")
+            return clf.logits_of_tokens(tokens)
+    with TestClient(make_app(clf, Limits(), Batcher(Broken(), max_batch_tokens=0)), raise_server_exceptions=False) as c:
+        r = c.post("/v1/classify", json={"inputs": "hi"})
+        assert r.status_code == 500 and r.json() == {"error": "internal error (FloatingPointError); the server's "
+                                                              "log has the traceback"}
+        assert c.post("/v1/classify", json={"inputs": "hi there"}).status_code == 200
+
+
 def test_a_full_queue_answers_429_with_retry_after(clf):
     batcher = Batcher(clf, max_queue=1)
     running, gate = threading.Event(), threading.Event()
