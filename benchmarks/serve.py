@@ -1,13 +1,15 @@
 """The server under load, on loopback: dynamic batching on and off in the same run.
 
     python benchmarks/serve.py [--json serve.json] [--phase-requests 300] [--phase-seconds 25]
-                               [--requests 10000] [--seconds 360] [--threads 1]
+                               [--requests 10000] [--seconds 360] [--threads 1] [--rounds 3]
 
 A 124M-shaped classifier with random weights (the work of the real one; its labels mean nothing)
 is served twice by `python -m npgpt.serve` on 127.0.0.1: batching on (the defaults) and off
 (--max-batch-tokens 0). A Python client with threads (one keep-alive connection each) sends
 SMS texts, one per request, at concurrency 1, 8 and 32 to each server in turn; each phase is
-bounded in requests and seconds. Reported: texts/s, p50/p95/p99 latency, the server's peak RSS.
+bounded in requests and seconds and split into rounds, the two servers taking turns (and, at
+concurrency 1, `predict_proba` on one text in this process). Reported: texts/s, p50/p95/p99
+latency, the server's peak RSS.
 
 Then the long run, on the batching server at concurrency 32: --requests requests (bounded by
 --seconds), one in ten malformed (bad JSON, wrong types, empty, too many texts, too long): the
@@ -44,7 +46,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--phase-requests", type=int, default=300, help="requests per (mode, concurrency) phase at most")
-    p.add_argument("--phase-seconds", type=float, default=25, help="seconds per phase at most")
+    p.add_argument("--phase-seconds", type=float, default=30, help="seconds per phase at most")
+    p.add_argument("--rounds", type=int, default=3, help="turns each phase is split into, the servers alternating")
     p.add_argument("--requests", type=int, default=10000, help="requests of the long run")
     p.add_argument("--seconds", type=float, default=360, help="seconds of the long run at most")
     p.add_argument("--texts", type=int, default=300, help="distinct SMS texts sent")
@@ -157,15 +160,30 @@ def long_run(url, pid, texts, clf, args) -> dict:
             "rss_after_1000_mib": marks.get(1000), "rss_at_end_mib": marks.get(args.requests, marks["end"])}
 
 
-def in_process_p50(clf, texts, n=40) -> float:
-    """Median seconds of predict_proba on one text, in this process (after one warm-up call)."""
-    clf.predict_proba([texts[0]])
-    ts = []
-    for t in texts[:n]:
-        t0 = time.perf_counter()
-        clf.predict_proba([t])
-        ts.append(time.perf_counter() - t0)
-    return summary(ts)["median"]
+def phases(servers, texts, concurrency, args, inproc, clf) -> list:
+    """One concurrency, each server in turn for --rounds short rounds (A, B, A, B, ...: a neighbour's
+    load slows both alike); inproc: a list to extend with in-process predict_proba seconds, one text
+    per call, a round of its own after each pair. -> a row per server"""
+    got = {mode: [[], 0.0] for mode in servers}
+    for _ in range(args.rounds):
+        for mode, (proc, url) in servers.items():
+            results, elapsed = load(url, texts, concurrency, args.phase_requests // args.rounds,
+                                    args.phase_seconds / args.rounds)
+            got[mode][0] += results
+            got[mode][1] += elapsed
+        if inproc is not None:
+            stop = time.perf_counter() + args.phase_seconds / args.rounds
+            for t in itertools.islice(itertools.cycle(texts), args.phase_requests // args.rounds):
+                t0 = time.perf_counter()
+                clf.predict_proba([t])
+                inproc.append(time.perf_counter() - t0)
+                if t0 > stop:
+                    break
+    rows = [phase_row(mode, concurrency, *got[mode], servers[mode][0].pid) for mode in servers]
+    for r in rows:
+        print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
+              flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -188,14 +206,10 @@ def main(argv=None):
         try:
             for proc, url in servers.values():
                 load(url, texts, 2, 4, 60)                                     # warm-up
-            rows = []
+            rows, inproc = [], []
             for concurrency in (1, 8, 32):
-                for mode, (proc, url) in servers.items():
-                    results, elapsed = load(url, texts, concurrency, args.phase_requests, args.phase_seconds)
-                    rows.append(phase_row(mode, concurrency, results, elapsed, proc.pid))
-                    print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in rows[-1].items()), flush=True)
-            inproc = in_process_p50(clf, texts)
+                rows += phases(servers, texts, concurrency, args, inproc if concurrency == 1 else None, clf)
+            inproc = summary(inproc)["median"]
             proc, url = servers["batched"]
             long = long_run(url, proc.pid, texts, clf, args)
         finally:

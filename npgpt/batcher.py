@@ -67,13 +67,14 @@ class Batcher:
     """A queue of requests and the one worker thread that answers them in packed batches."""
 
     def __init__(self, classifier, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS, max_wait_ms=DEFAULT_MAX_WAIT_MS,
-                 max_queue=DEFAULT_MAX_QUEUE):
+                 max_queue=DEFAULT_MAX_QUEUE, threads=None):
         if max_batch_tokens < 0 or max_wait_ms < 0 or max_queue < 1:
             raise NpgptError("--max-batch-tokens and --max-wait-ms must be >= 0, --max-queue >= 1")
         self.classifier = classifier
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = int(max_queue)
+        self.threads = threads                 # Numba and BLAS threads of the worker (None: the default)
         self.batches = 0                       # passes run, for /health and the tests
         self._jobs: deque[_Job] = deque()
         self._pending = 0                      # texts submitted and not yet answered
@@ -132,6 +133,9 @@ class Batcher:
     # ------------------------------------------------------------------ the worker thread
 
     def _loop(self) -> None:
+        if self.threads:            # Numba's thread count is per thread: set it where the model runs
+            from .fastops import set_num_threads
+            set_num_threads(self.threads)
         while True:
             jobs = self._collect()
             if not jobs:

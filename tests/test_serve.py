@@ -312,3 +312,12 @@ def test_the_core_install_does_not_need_the_extra_and_its_absence_is_one_line(mo
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         'error: the server needs Starlette and uvicorn, an optional extra: pip install -e ".[serve]" '
         '(or pip install "npgpt[serve]")'], r.stderr
+
+
+def test_the_worker_runs_the_model_on_the_threads_asked_for(clf):
+    """Numba's thread count belongs to each thread: --threads must be set on the worker itself."""
+    import numba
+    batcher = Batcher(clf, threads=1)
+    seen = batcher.call(numba.get_num_threads).result(WAIT)
+    batcher.close(WAIT)
+    assert seen == 1

@@ -68,13 +68,10 @@ def main(argv=None):
     from ..classify import load_classifier
     from ..http_api import Limits, make_app
 
-    if args.threads:
-        from ..fastops import set_num_threads
-        set_num_threads(args.threads)
     expect_file(args.model, "--model", "a classifier file", "runs/<name>/classifier.h5")
     clf = load_classifier(args.model, args.bpe_dir)
     sock = _bind(args.host, args.port)
-    batcher = Batcher(clf, args.max_batch_tokens, args.max_wait_ms, args.max_queue)
+    batcher = Batcher(clf, args.max_batch_tokens, args.max_wait_ms, args.max_queue, threads=args.threads)
     app = make_app(clf, Limits(args.max_texts, args.max_body, args.truncate,
                                    args.api_key or os.environ.get("NPGPT_API_KEY") or None),
                    batcher=batcher, cors_origin=args.cors)
