@@ -96,12 +96,13 @@ def gradient_x_input(params, config, ids, lengths, label, pooling="last_token", 
 
 # ----------------------------------------------------------------------------- a classifier's text
 
-def label_index(labels, label) -> int | None:
-    """The index of label (a class name) in labels, None for None; NpgptError naming the labels."""
+def label_index(labels, label, name="label") -> int | None:
+    """The index of label (a class name) in labels, None for None; NpgptError naming the labels
+    and `name`, the argument or flag that gave it."""
     if label is None:
         return None
     if label not in labels:
-        raise NpgptError(f"unknown label {quote(label)}: the model's labels are "
+        raise NpgptError(f"{name} {quote(label)} is not one of the model's labels: "
                          f"{', '.join(quote(s) for s in labels)}")
     return labels.index(label)
 
