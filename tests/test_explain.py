@@ -137,6 +137,7 @@ def test_explain_reads_the_text_as_inference_does(tok, pooling, causal, with_lor
     assert got.label == clf.labels[int(np.argmax(logits))]                         # default: the predicted one
     assert abs(got.logit - logits[clf.labels.index(got.label)]) < LOGIT_RTOL * np.abs(logits).max()
     other = clf.explain(TEXT, label=clf.labels[1 - clf.labels.index(got.label)])
+    assert other.label != got.label
     assert abs(other.logit - logits[clf.labels.index(other.label)]) < LOGIT_RTOL * np.abs(logits).max()
     assert len(got.tokens) == len(got.scores) == len(tokens[0])
     assert "".join(got.tokens) == decode(tok, tokens[0])
@@ -220,6 +221,14 @@ def test_cli_explain_on_a_terminal_colours_the_tokens(model_file, bpe_dir, monke
     term.parts.clear()
     assert classify_cli.main(["--model", str(model_file), "--bpe-dir", bpe_dir, "--explain", TEXT]) == 0
     assert "\x1b" not in "".join(term.parts)
+
+
+def test_colours_by_sign_and_by_fraction_of_the_largest_score():
+    out = explain_view.coloured(["a", "b", "c", "d", "e", "\x1b"], [1.0, -0.5, 0.1, -1.0, 0.3, 0.0])
+    T, A = explain_view.TOWARDS, explain_view.AWAY      # four shades: |score| / max in quarters
+    want = [T[3], A[2], T[0], A[3], T[1], T[0]]
+    assert [int(c) for c in re.findall(r"48;5;(\d+)m", out)] == want
+    assert ANSI.sub("", out) == "abcde\\x1b"                                     # an escape is shown, not sent
 
 
 def test_cli_explain_json_and_a_bad_label(model_file, bpe_dir, capsys, tmp_path_factory, tmp_path):
