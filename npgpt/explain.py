@@ -122,8 +122,10 @@ def explain(classifier, text: str, label=None) -> Explanation:
     label) on `text`: each token's gradient x input (module docstring).
 
     The text is tokenized and cut to `classifier.limit` as `predict_proba` does, and padded to the
-    training length where the model reads the padding (last_position pooling, no causal mask).
-    The scores returned are those of the text's own tokens; pad positions are left out."""
+    training length where the model reads the padding (last_position pooling, no causal mask; a
+    model trained with per-batch padding reads the text alone, unpadded). The scores returned are
+    those of the text's own tokens; pad positions are left out.
+    Raises NpgptError for a label not in classifier.labels, DataError for an empty text."""
     from .dataset import make_batch
     from .tokenizer import encode
 
