@@ -158,6 +158,12 @@ class Classifier:
         P = self.predict_proba(texts, progress)                                 # [N,K]
         return [self.labels[k] for k in np.argmax(P, axis=1)]
 
+    def explain(self, text: str, label=None):
+        """Each token's gradient x input for the logit of `label` (None: the predicted one):
+        `npgpt.explain.explain` -> Explanation."""
+        from .explain import explain
+        return explain(self, text, label)
+
     def save(self, path) -> str:
         """Write the classifier (parameters, config, labels, settings) to an HDF5 file."""
         from .params import save_params

@@ -4,6 +4,9 @@
     spam  0.973  You are a winner ...
     ham   0.991  See you at 6?
 
+`--explain` shows how much each token pushed the logit of the label (`npgpt.explain`; coloured
+tokens on a terminal, a two-column list elsewhere, an "explanation" per text with --json).
+
 The texts come as arguments, from a file (one per line) or from stdin; each is labelled by
 `npgpt.classify.Classifier` (the library: tokenizing, cutting and padding as training did).
 """
@@ -19,7 +22,8 @@ import numpy as np
 from ..classify import DEFAULT_BATCH_SIZE, check_texts, load_classifier
 from ..data import split_lines
 from ..errors import DataError, printable
-from . import make_parser, shorten
+from ..explain import label_index
+from . import explain_view, make_parser, shorten
 
 
 def read_lines(raw: bytes, source: str, skip_empty=False, notes=None):
@@ -82,6 +86,11 @@ def build_parser():
                         "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="texts per forward pass")
     p.add_argument("--width", type=int, default=60, help="characters of each text shown")
+    p.add_argument("--explain", action="store_true",
+                   help="show how much each token pushed the logit of the label (gradient x input at the "
+                        "embeddings): the tokens coloured on a terminal, else a two-column list (token, score)")
+    p.add_argument("--label", default=None, metavar="NAME",
+                   help="with --explain: the label to explain (default: each text's predicted one)")
     return p
 
 
@@ -98,6 +107,8 @@ def main(argv=None):
         parser.error("give texts as arguments or with --file, not both")
     if "-" in args.texts and len(args.texts) > 1:
         parser.error("'-' (read stdin) cannot be combined with other texts")
+    if args.label is not None and not args.explain:
+        parser.error("--label needs --explain")
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")   # any text prints, whatever the terminal
 
@@ -124,19 +135,25 @@ def main(argv=None):
     for note in notes:
         print(printable(note), file=sys.stderr)
     clf = load_classifier(args.model, args.bpe_dir, args.batch_size)
+    label_index(clf.labels, args.label, "--label")
     P = clf.predict_proba(texts, progress=not args.quiet and len(texts) >= 100)   # [N,K]
     if clf.truncated:
         print(truncation_note([names[i] for i in clf.truncated], clf.limit, clf.limit_fix), file=sys.stderr)
+    explanations = [clf.explain(text, args.label) for text in texts] if args.explain else None
     try:
-        print_results(texts, clf.labels, P, set(clf.truncated), args.json, args.width, args.top)
+        if explanations and not args.json:
+            explain_view.show(names, explanations, clf.labels, P, sys.stdout, explain_view.use_colour(sys.stdout))
+        else:
+            print_results(texts, clf.labels, P, set(clf.truncated), args.json, args.width, args.top, explanations)
     except BrokenPipeError:           # the reader stopped early (`... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
-def print_results(texts, labels, P, cut: set, as_json: bool, width: int, top: int = 1):
+def print_results(texts, labels, P, cut: set, as_json: bool, width: int, top: int = 1, explanations=None):
     """One line per text (label, its probability, the text shortened; with top K > 1 the K most
-    probable labels, each with its probability), or a JSON list."""
+    probable labels, each with its probability), or a JSON list (with each text's "explanation",
+    `Explanation.to_dict`, when explanations are given)."""
     top = min(top, len(labels))
     order = np.argsort(-P, axis=1, kind="stable")[:, :top]                      # [N,top]
     k = order[:, 0]                                                             # [N]
@@ -148,6 +165,8 @@ def print_results(texts, labels, P, cut: set, as_json: bool, width: int, top: in
         if top > 1:
             for i, item in enumerate(out):
                 item["top"] = [{"label": labels[j], "probability": float(P[i, j])} for j in order[i]]
+        for item, exp in zip(out, explanations or []):
+            item["explanation"] = exp.to_dict()
         print(json.dumps(out, indent=1))
     else:
         shown = [printable(s) for s in labels]          # a label from a file may hold escape sequences
