@@ -18,7 +18,7 @@ from helpers import REPO
 PKG = REPO / "npgpt"
 
 LAYERS = [
-    ("base", {"npgpt.errors", "npgpt.progress"}),
+    ("base", {"npgpt.errors", "npgpt.progress", "npgpt.runtime"}),
     ("textbook", {"npgpt.config", "npgpt.ops", "npgpt.model", "npgpt.optim", "npgpt.lora"}),
     ("fast paths", {"npgpt.kernels", "npgpt.fastops", "npgpt.fastmodel", "npgpt.prefix_tree", "npgpt.prefix",
                     "npgpt.infer", "npgpt.generate", "npgpt.flops"}),
