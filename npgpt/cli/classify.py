@@ -17,41 +17,9 @@ import sys
 import numpy as np
 
 from ..classify import DEFAULT_BATCH_SIZE, check_texts, load_classifier
-from ..data import split_lines
 from ..errors import DataError, printable
+from ..predictions import read_lines
 from . import make_parser, shorten
-
-
-def read_lines(raw: bytes, source: str, skip_empty=False, notes=None):
-    """Texts of a file or stdin, one per line -> (texts, their 1-based line numbers).
-
-    A trailing "\\r" and a UTF-8 byte-order mark are dropped. A blank (or whitespace-only) line is
-    a DataError naming it unless skip_empty; so is a line that is not UTF-8.
-    notes: a list, for a file (not a pipe): only complete lines are texts. A last line with no
-    newline at its end may be half-written (a file still being appended to): it is left out, and
-    a note saying so is added to `notes`."""
-    lines = split_lines(raw)
-    if notes is not None and lines and not raw.endswith(b"\n"):
-        notes.append(f"note: {source}: line {len(lines)} has no newline at its end (a file still being "
-                     "written?): left out; end the file with a newline to classify it")
-        lines = lines[:-1]
-    texts, numbers = [], []
-    for n, line in enumerate(lines, start=1):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{source}: line {n} is not valid UTF-8 (byte {e.start})") from None
-        if not text.strip():
-            if skip_empty:
-                continue
-            raise DataError(f"{source}: line {n} is blank (pass --skip-empty to skip blank lines)")
-        texts.append(text)
-        numbers.append(n)
-    if not texts:
-        raise DataError(f"{source}: no texts to classify")
-    return texts, numbers
 
 
 def truncation_note(names: list, limit: int, fix: str = "") -> str:
