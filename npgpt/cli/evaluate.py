@@ -87,10 +87,8 @@ def load_labelled(args, clf):
 
     if args.data is not None:
         if is_table(args.data):
-            text_col = args.text_column or clf.meta.get("text_column") or training_setting(clf.meta, "text_column") or "text"
-            label_col = (args.label_column or clf.meta.get("label_column") or training_setting(clf.meta, "label_column")
-                         or "label")
-            df = read_table(args.data, text_col, label_col, skip_bad_lines=args.skip_bad_lines)
+            df = read_table(args.data, args.text_column or clf.text_column, args.label_column or clf.label_column,
+                            skip_bad_lines=args.skip_bad_lines)
             label_ids(df, list(clf.labels), args.data)    # a label the model does not know: file and line
         else:
             df = read_sms_spam(args.data, skip_bad_lines=args.skip_bad_lines, parse=args.parse)
