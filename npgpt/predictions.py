@@ -108,7 +108,8 @@ def read_texts(path, text_column=None, id_column=None, skip_bad_lines=False) -> 
 def prediction_frame(classifier, texts: pd.Series, progress=False) -> pd.DataFrame:
     """One row per text, with the index of `texts` (the input's row ids): column "label" (the
     predicted class name), then one float column per class, "p_<label>", in classifier.labels
-    order, each row's probabilities exactly `classifier.predict_proba` of its text.
+    order, each row's probabilities exactly `classifier.predict_proba` of its text (its float32
+    values held as float64, so that every output format writes them to full precision).
 
     frame.attrs["truncated"]: the ids of the texts cut to the model's length limit."""
     columns = ["p_" + name for name in classifier.labels]
@@ -123,42 +124,43 @@ def prediction_frame(classifier, texts: pd.Series, progress=False) -> pd.DataFra
     return frame
 
 
-def check_out_path(path) -> str:
-    """The extension of a predictions file: .csv, .jsonl or .parquet; else a one-line DataError."""
+def check_out_path(path, flag="--out") -> str:
+    """The extension of a predictions file: .csv, .jsonl or .parquet; else a one-line DataError
+    naming the option that gave the path (`flag`)."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in OUT_EXTENSIONS:
-        raise DataError(f"--out {path}: unknown file type {ext or '(no extension)'!r}; "
+        raise DataError(f"{flag} {path}: unknown file type {ext or '(no extension)'!r}; "
                         f"use {', '.join(OUT_EXTENSIONS)}")
     if os.path.isdir(path):
-        raise DataError(f"--out {path}: is a folder, expected a file name ({', '.join(OUT_EXTENSIONS)})")
+        raise DataError(f"{flag} {path}: is a folder, expected a file name ({', '.join(OUT_EXTENSIONS)})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DataError(f"{flag} {path}: no folder {folder}")
     return ext
 
 
-def write_predictions(frame: pd.DataFrame, path) -> None:
+def write_predictions(frame: pd.DataFrame, path, flag="--out") -> None:
     """Write a prediction frame, its row id as the first column, by the extension of path:
     .csv (a header row), .jsonl (one JSON object a line) or .parquet. Atomic (`fileio.atomic_write`):
     an existing file is replaced whole, or left as it was when writing fails."""
-    ext = check_out_path(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise DataError(f"--out {path}: no folder {folder}")
+    ext = check_out_path(path, flag)
     table = frame.reset_index()
     with atomic_write(path) as tmp:
         if ext == ".csv":
             table.to_csv(tmp, index=False, encoding="utf-8")
         elif ext == ".parquet":
-            _write_parquet(table, tmp, path)
+            _write_parquet(table, tmp, f"{flag} {path}")
         else:
             with open(tmp, "w", encoding="utf-8") as fh:
                 for record in table.to_dict("records"):
                     fh.write(json.dumps({k: _plain(v) for k, v in record.items()}, ensure_ascii=False) + "\n")
 
 
-def _write_parquet(table: pd.DataFrame, tmp, path) -> None:
+def _write_parquet(table: pd.DataFrame, tmp, where) -> None:
     try:
         table.to_parquet(tmp, index=False)
     except ImportError as e:
-        raise DataError(f"--out {path}: writing Parquet needs pyarrow or fastparquet ({e})") from None
+        raise DataError(f"{where}: writing Parquet needs pyarrow or fastparquet ({e})") from None
 
 
 def _plain(value):
