@@ -82,7 +82,7 @@ def test_reading_errors_are_one_line(tmp_path):
     cases = [
         (dict(path=tmp_path / "t.csv", text_column="nope"), "no column 'nope' (a text column; choose one with "
                                                             "--text-column); the file's columns: id, body, other"),
-        (dict(path=tmp_path / "t.csv", text_column="body", id_column="idx"), "no column 'idx' (a id column"),
+        (dict(path=tmp_path / "t.csv", text_column="body", id_column="idx"), "no column 'idx' (an id column; choose one with --id-column)"),
         (dict(path=write(tmp_path / "d.csv", "id,text\n1,a\n2,b\n1,c\n"), id_column="id"),
          "line 2 and line 4 have the same id '1' in column 'id'"),
         (dict(path=write(tmp_path / "m.csv", "id,text\n1,a\n,b\n"), id_column="id"), "line 3: missing id"),
@@ -119,6 +119,7 @@ def test_each_format_round_trips(tmp_path, clf, ext):
     out = tmp_path / f"p.{ext}"
     write_predictions(frame, out)
     back = {"csv": pd.read_csv, "parquet": pd.read_parquet,
+            # (json, not pd.read_json: pandas parses JSON floats to about 15 digits, not to the last bit)
             "jsonl": lambda p: pd.DataFrame([json.loads(line) for line in p.read_text().splitlines()])}[ext](out)
     assert list(back.columns) == ["line", "label", "p_cat", "p_dog", "p_owl"]
     assert (back.dtypes[["p_cat", "p_dog", "p_owl"]] == np.float64).all()
@@ -154,6 +155,16 @@ def test_classify_file_table_out(tmp_path, model_file, bpe_dir, clf, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed] == [r["label"] for r in rows]
     assert printed[1].endswith("a quoted text over two lines, with a comma")
+
+
+def test_classify_table_bad_rows_named_and_skipped(tmp_path, model_file, bpe_dir, capsys):
+    data = write(tmp_path / "t.csv", "body,n\nfine,1\n,2\nalso fine,3\n")
+    argv = ["--model", model_file, "--bpe-dir", bpe_dir, "--file", str(data), "--out", str(tmp_path / "p.csv")]
+    with pytest.raises(DataError, match=r"t\.csv: line 3: empty text in column 'body' \(--skip-bad-lines skips"):
+        classify_cli.main(argv)
+    assert classify_cli.main(argv + ["--skip-bad-lines"]) == 0
+    assert "skipped 1 bad row: line 3: empty text" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "p.csv")["line"].tolist() == [2, 4]
 
 
 def test_classify_usage_errors(tmp_path, model_file, bpe_dir, capsys):
