@@ -135,6 +135,10 @@ def test_unknown_extension_and_id_named_like_a_column(tmp_path, clf):
     frame = prediction_frame(clf, read_texts(tmp_path / "t.csv"))
     with pytest.raises(DataError, match=r"^--out p\.xlsx: unknown file type '\.xlsx'; use \.csv, \.jsonl, \.parquet$"):
         write_predictions(frame, "p.xlsx")
+    mixed = read_texts(write(tmp_path / "m.jsonl", '{"k": 1, "text": "a"}\n{"k": "x", "text": "b"}\n'), id_column="k")
+    with pytest.raises(DataError, match=r"p\.parquet: cannot be written as Parquet .*; write \.csv or \.jsonl$"):
+        write_predictions(prediction_frame(clf, mixed), tmp_path / "p.parquet")
+    assert not (tmp_path / "p.parquet").exists()
 
 
 # ----------------------------------------------------------------------------- the command line
