@@ -88,7 +88,7 @@ def check_args(parser, args) -> None:
             parser.error(f"{flag} needs --file with a table (.csv, .tsv, .jsonl, .parquet)")
     if args.out is not None:
         check_out_path(args.out)
-        if args.file not in (None, "-") and os.path.abspath(args.out) == os.path.abspath(args.file):
+        if args.file not in (None, "-") and os.path.realpath(args.out) == os.path.realpath(args.file):
             parser.error(f"--out {args.out} is the --file being read; write the predictions to another file")
 
 
