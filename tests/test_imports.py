@@ -26,7 +26,7 @@ LAYERS = [
                "npgpt.download", "npgpt.weights", "npgpt.prefix_cache"}),
     ("data", {"npgpt.tokenizer", "npgpt.data", "npgpt.tabular", "npgpt.dataset"}),
     ("training and using", {"npgpt.runconfig", "npgpt.runs", "npgpt.finetune", "npgpt.job", "npgpt.train",
-                            "npgpt.classify", "npgpt.explain", "npgpt.evaluate", "npgpt.api", "npgpt.estimator", "npgpt.plots",
+                            "npgpt.classify", "npgpt.explain", "npgpt.predictions", "npgpt.evaluate", "npgpt.api", "npgpt.estimator", "npgpt.plots",
                             "npgpt"}),
     ("command line", {"npgpt.__main__", "npgpt.cache"}),     # and every npgpt.cli module
 ]
