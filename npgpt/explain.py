@@ -96,12 +96,13 @@ def gradient_x_input(params, config, ids, lengths, label, pooling="last_token", 
 
 # ----------------------------------------------------------------------------- a classifier's text
 
-def label_index(labels, label) -> int | None:
-    """The index of label (a class name) in labels, None for None; NpgptError naming the labels."""
+def label_index(labels, label, name="label") -> int | None:
+    """The index of label (a class name) in labels, None for None; NpgptError naming the labels
+    and `name`, the argument or flag that gave it."""
     if label is None:
         return None
     if label not in labels:
-        raise NpgptError(f"unknown label {quote(label)}: the model's labels are "
+        raise NpgptError(f"{name} {quote(label)} is not one of the model's labels: "
                          f"{', '.join(quote(s) for s in labels)}")
     return labels.index(label)
 
@@ -121,8 +122,10 @@ def explain(classifier, text: str, label=None) -> Explanation:
     label) on `text`: each token's gradient x input (module docstring).
 
     The text is tokenized and cut to `classifier.limit` as `predict_proba` does, and padded to the
-    training length where the model reads the padding (last_position pooling, no causal mask).
-    The scores returned are those of the text's own tokens; pad positions are left out."""
+    training length where the model reads the padding (last_position pooling, no causal mask; a
+    model trained with per-batch padding reads the text alone, unpadded). The scores returned are
+    those of the text's own tokens; pad positions are left out.
+    Raises NpgptError for a label not in classifier.labels, DataError for an empty text."""
     from .dataset import make_batch
     from .tokenizer import encode
 

@@ -478,7 +478,9 @@ def test_python_m_npgpt_data_is_not_silent(env, tmp_path):
 
 
 def test_import_changes_nothing_until_tune_runtime(env, tmp_path):
-    code = ("import os, json; before = dict(os.environ); import npgpt, npgpt.train, npgpt.model; "
+    """The command line's early call, before NumPy is imported; the kernels make the same call
+    when they load (tests/test_runtime.py)."""
+    code = ("import os, json; before = dict(os.environ); import npgpt, npgpt.model, npgpt.api; "
             "same = dict(os.environ) == before; done = npgpt.tune_runtime(); "
             "print(json.dumps([same, os.environ.get('OMP_WAIT_POLICY'), sorted(done)]))")
     e = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
