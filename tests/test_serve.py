@@ -154,7 +154,7 @@ LONG = "word " * 300                   # 301 tokens: over the tiny model's 256
     ("/v1/classify", {"inputs": "x" * 3000}, 413, "--max-body"),
     ("/v1/classify", {"inputs": LONG}, 422, "--truncate"),
     ("/v1/explain", {"inputs": ["hi"]}, 422, "one text"),
-    ("/v1/explain", {"inputs": "hi", "label": "ham"}, 422, "unknown label 'ham'"),
+    ("/v1/explain", {"inputs": "hi", "label": "ham"}, 422, "label 'ham' is not one of the model's labels"),
     ("/v1/explain", {"inputs": LONG}, 422, "--truncate"),
     ("/v1/nothing", {"inputs": "hi"}, 404, "no route"),
 ])
