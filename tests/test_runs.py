@@ -420,7 +420,7 @@ def test_plots(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- help, entry points
 
-@pytest.mark.parametrize("module", ["npgpt.train", "npgpt.classify", "npgpt.evaluate", "npgpt.generate"])
+@pytest.mark.parametrize("module", ["npgpt.train", "npgpt.classify", "npgpt.evaluate", "npgpt.generate", "npgpt.serve"])
 def test_help_has_no_doubled_defaults_and_every_option_has_help(env, tmp_path, module):
     import importlib
     r = call(env, tmp_path, "--help", module=module)
