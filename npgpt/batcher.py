@@ -15,10 +15,13 @@ The worker takes the oldest request, then more in arrival order while their toke
 behind a running batch does not wait again). `max_batch_tokens=0` turns batching off: one
 request per pass. A request larger than the budget runs alone.
 
-A request's answer equals `Classifier.predict_proba` on its texts alone: last-token (and
-last-position with a fixed pad length) pooling reads each text independently of the others in
-a pack. Where a result depends on a text's batch (`Padding.grouping_free` false: per-batch
-padding, no causal mask) the batcher runs each request alone, exactly as predict_proba does.
+A request's answer equals `Classifier.predict_proba` on its texts alone, bit for bit: packed
+inference (last-token pooling, or last-position with a fixed pad length) gives each text the same
+numbers whichever texts share its pack (`npgpt.infer`'s "Bits"). A model that does not run packed
+(`Classifier.packs` false: first-token or mean pooling, per-batch padding, no causal mask) has
+each request run alone, exactly as predict_proba runs it.
+
+`threads`: Numba and BLAS threads of the worker (Numba's count belongs to each thread).
 
 Everything that touches the model runs on the worker thread, so the model is never used by two
 threads at once; `call(fn)` runs other work there too (an explanation), alone.
@@ -85,8 +88,8 @@ class Batcher:
 
     @property
     def batching(self) -> bool:
-        """Whether requests may share a pass: on, and the model's results do not depend on it."""
-        return self.max_batch_tokens > 0 and self.classifier.padding.grouping_free
+        """Whether requests may share a pass: on, and the model runs packed (`Classifier.packs`)."""
+        return self.max_batch_tokens > 0 and self.classifier.packs
 
     @property
     def pending(self) -> int:

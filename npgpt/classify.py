@@ -120,11 +120,18 @@ class Classifier:
     def logits_of_tokens(self, tokens, progress=False) -> np.ndarray:
         """Class logits [N,K] of already encoded (and cut) texts; a progress bar when progress."""
         from . import infer
-        padding = self.padding
-        if padding.grouping_free and padding.causal and self.pooling in infer.POOLINGS:
+        if self.packs:
             return infer.packed_logits(self.merged_params(), self.config, tokens, self.pooling,
-                                       padding.pad_to, progress=bool(progress))  # [N,K]
-        return self._batched_logits(tokens, padding.pad_to, progress)
+                                       self.padding.pad_to, progress=bool(progress))  # [N,K]
+        return self._batched_logits(tokens, self.padding.pad_to, progress)
+
+    @property
+    def packs(self) -> bool:
+        """Whether texts run packed (`npgpt.infer`): each text's numbers are then the same bits
+        whichever texts share its call (infer's "Bits"), so a server may batch requests together."""
+        from . import infer
+        padding = self.padding
+        return padding.grouping_free and padding.causal and self.pooling in infer.POOLINGS
 
     def _batched_logits(self, tokens, pad_to, progress) -> np.ndarray:
         """The batched path: first_token and mean pooling, per-batch last_position, no causal

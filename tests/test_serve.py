@@ -100,6 +100,19 @@ def test_no_batching_runs_one_pass_per_request_and_the_budget_splits_passes(clf)
     assert small.batches == 3 and all(f.done() for f in futures)
 
 
+def test_a_model_that_does_not_run_packed_runs_each_request_alone(clf):
+    """Mean pooling runs in padded batches, whose numbers depend on the batch: no sharing."""
+    from dataclasses import replace
+    mean = replace(clf, pooling="mean")
+    assert not mean.packs
+    batcher = Batcher(mean, max_wait_ms=WAIT * 1000)
+    requests = [TEXTS[:2], TEXTS[2:3], TEXTS[3:6]]
+    futures = [batcher.submit(mean.encode(texts)[0]) for texts in requests]
+    batcher.close(WAIT)
+    assert batcher.batches == 3
+    assert all(np.array_equal(f.result(WAIT), mean.predict_proba(t)) for f, t in zip(futures, requests))
+
+
 def test_a_full_queue_is_refused_and_close_answers_what_is_queued(clf):
     batcher = Batcher(clf, max_queue=2)
     running, gate = threading.Event(), threading.Event()
@@ -177,7 +190,7 @@ def test_truncate_cuts_and_says_so(clf):
 
 def test_a_failure_inside_is_a_json_500_and_the_server_goes_on(clf):
     class Broken:                       # a model that fails on one text
-        labels, padding = clf.labels, clf.padding
+        labels, packs = clf.labels, False
 
         def logits_of_tokens(self, tokens):
             if len(tokens[0]) == 1:
