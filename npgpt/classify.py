@@ -82,6 +82,16 @@ class Classifier:
                 f"{'' if self.causal else ', no causal mask'}); train with --max-length N for longer texts")
 
     @property
+    def text_column(self) -> str:
+        """The table column training read the texts from: where a table to classify has them too."""
+        return self.meta.get("text_column") or training_setting(self.meta, "text_column") or "text"
+
+    @property
+    def label_column(self) -> str:
+        """The table column training read the labels from."""
+        return self.meta.get("label_column") or training_setting(self.meta, "label_column") or "label"
+
+    @property
     def causal(self) -> bool:
         return self.meta.get("causal_mask", True)
 
@@ -112,11 +122,18 @@ class Classifier:
     def logits_of_tokens(self, tokens, progress=False) -> np.ndarray:
         """Class logits [N,K] of already encoded (and cut) texts; a progress bar when progress."""
         from . import infer
-        padding = self.padding
-        if padding.grouping_free and padding.causal and self.pooling in infer.POOLINGS:
+        if self.packs:
             return infer.packed_logits(self.merged_params(), self.config, tokens, self.pooling,
-                                       padding.pad_to, progress=bool(progress))  # [N,K]
-        return self._batched_logits(tokens, padding.pad_to, progress)
+                                       self.padding.pad_to, progress=bool(progress))  # [N,K]
+        return self._batched_logits(tokens, self.padding.pad_to, progress)
+
+    @property
+    def packs(self) -> bool:
+        """Whether texts run packed (`npgpt.infer`): each text's numbers are then the same bits
+        whichever texts share its call (infer's "Bits"), so a server may batch requests together."""
+        from . import infer
+        padding = self.padding
+        return padding.grouping_free and padding.causal and self.pooling in infer.POOLINGS
 
     def _batched_logits(self, tokens, pad_to, progress) -> np.ndarray:
         """The batched path: first_token and mean pooling, per-batch last_position, no causal
@@ -159,6 +176,12 @@ class Classifier:
         """The most probable class name of each text."""
         P = self.predict_proba(texts, progress)                                 # [N,K]
         return [self.labels[k] for k in np.argmax(P, axis=1)]
+
+    def explain(self, text: str, label=None):
+        """Each token's gradient x input for the logit of `label` (None: the predicted one):
+        `npgpt.explain.explain` -> Explanation."""
+        from .explain import explain
+        return explain(self, text, label)
 
     def save(self, path) -> str:
         """Write the classifier (parameters, config, labels, settings and the tokenizer's two files,
