@@ -80,6 +80,16 @@ class Classifier:
                 f"{'' if self.causal else ', no causal mask'}); train with --max-length N for longer texts")
 
     @property
+    def text_column(self) -> str:
+        """The table column training read the texts from: where a table to classify has them too."""
+        return self.meta.get("text_column") or training_setting(self.meta, "text_column") or "text"
+
+    @property
+    def label_column(self) -> str:
+        """The table column training read the labels from."""
+        return self.meta.get("label_column") or training_setting(self.meta, "label_column") or "label"
+
+    @property
     def causal(self) -> bool:
         return self.meta.get("causal_mask", True)
 

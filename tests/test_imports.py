@@ -26,8 +26,8 @@ LAYERS = [
                "npgpt.download", "npgpt.weights", "npgpt.prefix_cache", "npgpt.prefix_shards"}),
     ("data", {"npgpt.tokenizer", "npgpt.data", "npgpt.tabular", "npgpt.dataset"}),
     ("training and using", {"npgpt.runconfig", "npgpt.runs", "npgpt.finetune", "npgpt.job", "npgpt.train",
-                            "npgpt.classify", "npgpt.evaluate", "npgpt.api", "npgpt.estimator", "npgpt.plots",
-                            "npgpt.distributed",
+                            "npgpt.classify", "npgpt.predictions", "npgpt.evaluate", "npgpt.api", "npgpt.estimator", "npgpt.plots",
+                            "npgpt.distributed", "npgpt.corpus",
                             "npgpt"}),
     ("command line", {"npgpt.__main__", "npgpt.cache"}),     # and every npgpt.cli module
 ]

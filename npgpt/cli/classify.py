@@ -4,8 +4,9 @@
     spam  0.973  You are a winner ...
     ham   0.991  See you at 6?
 
-The texts come as arguments, from a file (one per line) or from stdin; each is labelled by
-`npgpt.classify.Classifier` (the library: tokenizing, cutting and padding as training did).
+The texts come as arguments, from a file (a table, or one text per line) or from stdin; each is
+labelled by `npgpt.classify.Classifier` (the library: tokenizing, cutting and padding as training
+did). --out FILE writes one row per text, by its row id (npgpt.predictions).
 """
 from __future__ import annotations
 
@@ -17,41 +18,10 @@ import sys
 import numpy as np
 
 from ..classify import DEFAULT_BATCH_SIZE, check_texts, load_classifier
-from ..data import split_lines
-from ..errors import DataError, printable
-from . import make_parser, shorten
-
-
-def read_lines(raw: bytes, source: str, skip_empty=False, notes=None):
-    """Texts of a file or stdin, one per line -> (texts, their 1-based line numbers).
-
-    A trailing "\\r" and a UTF-8 byte-order mark are dropped. A blank (or whitespace-only) line is
-    a DataError naming it unless skip_empty; so is a line that is not UTF-8.
-    notes: a list, for a file (not a pipe): only complete lines are texts. A last line with no
-    newline at its end may be half-written (a file still being appended to): it is left out, and
-    a note saying so is added to `notes`."""
-    lines = split_lines(raw)
-    if notes is not None and lines and not raw.endswith(b"\n"):
-        notes.append(f"note: {source}: line {len(lines)} has no newline at its end (a file still being "
-                     "written?): left out; end the file with a newline to classify it")
-        lines = lines[:-1]
-    texts, numbers = [], []
-    for n, line in enumerate(lines, start=1):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{source}: line {n} is not valid UTF-8 (byte {e.start})") from None
-        if not text.strip():
-            if skip_empty:
-                continue
-            raise DataError(f"{source}: line {n} is blank (pass --skip-empty to skip blank lines)")
-        texts.append(text)
-        numbers.append(n)
-    if not texts:
-        raise DataError(f"{source}: no texts to classify")
-    return texts, numbers
+from ..errors import printable
+from ..predictions import check_out_path, prediction_frame, read_lines, read_texts, text_series, write_predictions
+from ..tabular import is_table
+from . import expect_file, make_parser, shorten
 
 
 def truncation_note(names: list, limit: int, fix: str = "") -> str:
@@ -66,12 +36,26 @@ def build_parser():
     p = make_parser("python -m npgpt.classify",
                     "Label texts (with the classes the model was trained on: ham/spam, or your own) "
                     "with a classifier trained by python -m npgpt.train. Each line printed is: the label, "
-                    "the probability the model gives that label, the text.")
+                    "the probability the model gives that label, the text; --out FILE writes a table instead.")
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to classify; none, or '-', reads stdin, one text per line")
     p.add_argument("--model", required=True, help="the classifier, runs/<name>/classifier.h5")
-    p.add_argument("--file", default=None, help="read the texts from this file, one per line ('-': stdin)")
-    p.add_argument("--skip-empty", action="store_true", help="skip blank lines of --file or stdin")
+    p.add_argument("--file", default=None,
+                   help="read the texts from this file: a table (.csv/.tsv/.jsonl/.parquet, a header row, read as "
+                        "train --data reads it: the header is never a text, a quoted field may span lines) or "
+                        "any other file, one text per line ('-': stdin)")
+    p.add_argument("--text-column", default=None,
+                   help="column of a --file table holding the texts (default: the model's training column, "
+                        "'text' unless train was given --text-column)")
+    p.add_argument("--id-column", default=None,
+                   help="column of a --file table naming each row, the row id of --out (default: the line of "
+                        "the file where the row starts, as error messages count lines; .parquet: the row number)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write one row per text to FILE (.csv, .jsonl or .parquet, by extension; replaced if it "
+                        "exists): its row id (a table's line or --id-column, a text file's line, an argument's "
+                        "position), label, and p_<class> for every class; the terminal gets one summary line")
+    p.add_argument("--skip-empty", "--skip-bad-lines", dest="skip_empty", action="store_true",
+                   help="skip blank lines of --file or stdin, and bad rows of a table (reported on stderr)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list (each text's label and every class's probability by name)")
     p.add_argument("--top", type=int, default=1, metavar="K",
@@ -85,9 +69,8 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_args(parser, args) -> None:
+    """Usage errors (exit 2) that argparse cannot see alone."""
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.width < 4:
@@ -98,37 +81,70 @@ def main(argv=None):
         parser.error("give texts as arguments or with --file, not both")
     if "-" in args.texts and len(args.texts) > 1:
         parser.error("'-' (read stdin) cannot be combined with other texts")
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")   # any text prints, whatever the terminal
+    table = args.file not in (None, "-") and is_table(args.file)
+    for flag, value in (("--text-column", args.text_column), ("--id-column", args.id_column)):
+        if value is not None and not table:
+            parser.error(f"{flag} needs --file with a table (.csv, .tsv, .jsonl, .parquet)")
+    if args.out is not None:
+        check_out_path(args.out)
+        if args.file not in (None, "-") and os.path.abspath(args.out) == os.path.abspath(args.file):
+            parser.error(f"--out {args.out} is the --file being read; write the predictions to another file")
 
-    # the texts first: a bad input fails before the model is read
-    notes = []
+
+def read_input(args, clf):
+    """The texts to classify as a Series indexed by their row ids (npgpt.predictions), and the
+    name of each in a note ("line 3", "text 2")."""
     if args.file is not None and args.file != "-":
-        try:
-            with open(args.file, "rb") as fh:
-                raw = fh.read()
-        except FileNotFoundError:
-            raise DataError(f"{args.file}: no such file") from None
-        texts, lines = read_lines(raw, args.file, args.skip_empty, notes)
-        names = [f"line {n}" for n in lines]
+        if is_table(args.file):
+            texts = read_texts(args.file, args.text_column or clf.text_column, args.id_column, args.skip_empty)
+        else:
+            texts = read_texts(args.file, skip_bad_lines=args.skip_empty)
+        names = [f"{texts.index.name} {i}" for i in texts.index]
     elif args.file == "-" or not args.texts or args.texts == ["-"]:
         if sys.stdin.isatty():
             print("reading texts from stdin, one per line (end with Ctrl-D)", file=sys.stderr)
         from_file = stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode)      # `< file`, not a pipe
-        texts, lines = read_lines(sys.stdin.buffer.read(), "<stdin>", args.skip_empty, notes if from_file else None)
-        names = [f"line {n}" for n in lines]
+        notes = []
+        lines = read_lines(sys.stdin.buffer.read(), "<stdin>", args.skip_empty, notes if from_file else None)
+        texts = text_series(*lines, "line")
+        texts.attrs["notes"] = notes
+        names = [f"line {n}" for n in texts.index]
     else:
-        texts = check_texts(args.texts)
-        names = [f"text {i + 1}" for i in range(len(texts))]
-
-    for note in notes:
+        texts = text_series(check_texts(args.texts), range(1, len(args.texts) + 1), "position")
+        names = [f"text {i}" for i in texts.index]
+    for note in texts.attrs.get("notes", []):
         print(printable(note), file=sys.stderr)
+    return texts, names
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")   # any text prints, whatever the terminal
+
+    # a text file's or the arguments' texts first: a bad input fails before the model is read; a
+    # table's text column defaults to the model's, so a table is read after the model
+    if args.file is not None and args.file != "-":
+        expect_file(args.file, "--file")
+    table = args.file not in (None, "-") and is_table(args.file)
+    texts, names = (None, None) if table else read_input(args, None)
     clf = load_classifier(args.model, args.bpe_dir, args.batch_size)
-    P = clf.predict_proba(texts, progress=not args.quiet and len(texts) >= 100)   # [N,K]
+    if table:
+        texts, names = read_input(args, clf)
+    frame = prediction_frame(clf, texts, progress=not args.quiet and len(texts) >= 100)
     if clf.truncated:
         print(truncation_note([names[i] for i in clf.truncated], clf.limit, clf.limit_fix), file=sys.stderr)
+    if args.out is not None:
+        write_predictions(frame, args.out)
+        print(f"wrote {len(frame)} prediction{'s' if len(frame) != 1 else ''} to {printable(args.out)} (columns: "
+              f"{printable(', '.join([str(texts.index.name)] + list(frame.columns)))})", file=sys.stderr)
+        if not args.json:
+            return 0
+    P = frame[["p_" + name for name in clf.labels]].to_numpy()                 # [N,K]
     try:
-        print_results(texts, clf.labels, P, set(clf.truncated), args.json, args.width, args.top)
+        print_results(texts.tolist(), clf.labels, P, set(clf.truncated), args.json, args.width, args.top)
     except BrokenPipeError:           # the reader stopped early (`... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
