@@ -57,13 +57,22 @@ def cluster(scheduler=None, workers=None, log=print, host="127.0.0.1"):
         client = distributed.Client(local)
     try:
         log(f"dask: {len(client.scheduler_info().get('workers', {}))} workers at {client.scheduler.address}, "
-            f"dashboard {client.dashboard_link}")
+            f"dashboard {_dashboard(client)}")
         check_versions(client)
         yield client
     finally:
         client.close()
         if local is not None:
             local.close()
+
+
+def _dashboard(client) -> str:
+    """The dashboard's address (Dask serves it only when bokeh is installed)."""
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return f"off (it needs bokeh: {EXTRA})"
+    return client.dashboard_link
 
 
 def check_versions(client) -> None:
