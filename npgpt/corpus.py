@@ -149,8 +149,11 @@ def output_paths(files, out_dir) -> list:
 
 def write_partition(frame: pd.DataFrame, path) -> tuple:
     """Write one partition's predictions (atomic). -> (rows, rows whose text was cut)"""
+    cut = len(frame.attrs.get("truncated", ()))
+    frame = frame.copy(deep=False)
+    frame.attrs = {}             # the cut rows' ids are counted, not stored (pandas puts attrs in Parquet's metadata)
     write_predictions(frame, path)
-    return len(frame), len(frame.attrs.get("truncated", ()))
+    return len(frame), cut
 
 
 def classify_files(client, files, ref: ModelRef, out_dir, text_column: str, id_column=None, labels=None,
