@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
-from . import __version__
 from .errors import NpgptError
 
 EXTRA = 'pip install -e ".[dask]"'
@@ -77,20 +77,20 @@ def _dashboard(client) -> str:
 
 def check_versions(client) -> None:
     """NpgptError naming the first worker whose npgpt differs from this process's (or is missing)."""
+    ours = npgpt_version()
     try:
-        versions = client.run(_npgpt_version)                      # {worker address: version}
+        versions = client.run(npgpt_version)                       # {worker address: version}
     except (ImportError, AttributeError) as e:
-        raise NpgptError(f"a Dask worker cannot import npgpt ({e}): install npgpt {__version__} on every worker") \
-            from None
+        raise NpgptError(f"a Dask worker cannot import npgpt ({e}): install npgpt {ours} on every worker") from None
     for address, version in sorted(versions.items()):
-        if version != __version__:
-            raise NpgptError(f"Dask worker {address} runs npgpt {version}, this process {__version__}: install "
+        if version != ours:
+            raise NpgptError(f"Dask worker {address} runs npgpt {version}, this process {ours}: install "
                              f"the same npgpt on every worker")
 
 
-def _npgpt_version() -> str:
-    from . import __version__ as version
-    return version
+def npgpt_version() -> str:
+    """This process's npgpt.__version__ (the package is imported before any of its modules)."""
+    return sys.modules[__package__].__version__
 
 
 def use_worker_threads() -> int:

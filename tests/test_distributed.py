@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import npgpt
 from helpers import REPO, SMALL_GPT2, SMS
 from npgpt import corpus, distributed
 from npgpt import params as P
@@ -179,7 +180,7 @@ def test_a_worker_with_another_weights_file_is_named(client, tmp_path):
 def test_a_worker_with_another_npgpt_version_is_named():
     class Client:
         def run(self, fn):
-            return {"tcp://10.0.0.1:4000": distributed.__version__, "tcp://10.0.0.2:4000": "0.0.9"}
+            return {"tcp://10.0.0.1:4000": npgpt.__version__, "tcp://10.0.0.2:4000": "0.0.9"}
     with pytest.raises(NpgptError, match=r"^Dask worker tcp://10\.0\.0\.2:4000 runs npgpt 0\.0\.9, this process "):
         distributed.check_versions(Client())
 
