@@ -119,7 +119,7 @@ def classify_frame(texts, model, text_column: str = "text", labels=None):
     if labels is None:
         from .classify import load_classifier
         labels = load_classifier(ref.path, ref.bpe_dir).labels
-    meta = prediction_meta(labels, texts.index.name or texts._meta.index.name)
+    meta = prediction_meta(labels, texts.index.name)
     return texts.map_partitions(predict_partition, ref, text_column, meta=meta, enforce_metadata=False)
 
 
