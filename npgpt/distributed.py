@@ -166,7 +166,6 @@ def cluster_prefix(job, options, store, log=print):
     ones computed on the cluster options.scheduler / options.workers name (started only when a
     shard is missing) and written to store's folder."""
     from .prefix_shards import sharded
-    require_dask()                               # a missing extra said now, not after the data is read
     if not store.use_disk:
         raise NpgptError("--scheduler and --workers write the frozen prefix to the disk cache: drop --no-cache-disk")
     recipe = recipe_of(job.run, len(job.classes))

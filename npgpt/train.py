@@ -129,8 +129,12 @@ def _stem(run: RunConfig) -> str:
 
 
 def _prepare_process(options: RunOptions, log) -> None:
-    """The threads the run asks for; the kernels as every run loads them (`load_compiled_kernels`)."""
+    """The threads the run asks for; the kernels as every run loads them (`load_compiled_kernels`);
+    Dask, when the frozen prefix runs on a cluster (a missing extra said before any data is read)."""
     from .fastops import load_compiled_kernels, set_num_threads
+    if options.scheduler or options.workers:
+        from .distributed import require_dask
+        require_dask()
     if options.threads:
         set_num_threads(options.threads)
     load_compiled_kernels(log)
