@@ -197,3 +197,20 @@ def test_importing_npgpt_imports_no_dask_and_a_missing_dask_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == ('NpgptError --scheduler and --workers need Dask (distributed is missing or broken): '
                            'pip install -e ".[dask]"')
+
+
+def test_the_classify_command_on_a_cluster(client, model, texts, tmp_path, capsys):
+    from npgpt.cli import classify as cli
+    out = str(tmp_path / "preds")
+    pattern = os.path.join(os.path.dirname(texts[0]), "part[01].parquet")
+    assert cli.main(["--model", model.path, "--bpe-dir", model.bpe_dir, "--file", pattern, "--text-column", "text",
+                     "--out", out, "--scheduler", client.scheduler.address, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"wrote predictions for {2 * PER_FILE} texts in 2 files to {out} (0 files already there)" in err
+    assert sorted(os.listdir(out)) == ["part0.parquet", "part1.parquet"]
+    check_outputs(out, texts[:2], expected(model, texts[:2]))
+    for argv, message in ((["--out", out + ".parquet"], "--out is a folder"), ([], "need --file PATTERN"),
+                          (["--out", out, "--json"], "--json and --top print per text")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["--model", model.path, "--workers", "2"] + (["--file", pattern] if argv else []) + argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
