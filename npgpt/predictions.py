@@ -161,6 +161,9 @@ def _write_parquet(table: pd.DataFrame, tmp, where) -> None:
         table.to_parquet(tmp, index=False)
     except ImportError as e:
         raise DataError(f"{where}: writing Parquet needs pyarrow or fastparquet ({e})") from None
+    except (TypeError, ValueError) as e:  # pyarrow's errors derive from these: ids of mixed types, say
+        raise DataError(f"{where}: cannot be written as Parquet ({str(e).splitlines()[0]}); "
+                        "write .csv or .jsonl") from None
 
 
 def _plain(value):

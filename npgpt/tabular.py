@@ -114,7 +114,7 @@ def _frame(records, columns, text_column, label_column, bad, listing, dashes, id
             roles.setdefault(column, role)
     missing = [c for c in roles if c not in columns]
     if missing:
-        which = f"a {roles[missing[0]]} column"
+        which = f"{'an' if roles[missing[0]] == 'id' else 'a'} {roles[missing[0]]} column"
         flag = f"--{roles[missing[0]]}-column" if dashes else f"{roles[missing[0]]}_column="
         raise DataError(f"{bad.source}: no column {quote(missing[0])} ({which}; choose one with {flag}); "
                         f"{listing}: {', '.join(str(c)[:40] for c in columns[:20]) or '(none)'}"

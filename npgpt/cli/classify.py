@@ -53,7 +53,8 @@ def build_parser():
     p.add_argument("--out", default=None, metavar="FILE",
                    help="write one row per text to FILE (.csv, .jsonl or .parquet, by extension; replaced if it "
                         "exists): its row id (a table's line or --id-column, a text file's line, an argument's "
-                        "position), label, and p_<class> for every class; the terminal gets one summary line")
+                        "position), label, and p_<class> for every class; the terminal gets one summary line "
+                        "(and --json's list, if asked)")
     p.add_argument("--skip-empty", "--skip-bad-lines", dest="skip_empty", action="store_true",
                    help="skip blank lines of --file or stdin, and bad rows of a table (reported on stderr)")
     p.add_argument("--json", action="store_true",
@@ -96,7 +97,7 @@ def check_args(parser, args) -> None:
         return
     if args.out is not None:
         check_out_path(args.out)
-        if args.file not in (None, "-") and os.path.abspath(args.out) == os.path.abspath(args.file):
+        if args.file not in (None, "-") and os.path.realpath(args.out) == os.path.realpath(args.file):
             parser.error(f"--out {args.out} is the --file being read; write the predictions to another file")
 
 
