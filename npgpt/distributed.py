@@ -56,6 +56,12 @@ def cluster(scheduler=None, workers=None, log=print, host="127.0.0.1"):
                                          host=host, dashboard_address=f"{host}:0", silence_logs=40)
         client = distributed.Client(local)
     try:
+        if scheduler:
+            try:
+                client.wait_for_workers(1, timeout=60)
+            except (OSError, TimeoutError):
+                raise NpgptError(f"--scheduler {scheduler}: no worker joined in 60 s (start `dask worker "
+                                 f"{scheduler}` on the machines)") from None
         log(f"dask: {len(client.scheduler_info().get('workers', {}))} workers at {client.scheduler.address}, "
             f"dashboard {_dashboard(client)}")
         check_versions(client)

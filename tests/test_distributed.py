@@ -5,8 +5,9 @@
 - a rerun writes only the files whose output is missing;
 - a worker process killed (SIGKILL) in the middle of a job: the job finishes on the others with the
   same output;
-- training with the frozen prefix in shards computed on the workers gives the parameters of the
-  single-process run, bit for bit; a second run finds every shard in the cache;
+- training with the frozen prefix in shards computed on the workers (and streamed from their
+  memory-mapped files) gives the parameters of the single-process run, bit for bit; a second run
+  finds every shard in the cache;
 - a worker with another weights file or another npgpt version is an error naming it; importing
   npgpt imports no Dask, and a missing Dask names the extra that installs it.
 """
@@ -146,11 +147,12 @@ def test_the_prefix_on_workers_trains_the_same_parameters_bit_for_bit(client, tm
                                        progress=False, plots=False), log=quiet)
     said = []
     options = RunOptions(out=str(tmp_path / "b"), cache_dir=str(tmp_path / "cache-b"), progress=False,
-                         plots=False, scheduler=client.scheduler.address, shard_tokens=500)
+                         plots=False, scheduler=client.scheduler.address, shard_tokens=500, cache_memory="1K")
     sharded = train_run(run, options, log=said.append)
     shards = [line for line in said if line.startswith("frozen prefix in")]
     n = int(shards[0].split()[3])
     assert n > 2 and shards[0].endswith(f"tokens: 0 in the cache {tmp_path / 'cache-b'}, {n} to compute")
+    assert any(line.endswith("its shards are memory-mapped, streamed from disk") for line in said)  # (1K)
     a, b = P.load_params(single.classifier_path)[0], P.load_params(sharded.classifier_path)[0]
     assert sorted(a) == sorted(b)
     for name in a:
