@@ -1,7 +1,7 @@
 """npgpt on Dask against one process: texts/s classifying a corpus, the overhead per partition, and
 the frozen prefix of a table, each both ways in the same run.
 
-    python benchmarks/distributed.py                           # 20,000 texts each (~30 min on 2 quiet cores)
+    python benchmarks/distributed.py                           # 20,000 texts each (~45 min on 2 cores)
     python benchmarks/distributed.py --texts 2000 --prefix-texts 2000 --json distributed.json
 
 124M-shaped random weights (the work does not depend on their values), texts as
