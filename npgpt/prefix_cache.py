@@ -210,6 +210,17 @@ class PrefixCache:
                  f"mode={mode}", f"max_tokens={self.max_tokens}", f"numba={int(fastops.USE_NUMBA)}"]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
+    def keys(self, digests, seqs, depth: int, mode: str) -> list:
+        """The keys of the entries holding seqs' activations at depths 0..depth (a list of depth+1)."""
+        h = hashlib.sha256()
+        h.update(np.array([len(s) for s in seqs], dtype=np.int64).tobytes())
+        h.update(np.concatenate(seqs).astype(np.int64).tobytes())
+        return [self.key(digests, h.hexdigest(), d, mode) for d in range(depth + 1)]
+
+    def has(self, key) -> bool:
+        """Whether entry `key` is there (its .json written last: not verified; `read` verifies)."""
+        return regular_file(self._paths(key)[1])
+
     def _paths(self, key):
         return os.path.join(self.dir, key + ".npy"), os.path.join(self.dir, key + ".json")
 
@@ -343,10 +354,7 @@ class PrefixCache:
         offsets = np.concatenate([[0], np.cumsum(lengths)])                         # [S+1]
         shape, dtype = (int(offsets[-1]), config.n_embd), params["wte"].dtype
         digests = weight_digests(params, depth) if digests is None else digests
-        h = hashlib.sha256()
-        h.update(lengths.tobytes())
-        h.update(np.concatenate(seqs).astype(np.int64).tobytes())
-        keys = [self.key(digests, h.hexdigest(), d, mode) for d in range(depth + 1)]
+        keys = self.keys(digests, seqs, depth, mode)
         use_disk = self.use_disk and depth > 0      # the embeddings alone cost less to look up than to read
         start_depth, src = self._deepest(keys, shape, dtype) if use_disk else (0, None)
         if src is not None and start_depth == depth:
@@ -422,13 +430,15 @@ class PrefixCache:
 
 
 def dataset_activations(store, params, config, datasets, start: int, pooling: str, causal=True,
-                        progress=None, digests=None, lora=None):
+                        progress=None, digests=None, lora=None, sharded=None):
     """The activations entering block `start` for every example of every dataset, each distinct
     sequence computed once (`prefix.distinct_sequences`): at its true length, or padded to the
     dataset's pad length when the padding is read (last_position pooling, no causal mask).
-    store: a PrefixCache (PrefixCache(use_disk=False): in memory, no disk).
-    -> per dataset, a list of [T_i, C] arrays (views of one array), or None for a dataset whose
-       activations depend on the batch (it reads the padding and pads per batch)"""
+    store: a PrefixCache (PrefixCache(use_disk=False): in memory, no disk). sharded: None (one
+    entry), or a function called as `store.activations` is, giving one [T,C] array per sequence
+    (`npgpt.prefix_shards`: one entry per group of sequences, computed elsewhere).
+    -> per dataset, a list of [T_i, C] arrays (views of one array, or of one per shard), or None
+       for a dataset whose activations depend on the batch (it reads the padding and pads per batch)"""
     padding_of = lambda d: Padding(pooling, causal, d.pad_to)
     seqs, where = prefix.distinct_sequences(datasets, padding_of)
     if not seqs:
@@ -436,29 +446,36 @@ def dataset_activations(store, params, config, datasets, start: int, pooling: st
     reads = Padding(pooling, causal).reads_padding
     pad_to = next(d.pad_to for d, w in zip(datasets, where) if w is not None)
     mode = f"{pooling}:{pad_to}" + ("" if causal else ":no-causal-mask") if reads else pooling
-    flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress,
-                                      lora=lora, causal=causal)
-    return [None if rows is None else [flat[offsets[u]:offsets[u + 1]] for u in rows] for rows in where]
+    if sharded is None:
+        flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress,
+                                          lora=lora, causal=causal)
+        views = [flat[offsets[u]:offsets[u + 1]] for u in range(len(seqs))]
+    else:
+        views = sharded(params, config, seqs, start, mode, digests=digests, progress=progress, lora=lora,
+                        causal=causal)
+    return [None if rows is None else [views[u] for u in rows] for rows in where]
 
 
 def prefetch(feats, rows) -> None:
     """Start reading the memory-mapped activations of examples `rows` now (madvise WILLNEED):
     the system reads them in the background, so the batch built from them later finds them in
     memory instead of waiting on one page fault after another. A no-op for arrays in memory.
-    feats: list of [T_i,C] views of one memory-mapped array (prefix_caches' result)."""
+    feats: list of [T_i,C] views of memory-mapped arrays (one, or one per shard: each view's own
+    mapping is advised)."""
     import mmap
-    if feats is None or not len(rows):
+    if feats is None or not len(rows) or not hasattr(mmap, "MADV_WILLNEED"):
         return
-    mm = getattr(feats[rows[0]], "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
-        return
-    base = np.frombuffer(mm, np.uint8).ctypes.data                # where the mapping starts
-    size = len(mm)
+    bases = {}                                                    # id of a mapping -> where it starts
     for r in rows:
         v = feats[r]
-        start = v.ctypes.data - base
+        mm = getattr(v, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            continue
+        if id(mm) not in bases:
+            bases[id(mm)] = np.frombuffer(mm, np.uint8).ctypes.data
+        start = v.ctypes.data - bases[id(mm)]
         lo = start - start % mmap.PAGESIZE
-        mm.madvise(mmap.MADV_WILLNEED, lo, min(size, start + v.nbytes) - lo)
+        mm.madvise(mmap.MADV_WILLNEED, lo, min(len(mm), start + v.nbytes) - lo)
 
 
 def checksum(arr) -> str:

@@ -222,12 +222,25 @@ class RunOptions:
     cache_max: str | None = option(None, "size cap of the disk cache, e.g. 20G: after a new entry, the entries used "
                                          "longest ago are removed until the rest fit (default: a tenth of its "
                                          "disk)", "training", metavar="SIZE")
+    scheduler: str | None = option(None, "compute the frozen prefix on the Dask cluster at this address, e.g. "
+                                         "tcp://HOST:8786 (needs pip install -e \".[dask]\"; docs/distributed.md)",
+                                   "training", metavar="ADDRESS")
+    workers: int | None = option(None, "compute the frozen prefix on a Dask cluster of N local worker processes",
+                                 "training", metavar="N")
+    shard_tokens: int = option(200_000, "tokens per shard of the frozen prefix with --scheduler or --workers",
+                               "training", metavar="N")
     plots: bool = option(True, "do not write PNG plots", "output", flag="--no-plots", negate=True)
     progress: bool = option(True, "no progress bars", "output", flag="--quiet", negate=True)
 
     def __post_init__(self):
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError("threads", "must be at least 1")
+        for name in ("workers", "shard_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(name, "must be at least 1")
+        if self.scheduler and self.workers:
+            raise ConfigError("workers", "give --scheduler (a cluster running) or --workers (one started here), not both")
         from .prefix_cache import parse_size
         for name in ("cache_memory", "cache_max"):
             value = getattr(self, name)

@@ -129,8 +129,12 @@ def _stem(run: RunConfig) -> str:
 
 
 def _prepare_process(options: RunOptions, log) -> None:
-    """The threads the run asks for; the kernels as every run loads them (`load_compiled_kernels`)."""
+    """The threads the run asks for; the kernels as every run loads them (`load_compiled_kernels`);
+    Dask, when the frozen prefix runs on a cluster (a missing extra said before any data is read)."""
     from .fastops import load_compiled_kernels, set_num_threads
+    if options.scheduler or options.workers:
+        from .distributed import require_dask
+        require_dask()
     if options.threads:
         set_num_threads(options.threads)
     load_compiled_kernels(log)
@@ -195,10 +199,15 @@ def _frozen_prefix(job, options, run_dir, log):
                 for d in job.datasets)
     store = PrefixCache(options.cache_dir, use_disk=options.cache_disk, memory_limit=options.cache_memory_bytes,
                         spill_dir=run_dir, log=log, max_bytes=options.cache_max_bytes, made_from=_made_from(job))
+    sharded = None
+    if options.scheduler or options.workers:                 # shards computed on a Dask cluster
+        from .distributed import cluster_prefix
+        sharded = cluster_prefix(job, options, store, log)
     with bar(enabled=options.progress, unit="tok", leave=False,
              desc=f"frozen blocks 0..{start - 1}" if start else "embeddings") as shown:
         feats = dataset_activations(store, job.params, job.config, job.datasets, start, run.pooling,
-                                    causal=run.causal_mask, progress=shown.update, lora=run.lora_spec)
+                                    causal=run.causal_mask, progress=shown.update, lora=run.lora_spec,
+                                    sharded=sharded)
     if feats[0] is None:
         return [None, None, None], 0
     what = f"the frozen prefix (blocks 0..{start - 1})" if start else "the embeddings"

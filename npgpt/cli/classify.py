@@ -76,6 +76,12 @@ def build_parser():
                         "embeddings): the tokens coloured on a terminal, else a two-column list (token, score)")
     p.add_argument("--label", default=None, metavar="NAME",
                    help="with --explain: the label to explain (default: each text's predicted one)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="classify on the Dask cluster at ADDRESS (tcp://HOST:8786): --file is a pattern of tables "
+                        "('texts/*.parquet'), --out a folder getting one .parquet per file; files already there "
+                        "are skipped (pip install -e \".[dask]\"; docs/distributed.md)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="as --scheduler, on a Dask cluster of N worker processes started here")
     return p
 
 
@@ -97,10 +103,49 @@ def check_args(parser, args) -> None:
     for flag, value in (("--text-column", args.text_column), ("--id-column", args.id_column)):
         if value is not None and not table:
             parser.error(f"{flag} needs --file with a table (.csv, .tsv, .jsonl, .parquet)")
+    if args.scheduler or args.workers is not None:
+        check_cluster_args(parser, args)
+        return
     if args.out is not None:
         check_out_path(args.out)
         if args.file not in (None, "-") and os.path.realpath(args.out) == os.path.realpath(args.file):
             parser.error(f"--out {args.out} is the --file being read; write the predictions to another file")
+
+
+def check_cluster_args(parser, args) -> None:
+    """--scheduler / --workers: a --file pattern of tables and an --out folder, nothing printed per text."""
+    if args.scheduler and args.workers is not None:
+        parser.error("give --scheduler (a cluster running) or --workers (one started here), not both")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.file in (None, "-") or args.out is None:
+        parser.error("--scheduler and --workers need --file PATTERN (tables) and --out FOLDER")
+    if os.path.splitext(args.out)[1].lower() in (".csv", ".jsonl", ".parquet") or os.path.isfile(args.out):
+        parser.error(f"--out {args.out}: with --scheduler or --workers, --out is a folder (one .parquet per file)")
+    if args.json or args.top != 1:
+        parser.error("--json and --top print per text: not with --scheduler or --workers (read --out's files)")
+
+
+def classify_on_cluster(args) -> int:
+    """--file PATTERN --out FOLDER on a Dask cluster (npgpt.corpus, npgpt.distributed)."""
+    from ..classify import load_classifier
+    from ..corpus import classify_files, expand_files, model_ref
+    from ..distributed import cluster, require_dask
+    require_dask()
+    files = expand_files(args.file)
+    expect_file(args.model, "--model")
+    clf = load_classifier(args.model, args.bpe_dir, args.batch_size)
+    log = lambda msg: print(printable(msg), file=sys.stderr)
+    with cluster(args.scheduler, args.workers, log) as client:
+        done = classify_files(client, files, model_ref(args.model, args.bpe_dir, args.batch_size), args.out,
+                              args.text_column or clf.text_column, args.id_column, clf.labels,
+                              progress=not args.quiet, log=log)
+    log(f"wrote predictions for {done['texts']} texts in {done['written']} files to {args.out} "
+        f"({done['skipped']} files already there)")
+    if done["cut"]:
+        log(f"note: {done['cut']} texts have more than {clf.limit} tokens; only the first {clf.limit} were used"
+            + (f"; {clf.limit_fix}" if clf.limit_fix else ""))
+    return 0
 
 
 def read_input(args, clf):
@@ -133,6 +178,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if args.scheduler or args.workers is not None:
+        return classify_on_cluster(args)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")   # any text prints, whatever the terminal
 
