@@ -64,7 +64,8 @@ def build_classifier(folder, bpe_dir):
     from npgpt.tokenizer import get_tokenizer
     cfg = preset("124M")
     clf = Classifier(params=init_params(cfg, seed=123, num_classes=2), config=cfg, labels=["ham", "spam"],
-                     pooling="last_token", max_length=None, tok=get_tokenizer(bpe_dir), meta={"model_size": "124M"})
+                     pooling="last_token", max_length=None, tok=get_tokenizer(bpe_dir), bpe_dir=bpe_dir,
+                     meta={"model_size": "124M"})
     path = clf.save(os.path.join(folder, "classifier.h5"))
     return path, load_classifier(path, bpe_dir)
 

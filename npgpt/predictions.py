@@ -145,6 +145,7 @@ def write_predictions(frame: pd.DataFrame, path, flag="--out") -> None:
     an existing file is replaced whole, or left as it was when writing fails."""
     ext = check_out_path(path, flag)
     table = frame.reset_index()
+    table.attrs = {}     # the rows only: pandas would put attrs (the cut ids, NumPy ints) in Parquet's metadata
     with atomic_write(path) as tmp:
         if ext == ".csv":
             table.to_csv(tmp, index=False, encoding="utf-8")

@@ -36,7 +36,7 @@ def model_file(tmp_path_factory, bpe_dir):
     """A tiny random three-class classifier trained (so its meta says) on column "body"."""
     cfg = preset("tiny")
     clf = Classifier(params=init_params(cfg, seed=5, num_classes=3), config=cfg, labels=list(LABELS),
-                     pooling="last_token", max_length=None, tok=get_tokenizer(bpe_dir),
+                     pooling="last_token", max_length=None, tok=get_tokenizer(bpe_dir), bpe_dir=bpe_dir,
                      meta={"text_column": "body", "label_column": "kind"})
     return clf.save(tmp_path_factory.mktemp("model") / "classifier.h5")
 
@@ -212,3 +212,14 @@ def test_evaluate_predictions_beside_the_metrics(tmp_path, model_file, bpe_dir, 
         index=LABELS, columns=LABELS, fill_value=0).to_numpy().tolist()
     with pytest.raises(DataError, match=r"^--predictions p\.txt: unknown file type"):
         evaluate_cli.main(["--model", model_file, "--data", str(data), "--predictions", "p.txt"])
+
+
+def test_a_frame_with_cut_texts_writes_as_parquet(tmp_path, clf):
+    """The ids of the cut texts (NumPy integers in frame.attrs) stay in memory: pandas would try to
+    store attrs in Parquet's metadata as JSON, and fail."""
+    long_text = "a long text " * (clf.config.n_ctx // 2)
+    texts = read_texts(write(tmp_path / "t.csv", f"body\nshort\n{long_text}\n"), text_column="body")
+    frame = prediction_frame(clf, texts)
+    assert [int(i) for i in frame.attrs["truncated"]] == [3]                    # line 3 was cut
+    write_predictions(frame, tmp_path / "p.parquet")
+    assert pd.read_parquet(tmp_path / "p.parquet")["line"].tolist() == [2, 3]

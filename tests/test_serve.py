@@ -46,12 +46,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @pytest.fixture(scope="module")
-def clf(tok):
+def clf(tok, bpe_dir):
     cfg = preset("tiny")
     params = init_params(cfg, seed=7, num_classes=len(LABELS))
     params["cls/w"] *= 50                      # a random head that still tells the classes apart
     return Classifier(params=params, config=cfg, labels=LABELS, pooling="last_token", max_length=None, tok=tok,
-                      meta={"model_size": "tiny"})
+                      bpe_dir=bpe_dir, meta={"model_size": "tiny"})
 
 
 @pytest.fixture(scope="module")
