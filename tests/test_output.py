@@ -9,17 +9,18 @@
   `x` in a sample stands for digits that depend on the run and the CPU, a `...` line for lines
   left out, `...` inside a line for text left out.
 
-Everything runs in this process, so stdout and stderr are pytest's captures: not terminals.
+stdout and stderr are pipes or pytest's captures here, never terminals: what a log gets.
 """
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from helpers import SMS
+from helpers import SMS, run_module
 from npgpt.progress import bar, shows_bars
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,33 +67,22 @@ def test_the_first_update_is_counted_but_not_timed(monkeypatch):
 
 # ----------------------------------------------------------------------------- a training run in a log
 
+def _env(**extra):
+    """A command's environment: this checkout first on the path, no NPGPT_PROGRESS of the user's."""
+    env = {k: v for k, v in os.environ.items() if k != "NPGPT_PROGRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**env, **extra}
+
+
 @pytest.fixture(scope="module")
 def sms_run(shared_data, bpe_dir, tmp_path_factory):
-    """`python -m npgpt.train --tiny` on the SMS data (README's sample command), output captured:
-    (stdout, stderr, run folder)."""
-    from npgpt.cli import train
+    """`python -m npgpt.train --tiny` on the SMS data (README's sample command), its stdout and
+    stderr pipes (not terminals, as in `train > log 2> err`): (stdout, stderr, run folder)."""
     out = tmp_path_factory.mktemp("sms") / "runs" / "spam-tiny-sample"
-    mp = pytest.MonkeyPatch()
-    mp.delenv("NPGPT_PROGRESS", raising=False)
-    with _captured() as (stdout, stderr):
-        code = train.main(["--tiny", "--data", str(shared_data / SMS), "--bpe-dir", bpe_dir, "--out", str(out)])
-    mp.undo()
-    assert code == 0, stderr.getvalue()
-    return stdout.getvalue(), stderr.getvalue(), out
-
-
-class _captured:
-    """sys.stdout and sys.stderr into two StringIOs (not terminals) for a module fixture."""
-
-    def __enter__(self):
-        import sys
-        self.saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
-        return sys.stdout, sys.stderr
-
-    def __exit__(self, *exc):
-        import sys
-        sys.stdout, sys.stderr = self.saved
+    r = run_module("npgpt.train", "--tiny", "--data", shared_data / SMS, "--bpe-dir", bpe_dir, "--out", out,
+                   env=_env(), cwd=out.parent.parent)
+    assert r.returncode == 0, r.stderr
+    return r.stdout, r.stderr, out
 
 
 def test_a_log_gets_one_line_per_evaluation_and_no_bar(sms_run):
@@ -114,8 +104,9 @@ def test_the_frozen_prefix_line_says_why_it_counts_fewer_tokens(sms_run):
     assert m, stdout
     tokens, distinct, texts, in_all = map(int, m.groups())
     assert texts == 1045 + 149 + 300 and distinct < texts and tokens < in_all
-    for other in re.findall(r"(\d+) tokens", stdout.split(m.group(0))[0]):   # the lines before it: the same count
-        assert int(other) == tokens, stdout
+    for line in stdout.split(m.group(0))[0].splitlines():    # the prefix's lines before it: the same count
+        if "frozen prefix" in line and " tokens" in line:
+            assert re.findall(r"(\d+) tokens", line) == [str(tokens)], stdout
 
 
 # ----------------------------------------------------------------------------- --quiet, fit, forced bars
@@ -144,7 +135,7 @@ def test_fit_is_silent_unless_verbose(tmp_path, bpe_dir, capfd):
     import pandas as pd
     import npgpt
     df = pd.read_csv(_tickets(tmp_path))
-    kw = dict(text_column="text", label_column="intent", model="tiny", epochs=1, eval_freq=1, bpe_dir=bpe_dir)
+    kw = dict(model="tiny", epochs=1, eval_freq=1, bpe_dir=bpe_dir)
     npgpt.fit(df, out=str(tmp_path / "a"), **kw)
     npgpt.fit(df, out=str(tmp_path / "b"), quiet=True, **kw)
     assert capfd.readouterr() == ("", "")
@@ -184,15 +175,15 @@ def test_evaluate_in_a_log_prints_no_bar(sms_run, bpe_dir, capfd, monkeypatch):
 # ----------------------------------------------------------------------------- README's samples
 
 def sample_pattern(sample: str) -> re.Pattern:
-    """A sample (lines of README) as a regex over the output: a run of `x` standing alone (not in a
-    word) is digits, `...` in a line is any text, a `...` line is any lines; else literal."""
+    """A sample (lines of README) as a regex over the output: a run of n `x` standing alone (not in a
+    word) is n or more digits, `...` in a line is any text, a `...` line is any lines; else literal."""
     parts = []
     for line in sample.splitlines():
         if line.strip() == "...":
             parts.append(r"(?:.*\n)*?")
             continue
         pieces = re.split(r"(\.\.\.|(?<![A-Za-z])x+(?![A-Za-z]))", line)
-        parts.append("".join(".*" if p == "..." else r"\d+" if p and set(p) == {"x"} else re.escape(p)
+        parts.append("".join(".*" if p == "..." else rf"\d{{{len(p)},}}" if p and set(p) == {"x"} else re.escape(p)
                              for p in pieces) + r"\n")
     return re.compile("^" + "".join(parts), re.M)
 
@@ -226,10 +217,9 @@ def test_readme_sample_of_the_main_job_is_its_real_output(sms_run):
     assert sample_pattern(sample.split("\n", 1)[1]).search(out), out
 
 
-def test_readme_sample_of_your_own_data_is_its_real_output(tmp_path, bpe_dir, capfd):
+def test_readme_sample_of_your_own_data_is_its_real_output(tmp_path, bpe_dir):
     """The commands of "Your own data" as README shows them (from the repository folder), and the
     line classify prints."""
-    from npgpt.cli import classify, train
     sample = readme_sample("runs as it is")
     commands = [s for s in sample.splitlines() if s.startswith("python -m npgpt.")]
     shown = sample.splitlines()[-1]
@@ -238,15 +228,12 @@ def test_readme_sample_of_your_own_data_is_its_real_output(tmp_path, bpe_dir, ca
     assert commands[-1] == 'python -m npgpt.classify --model runs/tickets/classifier.h5 --top 2 "I was billed ' \
                            'twice this month"'
     shutil.copytree(REPO / "examples", tmp_path / "examples")
-    monkey = pytest.MonkeyPatch()
-    monkey.chdir(tmp_path)
-    try:
-        assert train.main(commands[0].split()[3:] + ["--bpe-dir", bpe_dir]) == 0
-        capfd.readouterr()
-        assert classify.main(["--model", "runs/tickets/classifier.h5", "--top", "2", "I was billed twice this month"]) == 0
-    finally:
-        monkey.undo()
-    assert sample_pattern(shown).search(capfd.readouterr().out)
+    r = run_module(*commands[0].split()[2:], "--bpe-dir", bpe_dir, env=_env(), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_module("npgpt.classify", "--model", "runs/tickets/classifier.h5", "--top", "2",
+                   "I was billed twice this month", env=_env(), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sample_pattern(shown).search(r.stdout), r.stdout
 
 
 def test_readme_puts_the_cpu_torch_install_before_the_tests_and_names_both_exit_codes():
