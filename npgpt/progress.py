@@ -57,7 +57,6 @@ def _bar_class():
     """tqdm's class with the untimed first updates (made on first use: importing this module
     does not import tqdm)."""
     from tqdm import tqdm
-    from tqdm.std import EMA
 
     class Bar(tqdm):
         def __init__(self, *args, untimed=0, **kwargs):
@@ -70,8 +69,7 @@ def _bar_class():
             self.untimed -= 1
             self.n += n
             self.initial = self.n                  # the rate without smoothing: (n - initial) / elapsed
-            self.last_print_n, self.last_print_t = self.n, self._time()
-            self._ema_dn, self._ema_dt = EMA(self.smoothing), EMA(self.smoothing)   # rate from here on
+            self.last_print_n, self.last_print_t = self.n, self._time()     # the next rate starts here
             self.refresh()
             return True
 

@@ -55,6 +55,7 @@ def test_the_first_update_is_counted_but_not_timed(monkeypatch):
     clock[0] = 100.0
     b.update(1)
     assert b.format_dict["rate"] is None                       # no rate yet: ETA "?", not 2:45:00
+    assert "<?" in b.format_meter(**b.format_dict), b.format_meter(**b.format_dict)
     for _ in range(9):
         clock[0] += 1.0
         b.update(1)
