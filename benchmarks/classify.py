@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 
 def texts_and_tokens(large, work_dir):
-    from npgpt.data import prepare_splits, read_sms_spam
+    from npgpt.data import prepare_splits
     from npgpt.dataset import make_datasets
     from npgpt.tokenizer import encode, get_tokenizer
 
@@ -57,7 +57,14 @@ def texts_and_tokens(large, work_dir):
     tok = get_tokenizer(shared / "gpt2_bpe")
     test = make_datasets(prepare_splits(sms, work_dir, progress=False), tok)[2]
     small = [list(t) for t in test.tokens]                                  # cut to 120 like training
-    msgs = list(dict.fromkeys(read_sms_spam(sms)["Text"]))                  # distinct, file order
+    big = [encode(tok, t)[:120] for t in large_texts(large)]
+    return small, big
+
+
+def large_texts(large) -> list:
+    """`large` distinct texts: every distinct SMS message, then pairs of messages joined, shuffled."""
+    from npgpt.data import read_sms_spam
+    msgs = list(dict.fromkeys(read_sms_spam(default_data_dir() / "sms_spam_collection" / "SMSSpamCollection")["Text"]))
     rng = np.random.default_rng(0)
     texts, seen = [], set()
     for m in msgs:
@@ -69,9 +76,7 @@ def texts_and_tokens(large, work_dir):
         if t not in seen:
             seen.add(t)
             texts.append(t)
-    order = rng.permutation(len(texts))
-    big = [encode(tok, texts[i])[:120] for i in order]
-    return small, big
+    return [texts[i] for i in rng.permutation(len(texts))]
 
 
 def torch_classify_review(model, tokens, pad_to=120):

@@ -11,6 +11,7 @@ COMMANDS = {
     "generate": "continue a prompt with GPT-2: greedy, or sampled with --temperature and --top-k",
     "weights": "download GPT-2's published weights or convert files on disk to npgpt's HDF5",
     "lora": "fold a classifier's LoRA pairs into its weights (lora merge)",
+    "serve": "serve a classifier over HTTP: a JSON API with dynamic batching and a page at / (extra [serve])",
     "cache": "list or clear the disk cache of frozen-prefix activations",
 }
 

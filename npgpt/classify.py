@@ -64,6 +64,8 @@ class Classifier:
     path: str = ""
     batch_size: int = DEFAULT_BATCH_SIZE
     truncated: list = field(default_factory=list)   # set by each predict_proba / classify call
+    bpe_dir: str | None = None   # the tokenizer folder it was loaded with (None: its file's own copy)
+    bpe_files: dict | None = field(default=None, repr=False)   # the BPE files its file stores
 
     @property
     def limit(self) -> int:
@@ -78,6 +80,16 @@ class Classifier:
             return ""
         return (f"the model reads the fixed length of its training ({self.pooling} pooling"
                 f"{'' if self.causal else ', no causal mask'}); train with --max-length N for longer texts")
+
+    @property
+    def text_column(self) -> str:
+        """The table column training read the texts from: where a table to classify has them too."""
+        return self.meta.get("text_column") or training_setting(self.meta, "text_column") or "text"
+
+    @property
+    def label_column(self) -> str:
+        """The table column training read the labels from."""
+        return self.meta.get("label_column") or training_setting(self.meta, "label_column") or "label"
 
     @property
     def causal(self) -> bool:
@@ -110,11 +122,18 @@ class Classifier:
     def logits_of_tokens(self, tokens, progress=False) -> np.ndarray:
         """Class logits [N,K] of already encoded (and cut) texts; a progress bar when progress."""
         from . import infer
-        padding = self.padding
-        if padding.grouping_free and padding.causal and self.pooling in infer.POOLINGS:
+        if self.packs:
             return infer.packed_logits(self.merged_params(), self.config, tokens, self.pooling,
-                                       padding.pad_to, progress=bool(progress))  # [N,K]
-        return self._batched_logits(tokens, padding.pad_to, progress)
+                                       self.padding.pad_to, progress=bool(progress))  # [N,K]
+        return self._batched_logits(tokens, self.padding.pad_to, progress)
+
+    @property
+    def packs(self) -> bool:
+        """Whether texts run packed (`npgpt.infer`): each text's numbers are then the same bits
+        whichever texts share its call (infer's "Bits"), so a server may batch requests together."""
+        from . import infer
+        padding = self.padding
+        return padding.grouping_free and padding.causal and self.pooling in infer.POOLINGS
 
     def _batched_logits(self, tokens, pad_to, progress) -> np.ndarray:
         """The batched path: first_token and mean pooling, per-batch last_position, no causal
@@ -158,14 +177,22 @@ class Classifier:
         P = self.predict_proba(texts, progress)                                 # [N,K]
         return [self.labels[k] for k in np.argmax(P, axis=1)]
 
+    def explain(self, text: str, label=None):
+        """Each token's gradient x input for the logit of `label` (None: the predicted one):
+        `npgpt.explain.explain` -> Explanation."""
+        from .explain import explain
+        return explain(self, text, label)
+
     def save(self, path) -> str:
-        """Write the classifier (parameters, config, labels, settings) to an HDF5 file."""
+        """Write the classifier (parameters, config, labels, settings and the tokenizer's two files,
+        so that it works offline from any folder) to an HDF5 file."""
         from .params import save_params
         path = os.fspath(path)
         meta = dict(self.meta, kind=KIND, labels=list(self.labels), pooling=self.pooling,
                     max_length=self.max_length,
                     id2label={str(i): s for i, s in enumerate(self.labels)})
-        save_params(path, self.params, self.config, meta)
+        files = self.bpe_files or classifier_bpe_files(self.path, self.meta, self.bpe_dir)
+        save_params(path, self.params, self.config, meta, files=files)
         return path
 
     def classify(self, texts):
@@ -228,8 +255,9 @@ def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classi
     params, config, meta = load_params(path)
     _check_kind(path, meta)
     labels, pooling, max_length = _check_meta(path, meta, num_classes_of(params), config)
+    tok, files = _tokenizer_of(path, meta, bpe_dir)
     return Classifier(params=params, config=config, labels=labels, pooling=pooling, max_length=max_length,
-                      tok=_tokenizer_of(path, meta, bpe_dir), meta=meta, path=path, batch_size=batch_size)
+                      tok=tok, meta=meta, path=path, batch_size=batch_size, bpe_dir=bpe_dir, bpe_files=files)
 
 
 def _check_meta(path, meta, K, config):
@@ -255,17 +283,36 @@ def _check_meta(path, meta, K, config):
 
 def _tokenizer_of(path, meta, bpe_dir):
     """The GPT-2 encoding for a classifier file: bpe_dir, else the file's own, else the places
-    `get_tokenizer` looks (the training run's BPE folder first, when it still exists)."""
-    from .tokenizer import get_tokenizer, tokenizer_from_h5
-    stored = tokenizer_from_h5(path) if bpe_dir is None else None   # self-contained files carry it
+    `get_tokenizer` looks (the training run's BPE folder first, when it still exists).
+    -> (encoding, the BPE files the file stores or None)"""
+    from .tokenizer import bpe_files_from_h5, encoding_from_bytes, get_tokenizer
+    stored = bpe_files_from_h5(path) if bpe_dir is None else None   # self-contained files carry it
     if stored is not None:
-        return stored
+        return encoding_from_bytes(stored, path), stored
+    return get_tokenizer(*_bpe_places(meta, bpe_dir)), None
+
+
+def _bpe_places(meta, bpe_dir):
+    """(bpe_dir, weights_dir) for `npgpt.tokenizer`'s search, for a file without its own copy:
+    bpe_dir, else the training run's BPE folder when it still exists; the folder of its weights."""
     if bpe_dir is None and not os.environ.get("NPGPT_BPE_DIR"):
         trained = training_setting(meta, "bpe_dir")
         if trained and os.path.isdir(trained):
             bpe_dir = trained
     weights = training_setting(meta, "weights")
-    return get_tokenizer(bpe_dir, weights_dir=(os.path.dirname(weights) or ".") if weights else None)
+    return bpe_dir, (os.path.dirname(weights) or ".") if weights else None
+
+
+def classifier_bpe_files(path, meta, bpe_dir=None) -> dict:
+    """The two BPE files a classifier file written from the file at `path` must carry: the ones it
+    stores, else those in bpe_dir, else those `load_classifier` would find for it (sha256-checked
+    in every case: GPT-2's two files, wherever they come from)."""
+    from .tokenizer import bpe_file_bytes, bpe_files_from_h5, check_bpe_bytes
+    stored = bpe_files_from_h5(path) if path and os.path.isfile(path) else None
+    if stored is not None:
+        check_bpe_bytes(stored, path)
+        return stored
+    return bpe_file_bytes(*_bpe_places(meta, bpe_dir))
 
 
 def _peek_meta(path):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import userpaths
 from .dataset import SEED
 from .errors import DataError, FormatError, quote
 from .fileio import atomic_write, replace_durably, temp_path, write_bytes
@@ -47,7 +48,6 @@ DATA_FILE = "SMSSpamCollection"
 DATA_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # UCI's file
 UCI_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 MIRROR_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
-DEFAULT_DATA_DIR = "data"            # under the current directory
 HEADER_WORDS = ("label", "labels", "class", "category", "target", "type")
 
 
@@ -60,14 +60,15 @@ def source_urls() -> list[str]:
     return [UCI_URL, os.environ.get("NPGPT_DATA_MIRROR") or MIRROR_URL]
 
 
-def download_sms_spam(data_dir=DEFAULT_DATA_DIR, urls=None, progress=True) -> Path:
-    """Download the UCI zip into `data_dir` and extract SMSSpamCollection; return its path.
+def download_sms_spam(data_dir=None, urls=None, progress=True) -> Path:
+    """Download the UCI zip into `data_dir` (default: `npgpt.userpaths.data_dir()`, found from any
+    folder) and extract SMSSpamCollection; return its path.
 
     A SMSSpamCollection already in `data_dir` is used as it is. The zip is deleted afterwards.
     """
     from .download import download_file
 
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir or userpaths.data_dir())
     target = data_dir / DATA_FILE
     if target.is_file():
         return target
@@ -364,7 +365,7 @@ def balance_and_split(df: pd.DataFrame, seed=SEED, train_frac=0.7, validation_fr
     return tuple(s.reset_index(drop=True) for s in splits)
 
 
-def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=False, seed=SEED,
+def prepare_splits(data_path=None, out_dir=None, skip_bad_lines=False, seed=SEED,
                    rebuild=False, urls=None, progress=True, parse="pandas", balance="undersample"):
     """The (train, validation, test) DataFrames, with train.csv, validation.csv, test.csv in out_dir.
 
@@ -378,7 +379,7 @@ def prepare_splits(data_path=None, out_dir=DEFAULT_DATA_DIR, skip_bad_lines=Fals
     (empty when the CSVs were reused). Runs sharing out_dir may call this at the same time: each
     writes through its own temporary files and renames them into place.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir or userpaths.data_dir())
     csvs = [out_dir / f"{name}.csv" for name in SPLITS]
     recipe = {"parse": parse, "seed": int(seed), "balance": balance}
     if (data_path is None and not rebuild and all(p.is_file() for p in csvs)

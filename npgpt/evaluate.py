@@ -93,8 +93,25 @@ def roc_auc(scores, positive) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def predicted_ids(P, names, positive=None, threshold=None):
+    """The class each text is predicted as [N], and the positive class (None for more than two):
+    the most probable class, or for two classes with a threshold T the positive class (default the
+    second label) exactly when its probability is >= T."""
+    P = np.asarray(P)                                                         # [N,K]
+    pred = np.argmax(P, axis=1)                                               # [N]
+    if len(names) != 2:
+        return pred, None
+    positive = names[1] if positive is None else positive
+    if positive not in names:
+        raise DataError(f"positive class {quote(positive)} is not one of the model's labels {names}")
+    pos = names.index(positive)
+    if threshold is not None:
+        pred = np.where(P[:, pos] >= threshold, pos, 1 - pos)                 # [N]
+    return pred, positive
+
+
 def evaluate_classifier(clf, texts, labels, positive=None, threshold=None, errors=0, progress=False,
-                        lines=None) -> dict:
+                        lines=None, probabilities=None) -> dict:
     """Metrics of `clf` (a `npgpt.classify.Classifier`) on texts with their true labels.
 
     labels: class ids or class names. Returns a dict with n, accuracy, labels, per_class (name ->
@@ -102,7 +119,8 @@ def evaluate_classifier(clf, texts, labels, positive=None, threshold=None, error
     loss, truncated (texts cut to the model's length limit) and errors (the `errors` most
     confident mistakes: text, true, predicted, probability, index and line). For two classes
     also positive, precision/recall/f1 and tp/fp/fn/tn of the positive class (default the second
-    label), roc_auc, and threshold (None: argmax)."""
+    label), roc_auc, and threshold (None: argmax). probabilities: clf's P [N,K] of these texts
+    when already computed (classify's prediction frame), so that they are not computed twice."""
     texts = list(texts)
     y = _label_ids(labels, clf.labels, lines)                                 # [N]
     if len(y) != len(texts):
@@ -110,22 +128,16 @@ def evaluate_classifier(clf, texts, labels, positive=None, threshold=None, error
     K = len(clf.labels)
     if threshold is not None and (K != 2 or not 0 <= threshold <= 1):
         raise DataError("--threshold needs a two-class model and a probability in 0..1")
-    P = clf.predict_proba(texts, progress=progress)                           # [N,K]
-    pred = np.argmax(P, axis=1)                                               # [N]
+    P = clf.predict_proba(texts, progress=progress) if probabilities is None else np.asarray(probabilities)  # [N,K]
+    pred, positive = predicted_ids(P, clf.labels, positive, threshold)      # [N]
     out = {"n": len(y)}
-    if K == 2:
-        positive = clf.labels[1] if positive is None else positive
-        if positive not in clf.labels:
-            raise DataError(f"positive class {quote(positive)} is not one of the model's labels {clf.labels}")
-        pos = clf.labels.index(positive)
-        if threshold is not None:
-            pred = np.where(P[:, pos] >= threshold, pos, 1 - pos)             # [N]
     M = confusion_matrix(y, pred, K)                                          # [K,K]
     out["accuracy"] = float(np.trace(M) / max(len(y), 1))
     out["labels"] = list(clf.labels)
     out["per_class"], out["macro"], out["weighted"] = per_class_metrics(M, clf.labels)
     out["confusion"] = M.tolist()
     if K == 2:
+        pos = clf.labels.index(positive)
         out.update(metrics_from_confusion(M, pos), positive=positive, threshold=threshold,
                    roc_auc=roc_auc(P[:, pos], y == pos))
     p_true = np.maximum(P[np.arange(len(y)), y], np.finfo(np.float64).tiny)   # [N]
@@ -135,6 +147,17 @@ def evaluate_classifier(clf, texts, labels, positive=None, threshold=None, error
     out["errors"] = [{"index": int(i), "line": int(lines[i]) if lines is not None else None,
                       "text": texts[i], "true": clf.labels[y[i]], "predicted": clf.labels[pred[i]],
                       "probability": float(P[i, pred[i]])} for i in wrong]
+    return out
+
+
+def labelled_frame(frame, labels, names, threshold=None, lines=None):
+    """A prediction frame (`npgpt.predictions.prediction_frame`) of labelled texts, for
+    `evaluate --predictions`: column "true" (each text's label, a name) before "label", and with a
+    threshold "label" as evaluate predicts (`predicted_ids`). -> a new frame"""
+    P = frame[["p_" + name for name in names]].to_numpy()                     # [N,K]
+    out = frame.copy()
+    out["label"] = [names[k] for k in predicted_ids(P, names, threshold=threshold)[0]]
+    out.insert(0, "true", [names[k] for k in _label_ids(labels, names, lines)])
     return out
 
 

@@ -8,6 +8,8 @@
     process_alive(pid)      whether a process runs on this machine
     reserve_space(path)     give every byte of a file its disk blocks now (before it is memory-mapped)
     regular_file(path)      whether a path is a plain file (not a FIFO, device, folder or link)
+    hold(path)              a shared lock on a file, held while the returned file object is open
+    held(path)              whether any open file object holds such a lock (this process's too)
 
 Why a write is atomic: a reader (another run, a later `--resume`, the user's `ls`) sees either the
 old file or the new one, never half of one, and a failed or interrupted write (a full disk, Ctrl-C,
@@ -170,4 +172,39 @@ def regular_file(path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
+        return False
+
+
+def hold(path):
+    """Open `path` and take a shared lock on it (flock): while the returned file object stays open
+    (and however the process ends, the system releases it then), `held(path)` is true, so the file
+    counts as in use. None where the system has no flock (Windows) or the file cannot be opened."""
+    try:
+        import fcntl
+        fh = open(path, "rb")
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh
+
+
+def held(path) -> bool:
+    """Whether a `hold` on `path` is open now, in any process (an exclusive lock cannot be had)."""
+    try:
+        import fcntl
+        fh = open(path, "rb")
+    except (ImportError, OSError):
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
         return False

@@ -17,6 +17,15 @@ Pooling: last_token reads each sequence's last real token, so the result does no
 texts share a pack: a text gets the same logits as `model.forward_cls` on it alone (to float32
 round-off). last_position with a pad length reads position pad_len-1: each sequence is padded to
 pad_len with 50256 first, as in training (its pads are then real rows of the pack).
+
+Bits: a text's logits are the same bits whichever texts share its pack (the server batches
+requests together and answers each with what `Classifier.predict_proba` gives its texts alone).
+BLAS alone would not give that: NumPy sends a product with one row to gemv, whose sums run in
+another order than gemm's, and OpenBLAS computes the head's narrow product (K = 2..4 classes)
+with kernels whose sums depend on the number of rows. So a pack of one sequence runs as two
+copies (the second sharing all but its last token: one more row, and no product has one row),
+and the head is one float64 sum over C per logit (`head_logits`). Wider products with two rows
+or more give each row the same bits whatever the other rows (tests/test_serve.py).
 """
 from __future__ import annotations
 
@@ -66,6 +75,9 @@ def packed_logits(params, config, tokens, pooling="last_token", pad_to=None, max
 def _pack_logits(params, config, lay):
     """Logits [S,K] of one pack of sequences (its `prefix_tree.Layout`): blocks 0..L-2 on the
     pack's new rows (shared first tokens once), the last block pooled."""
+    if len(lay.pstarts) == 2:       # one sequence: run it as two (module docstring, "Bits")
+        seq = lay.ids                                                           # [T] all its rows are new
+        return _pack_logits(params, config, prefix_tree.layout([seq, seq], [0, len(seq) - 1]))[:1]
     L = config.n_layer
     lengths = np.diff(lay.pstarts)                                              # [S]
     x = params["wte"][lay.ids] + params["wpe"][lay.pos]                         # [N,C] new rows
@@ -82,8 +94,15 @@ def _pack_logits(params, config, lay):
         xb[np.repeat(np.arange(S), lengths), pos] = x[lay.path]                 # unpacked; pads stay 0
         h, _ = fastmodel.block_forward_pooled(params, L - 1, xb, last, config.n_head)  # [S,C]
     h, _ = fastops.layernorm_forward(h, params["ln_f/g"], params["ln_f/b"])     # [S,C]
-    logits, _ = ops.linear_forward(h, params["cls/w"], params["cls/b"])         # [S,K]
-    return logits
+    return head_logits(h, params["cls/w"], params["cls/b"])                     # [S,K]
+
+
+def head_logits(h, w, b) -> np.ndarray:
+    """h @ w + b for the classifier head, each row's numbers independent of the other rows: each
+    logit one sum over C in float64 (module docstring, "Bits").
+    h [S,C], w [C,K], b [K] -> [S,K] in h's dtype"""
+    z = np.einsum("sc,ck->sk", h.astype(np.float64), w.astype(np.float64)) + b             # [S,K]
+    return z.astype(h.dtype)
 
 
 def _progress(progress, n_texts, n_tokens):

@@ -16,9 +16,9 @@ import numpy as np
 
 from .errors import NpgptError
 from .runconfig import ConfigError, RunConfig
+from .userpaths import data_dir, weights_file
 
 SMS_LABELS = ["ham", "spam"]           # the SMS data's classes, ids 0 and 1
-DEFAULT_WEIGHTS_DIR = "weights"
 
 
 @dataclass
@@ -36,7 +36,8 @@ class Job:
 
 
 def weights_path(run: RunConfig) -> str:
-    return run.weights or os.path.join(DEFAULT_WEIGHTS_DIR, f"gpt2-{run.model}.h5")
+    """--weights, else the size's file found from any folder (`npgpt.userpaths.weights_file`)."""
+    return run.weights or weights_file(run.model)
 
 
 def load_data(run: RunConfig, options, log, frames=(None, None, None), run_dir=None) -> Job:
@@ -131,14 +132,15 @@ def _sms_splits(run: RunConfig, progress: bool):
     if run.data is not None and os.path.isdir(run.data):
         raise NpgptError(f"--data {run.data}: is a folder, expected the SMSSpamCollection file or "
                          "UCI's zip (for a folder of split CSVs, pass it as --data-dir)")
+    folder = run.data_dir or data_dir()
     try:
         # the reference's split: seed 123 whatever --seed (which seeds the head and the batch order)
-        return prepare_splits(run.data, run.data_dir, skip_bad_lines=run.skip_bad_lines, progress=progress,
+        return prepare_splits(run.data, folder, skip_bad_lines=run.skip_bad_lines, progress=progress,
                               parse=run.parse, balance=run.balance or "undersample")
     except NpgptError as e:
         if run.data is None and "--data" not in str(e):
             raise type(e)(f"{e} (offline? pass --data PATH to the SMSSpamCollection file or UCI's zip, "
-                          f"or put train/validation/test.csv in --data-dir {run.data_dir})") from None
+                          f"or put train/validation/test.csv in --data-dir {folder})") from None
         raise
 
 
@@ -176,7 +178,7 @@ def load_model(run: RunConfig, num_classes: int, options, log):
             log(f"random {run.model}-shaped weights (no pretrained weights: accuracy will be low)")
         return _with_lora(init_params(config, seed=run.seed, num_classes=num_classes), config, run), config, run.model
     path = _weights_file(run, options, log)
-    explicit = weights_path(run) != os.path.join(DEFAULT_WEIGHTS_DIR, f"gpt2-{run.model}.h5")
+    explicit = run.weights is not None
     # the default file must be the named size; a file given with --weights brings its own shapes
     params, file_config, _ = load_params(path, config=None if explicit else config)
     name = run.model

@@ -39,6 +39,12 @@ import os
 import numpy as np
 from numba import njit, prange
 
+from . import runtime
+
+# Before Numba starts its thread pool (the first parallel kernel), and whenever NumPy was imported:
+# the two thread pools sleep when idle instead of spinning on the cores the other one needs.
+runtime.prepare()
+
 from .ops import GELU_A, GELU_K, check_positions
 
 

@@ -37,6 +37,15 @@ created, so it goes when the run ends, however it ends. An error or Ctrl-C while
 removes the partial file; one left by a killed run (its temporary name says which process wrote it,
 `fileio.temp_owner`) is listed by `python -m npgpt.cache ls` and removed by the next run using the folder. Too little free disk is one error before any work.
 
+Keeping it in bounds: an entry's .json says what it was made from (`made_from`: the data file, the
+model) and its modification time is the entry's last use (set on every read). The folder is kept
+under a size cap (`--cache-max`, default `DEFAULT_MAX_FRACTION` of the disk it is on): after each
+new entry, the entries used longest ago are removed until the rest fit (`evict`). An entry a
+running job has memory-mapped is in use: the job holds a shared lock on its .npy for as long as
+the mapping lives (`fileio.hold`, released by the system however the job ends), and neither
+eviction nor `clear` removes it. `python -m npgpt.cache clear --older-than DAYS` removes the
+entries not used for DAYS days.
+
 Why one memory-mapped .npy and not HDF5 chunked per example: `benchmarks/prefix_stream.py read`
 (50k examples, 1.2M tokens x 768, 3.4 GiB; ms per batch of 8 random examples, median of 5 turns):
 warm page cache .npy 0.13, HDF5 chunks of 32 rows 0.57, one HDF5 dataset per example 1.66;
@@ -57,9 +66,10 @@ import numpy as np
 
 from . import fastops, prefix
 from .errors import TrainingError
-from .fileio import (process_alive, regular_file, replace_durably, reserve_space, temp_owner, temp_path,
-                     write_bytes, write_json)
+from .fileio import (held, hold, process_alive, regular_file, replace_durably, reserve_space, temp_owner,
+                     temp_path, write_bytes, write_json)
 from .model import Padding
+from .userpaths import cache_root
 
 VERSION = 2              # 2: shared first tokens computed once (npgpt.prefix_tree)
 ENV = "NPGPT_CACHE_DIR"
@@ -68,12 +78,14 @@ MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                "# npgpt prefix cache: the frozen-prefix activations of npgpt runs (`python -m npgpt.cache`).\n")
 SUBFOLDER = "npgpt-prefix-cache"
 ENTRY = re.compile(r"[0-9a-f]{64}\.(npy|json)\Z")                                   # <key>.npy, <key>.json
+DEFAULT_MAX_FRACTION = 0.1     # the default size cap: a tenth of the disk the cache is on
 LEFTOVER = re.compile(r"\.([0-9a-f]{64}\.(npy|json)|CACHEDIR\.TAG)\.\d+\.[a-z0-9_]+\.tmp\Z")  # fileio.temp_path's
 
 
 def default_dir() -> str:
-    """The cache folder: $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix."""
-    return os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "npgpt", "prefix")
+    """The cache folder: $NPGPT_CACHE_DIR, else ~/.cache/npgpt/prefix ($XDG_CACHE_HOME/npgpt/prefix
+    when that is set: `npgpt.userpaths`)."""
+    return os.environ.get(ENV) or os.path.join(cache_root(), "prefix")
 
 
 def cache_folder(given) -> str:
@@ -116,6 +128,14 @@ def claim_folder(folder) -> None:
         raise TrainingError(f"the prefix cache folder {folder} holds files npgpt did not write: "
                             "give --cache-dir a new or empty folder")
     write_bytes(os.path.join(folder, MARKER), MARKER_TEXT.encode())
+
+
+def default_max_bytes(folder) -> int:
+    """The default size cap of a cache folder: DEFAULT_MAX_FRACTION of the disk it is (or will be) on."""
+    folder = os.path.abspath(os.fspath(folder))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return int(shutil.disk_usage(folder).total * DEFAULT_MAX_FRACTION)
 
 
 def free_memory() -> int:
@@ -168,11 +188,15 @@ def weight_digests(params, depth: int) -> list:
 class PrefixCache:
     """The cache folder (or no folder, with use_disk=False) and how the prefix is computed.
 
-    log: a function of one string for what the user should see (sizes, hits, corrupt entries)."""
+    log: a function of one string for what the user should see (sizes, hits, corrupt entries).
+    max_bytes: the folder's size cap (None: `default_max_bytes`); made_from: what a new entry's
+    .json records it was made from, for `python -m npgpt.cache ls` ({"data": ..., "model": ...})."""
 
     def __init__(self, cache_dir=None, use_disk=True, memory_limit=None, spill_dir=None,
-                 max_tokens=2048, log=None):
+                 max_tokens=2048, log=None, max_bytes=None, made_from=None):
         self.dir = cache_folder(cache_dir or default_dir())
+        self.max_bytes = default_max_bytes(self.dir) if max_bytes is None else int(max_bytes)
+        self.made_from = dict(made_from or {})
         self.use_disk = use_disk
         self.memory_limit = default_memory_limit() if memory_limit is None else int(memory_limit)
         self.spill_dir = spill_dir
@@ -185,6 +209,17 @@ class PrefixCache:
         parts = [f"npgpt-prefix-v{VERSION}", *digests[:depth + 1], seqs_digest, f"depth={depth}",
                  f"mode={mode}", f"max_tokens={self.max_tokens}", f"numba={int(fastops.USE_NUMBA)}"]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def keys(self, digests, seqs, depth: int, mode: str) -> list:
+        """The keys of the entries holding seqs' activations at depths 0..depth (a list of depth+1)."""
+        h = hashlib.sha256()
+        h.update(np.array([len(s) for s in seqs], dtype=np.int64).tobytes())
+        h.update(np.concatenate(seqs).astype(np.int64).tobytes())
+        return [self.key(digests, h.hexdigest(), d, mode) for d in range(depth + 1)]
+
+    def has(self, key) -> bool:
+        """Whether entry `key` is there (its .json written last: not verified; `read` verifies)."""
+        return regular_file(self._paths(key)[1])
 
     def _paths(self, key):
         return os.path.join(self.dir, key + ".npy"), os.path.join(self.dir, key + ".json")
@@ -215,9 +250,10 @@ class PrefixCache:
             self.log(f"prefix cache entry {key[:16]} is damaged ({problem}): recomputing it")
             remove_entry(self.dir, key)
             return None
+        _touch(meta_path)                              # its last use, for eviction
         if rows * cols * arr.dtype.itemsize <= self.memory_limit:
             return np.array(arr)                       # small enough: into memory
-        return arr                                     # memory-mapped, read-only
+        return _held(arr, npy)                         # memory-mapped, read-only, in use while mapped
 
     def _new_array(self, key, rows, cols, dtype):
         """Where a new prefix is written: memory, or a file when it exceeds the memory limit.
@@ -292,10 +328,15 @@ class PrefixCache:
             arr.flush()
         meta = dict(meta, version=VERSION, key=key, rows=int(arr.shape[0]), cols=int(arr.shape[1]),
                     dtype=arr.dtype.str, bytes=int(arr.nbytes), sha256=checksum(arr),
-                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S"), made_from=self.made_from)
         replace_durably(tmp_path, npy)
         write_json(meta_path, meta)
-        return arr if not isinstance(arr, np.memmap) else np.load(npy, mmap_mode="r")
+        out = arr if not isinstance(arr, np.memmap) else _held(np.load(npy, mmap_mode="r"), npy)
+        for e in evict(self.dir, self.max_bytes, keep={key}):
+            self.log(f"removed prefix cache entry {e['key'][:16]} ({e['files_bytes'] / 2**20:.0f} MiB, "
+                     f"last used {_when(e['last_used'])}): the cache is kept under {self.max_bytes / 2**30:.2f} "
+                     "GiB (--cache-max)")
+        return out
 
     # ------------------------------------------------------------------ the prefix of many sequences
 
@@ -313,10 +354,7 @@ class PrefixCache:
         offsets = np.concatenate([[0], np.cumsum(lengths)])                         # [S+1]
         shape, dtype = (int(offsets[-1]), config.n_embd), params["wte"].dtype
         digests = weight_digests(params, depth) if digests is None else digests
-        h = hashlib.sha256()
-        h.update(lengths.tobytes())
-        h.update(np.concatenate(seqs).astype(np.int64).tobytes())
-        keys = [self.key(digests, h.hexdigest(), d, mode) for d in range(depth + 1)]
+        keys = self.keys(digests, seqs, depth, mode)
         use_disk = self.use_disk and depth > 0      # the embeddings alone cost less to look up than to read
         start_depth, src = self._deepest(keys, shape, dtype) if use_disk else (0, None)
         if src is not None and start_depth == depth:
@@ -392,15 +430,17 @@ class PrefixCache:
 
 
 def dataset_activations(store, params, config, datasets, start: int, pooling: str, causal=True,
-                        progress=None, digests=None, lora=None, sized=None):
+                        progress=None, digests=None, lora=None, sharded=None, sized=None):
     """The activations entering block `start` for every example of every dataset, each distinct
     sequence computed once (`prefix.distinct_sequences`): at its true length, or padded to the
     dataset's pad length when the padding is read (last_position pooling, no causal mask).
-    store: a PrefixCache (PrefixCache(use_disk=False): in memory, no disk). progress: called with
-    a number of tokens done; sized: called first with (tokens, sequences) of the distinct
+    store: a PrefixCache (PrefixCache(use_disk=False): in memory, no disk). sharded: None (one
+    entry), or a function called as `store.activations` is, giving one [T,C] array per sequence
+    (`npgpt.prefix_shards`: one entry per group of sequences, computed elsewhere). progress: called
+    with a number of tokens done; sized: called first with (tokens, sequences) of the distinct
     sequences, the total that progress counts to (a text that occurs twice is computed once).
-    -> per dataset, a list of [T_i, C] arrays (views of one array), or None for a dataset whose
-       activations depend on the batch (it reads the padding and pads per batch)"""
+    -> per dataset, a list of [T_i, C] arrays (views of one array, or of one per shard), or None
+       for a dataset whose activations depend on the batch (it reads the padding and pads per batch)"""
     padding_of = lambda d: Padding(pooling, causal, d.pad_to)
     seqs, where = prefix.distinct_sequences(datasets, padding_of)
     if not seqs:
@@ -410,29 +450,36 @@ def dataset_activations(store, params, config, datasets, start: int, pooling: st
     reads = Padding(pooling, causal).reads_padding
     pad_to = next(d.pad_to for d, w in zip(datasets, where) if w is not None)
     mode = f"{pooling}:{pad_to}" + ("" if causal else ":no-causal-mask") if reads else pooling
-    flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress,
-                                      lora=lora, causal=causal)
-    return [None if rows is None else [flat[offsets[u]:offsets[u + 1]] for u in rows] for rows in where]
+    if sharded is None:
+        flat, offsets = store.activations(params, config, seqs, start, mode, digests=digests, progress=progress,
+                                          lora=lora, causal=causal)
+        views = [flat[offsets[u]:offsets[u + 1]] for u in range(len(seqs))]
+    else:
+        views = sharded(params, config, seqs, start, mode, digests=digests, progress=progress, lora=lora,
+                        causal=causal)
+    return [None if rows is None else [views[u] for u in rows] for rows in where]
 
 
 def prefetch(feats, rows) -> None:
     """Start reading the memory-mapped activations of examples `rows` now (madvise WILLNEED):
     the system reads them in the background, so the batch built from them later finds them in
     memory instead of waiting on one page fault after another. A no-op for arrays in memory.
-    feats: list of [T_i,C] views of one memory-mapped array (prefix_caches' result)."""
+    feats: list of [T_i,C] views of memory-mapped arrays (one, or one per shard: each view's own
+    mapping is advised)."""
     import mmap
-    if feats is None or not len(rows):
+    if feats is None or not len(rows) or not hasattr(mmap, "MADV_WILLNEED"):
         return
-    mm = getattr(feats[rows[0]], "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_WILLNEED"):
-        return
-    base = np.frombuffer(mm, np.uint8).ctypes.data                # where the mapping starts
-    size = len(mm)
+    bases = {}                                                    # id of a mapping -> where it starts
     for r in rows:
         v = feats[r]
-        start = v.ctypes.data - base
+        mm = getattr(v, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            continue
+        if id(mm) not in bases:
+            bases[id(mm)] = np.frombuffer(mm, np.uint8).ctypes.data
+        start = v.ctypes.data - bases[id(mm)]
         lo = start - start % mmap.PAGESIZE
-        mm.madvise(mmap.MADV_WILLNEED, lo, min(size, start + v.nbytes) - lo)
+        mm.madvise(mmap.MADV_WILLNEED, lo, min(len(mm), start + v.nbytes) - lo)
 
 
 def checksum(arr) -> str:
@@ -469,8 +516,10 @@ def entries(cache_dir=None) -> list:
             meta = {"key": key, "damaged": True}
         meta["files_bytes"] = sum(os.lstat(p).st_size for p in (npy, path) if regular_file(p))
         meta["key"] = key
+        meta["last_used"] = os.lstat(path).st_mtime
+        meta["in_use"] = regular_file(npy) and held(npy)
         out.append(meta)
-    return sorted(out, key=lambda m: str(m.get("created", "")))
+    return sorted(out, key=lambda m: m["last_used"])
 
 
 def leftovers(cache_dir=None) -> list:
@@ -506,17 +555,65 @@ def remove_entry(cache_dir, key):
             pass
 
 
-def clear(cache_dir=None) -> tuple:
-    """Remove every entry (and leftover temporary files): only files the cache can identify as its
-    own (`cache_folder`, `ENTRY`, `LEFTOVER`). -> (entries removed, bytes freed)"""
+def clear(cache_dir=None, older_than=None) -> tuple:
+    """Remove the entries not in use (and, clearing all, the temporary files of runs no longer
+    running): only files the cache can identify as its own (`cache_folder`, `ENTRY`, `LEFTOVER`).
+    older_than: seconds; only the entries last used longer ago.
+    -> (entries removed, bytes freed, entries kept in use)"""
     d = cache_folder(cache_dir or default_dir())
     if not os.path.isdir(d):
-        return 0, 0
-    n, freed = 0, 0
-    for name in os.listdir(d):
-        path = os.path.join(d, name)
-        if (ENTRY.match(name) or LEFTOVER.match(name)) and not os.path.isdir(path):
-            n += bool(ENTRY.match(name)) and name.endswith(".json")
+        return 0, 0, 0
+    now, n, freed, busy = time.time(), 0, 0, set()
+    for e in entries(d):
+        if older_than is not None and now - e["last_used"] < older_than:
+            continue
+        if e["in_use"]:
+            busy.add(e["key"])
+            continue
+        remove_entry(d, e["key"])
+        n, freed = n + 1, freed + e["files_bytes"]
+    for name in os.listdir(d) if older_than is None else []:
+        path = os.path.join(d, name)               # an entry's half left by a crash, a leftover
+        pid = temp_owner(name)
+        being_written = LEFTOVER.match(name) and pid is not None and process_alive(pid)
+        if ((ENTRY.match(name) and name[:64] not in busy) or (LEFTOVER.match(name) and not being_written)) \
+                and not os.path.isdir(path):
             freed += os.lstat(path).st_size
             os.remove(path)
-    return n, freed
+    return n, freed, len(busy)
+
+
+def evict(cache_dir, max_bytes: int, keep=()) -> list:
+    """Remove the entries used longest ago until the folder's entries take at most max_bytes;
+    never one in use or named in `keep`. -> the entries removed (dicts as `entries` gives)"""
+    found = entries(cache_dir)                           # least recently used first
+    total = sum(e["files_bytes"] for e in found)
+    removed = []
+    for e in found:
+        if total <= max_bytes:
+            break
+        if e["key"] in keep or e["in_use"]:
+            continue
+        remove_entry(cache_folder(cache_dir), e["key"])
+        total -= e["files_bytes"]
+        removed.append(e)
+    return removed
+
+
+def _touch(path) -> None:
+    """Set a file's modification time to now: an entry's .json records its last use so."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _held(arr, npy):
+    """The memory-mapped entry `arr`, holding a shared lock on its file for as long as it (or any
+    view of it) lives: the entry is in use (`fileio.hold`)."""
+    arr._npgpt_hold = hold(npy)
+    return arr
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))

@@ -58,7 +58,8 @@ class RunConfig:
     # the model
     model: str = option("124M", "GPT-2 size: 124M, 355M, 774M or 1558M, or tiny (a small random model, "
                                 "2 layers, 64 dims: the pipeline in seconds)", "model", flag="--model-size")
-    weights: str | None = option(None, "converted weights (default: weights/gpt2-<size>.h5)", "model")
+    weights: str | None = option(None, "converted weights (default: ./weights/gpt2-<size>.h5 if there, else "
+                                        "~/.cache/npgpt/weights/gpt2-<size>.h5 or $NPGPT_WEIGHTS_DIR's)", "model")
     random_init: bool = option(False, "random weights with the chosen size's shapes (for timing without "
                                       "downloads)", "model")
     trainable_blocks: int | str = option(1, "train the head, ln_f and the last K blocks; 'all' trains "
@@ -79,13 +80,15 @@ class RunConfig:
     balance: str | None = option(None, "undersample every class to the smallest (default: none for your data, "
                                        "undersample for the SMS data, as in the reference)", "data",
                                  choices=("none", "undersample"))
-    data_dir: str = option("data", "where the data and the train/validation/test CSVs live", "data")
+    data_dir: str | None = option(None, "where the SMS data and its train/validation/test CSVs live (default: ./data "
+                                        "if it holds them, else ~/.cache/npgpt/data or $NPGPT_DATA_DIR)", "data")
     skip_bad_lines: bool = option(False, "skip malformed dataset lines and report them", "data")
     parse: str = option("pandas", "SMS file only: read it as the reference does (pandas' quoting, 5572 messages, "
                                   "its exact splits) or strictly one message a line (5574)", "data",
                         choices=("pandas", "strict"))
     bpe_dir: str | None = option(None, "folder with GPT-2's encoder.json and vocab.bpe (default: $NPGPT_BPE_DIR, "
-                                       "else the folder of --weights or its <size>/ subfolder, else tiktoken's "
+                                       "else the folder of --weights or its <size>/ subfolder, ./weights, "
+                                       "~/.cache/npgpt/weights, else tiktoken's "
                                        "cache or download)", "data")
     max_length: int | str = option("longest", "pad to the longest training example (reference: 120), per batch, "
                                               "or to N tokens", "data", metavar="longest|batch|N")
@@ -216,6 +219,16 @@ class RunOptions:
     cache_memory: str | None = option(None, "frozen-prefix bytes held in memory, e.g. 512M or 2G; a larger prefix "
                                             "stays on disk and is streamed (default: half of the free memory)",
                                       "training", metavar="SIZE")
+    cache_max: str | None = option(None, "size cap of the disk cache, e.g. 20G: after a new entry, the entries used "
+                                         "longest ago are removed until the rest fit (default: a tenth of its "
+                                         "disk)", "training", metavar="SIZE")
+    scheduler: str | None = option(None, "compute the frozen prefix on the Dask cluster at this address, e.g. "
+                                         "tcp://HOST:8786 (needs pip install -e \".[dask]\"; docs/distributed.md)",
+                                   "training", metavar="ADDRESS")
+    workers: int | None = option(None, "compute the frozen prefix on a Dask cluster of N local worker processes",
+                                 "training", metavar="N")
+    shard_tokens: int = option(200_000, "tokens per shard of the frozen prefix with --scheduler or --workers",
+                               "training", metavar="N")
     plots: bool = option(True, "do not write PNG plots", "output", flag="--no-plots", negate=True)
     progress: bool = option(True, "the final lines only: no progress bars, no per-step, per-epoch or setup lines",
                             "output", flag="--quiet", negate=True)
@@ -223,18 +236,29 @@ class RunOptions:
     def __post_init__(self):
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise ConfigError("threads", "must be at least 1")
-        if self.cache_memory is not None:
-            from .prefix_cache import parse_size
+        for name in ("workers", "shard_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(name, "must be at least 1")
+        if self.scheduler and self.workers:
+            raise ConfigError("workers", "give --scheduler (a cluster running) or --workers (one started here), not both")
+        from .prefix_cache import parse_size
+        for name in ("cache_memory", "cache_max"):
+            value = getattr(self, name)
             try:
-                parse_size(self.cache_memory)
+                value is None or parse_size(value)
             except (ValueError, IndexError):
-                raise ConfigError("cache_memory", f"must be a size such as 512M or 2G, got {self.cache_memory!r}") \
-                    from None
+                raise ConfigError(name, f"must be a size such as 512M or 2G, got {value!r}") from None
 
     @property
     def cache_memory_bytes(self):
         from .prefix_cache import parse_size
         return None if self.cache_memory is None else parse_size(self.cache_memory)
+
+    @property
+    def cache_max_bytes(self):
+        from .prefix_cache import parse_size
+        return None if self.cache_max is None else parse_size(self.cache_max)
 
 
 # ----------------------------------------------------------------------------- checks

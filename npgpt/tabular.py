@@ -40,10 +40,13 @@ def is_table(path) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_table(path, text_column="text", label_column="label", skip_bad_lines=False) -> pd.DataFrame:
-    """The rows of a table as a DataFrame with columns Text, Label (a string), Line.
+def read_table(path, text_column="text", label_column="label", skip_bad_lines=False,
+               id_column=None) -> pd.DataFrame:
+    """The rows of a table as a DataFrame with columns Text, Label (a string), Line (and Id).
 
-    label_column None: a file of texts only (Label is then ""). A missing column raises DataError
+    label_column None: a file of texts only (Label is then ""). id_column: a column naming each row
+    to the user, carried as it is into a column Id (a missing value is a bad row; a value twice is
+    an error naming both lines). A missing column raises DataError
     listing the file's columns. Bad rows (blank line, wrong number of fields, a repeated header,
     empty text, empty label, invalid UTF-8, a JSONL line that is not an object) raise DataError
     naming file and line; with skip_bad_lines they are left out and listed in
@@ -65,7 +68,7 @@ def read_table(path, text_column="text", label_column="label", skip_bad_lines=Fa
         text = _decode(path, bad)
         records = _jsonl_records(text, bad) if ext == ".jsonl" else _delimited_records(text, ext, bad)
     columns, records = records
-    return _frame(records, columns, text_column, label_column, bad, "the file's columns", "--")
+    return _frame(records, columns, text_column, label_column, bad, "the file's columns", "--", id_column)
 
 
 def read_frame(data, text_column="text", label_column="label", source="the DataFrame",
@@ -102,14 +105,17 @@ def _index_value(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _frame(records, columns, text_column, label_column, bad, listing, dashes) -> pd.DataFrame:
-    """The usable rows of [(line, record or the reason it is unusable)] as [Text, Label, Line]."""
-    wanted = [text_column] + ([label_column] if label_column is not None else [])
-    missing = [c for c in wanted if c not in columns]
+def _frame(records, columns, text_column, label_column, bad, listing, dashes, id_column=None) -> pd.DataFrame:
+    """The usable rows of [(line, record or the reason it is unusable)] as [Text, Label, Line]
+    (and Id, the id_column's values)."""
+    roles = {}                                   # column -> its role, the text's first
+    for column, role in ((text_column, "text"), (label_column, "label"), (id_column, "id")):
+        if column is not None:
+            roles.setdefault(column, role)
+    missing = [c for c in roles if c not in columns]
     if missing:
-        which = "a label column" if missing == [label_column] else "a text column"
-        flag = ("--label-column" if missing == [label_column] else "--text-column") if dashes else \
-            ("label_column=" if missing == [label_column] else "text_column=")
+        which = f"{'an' if roles[missing[0]] == 'id' else 'a'} {roles[missing[0]]} column"
+        flag = f"--{roles[missing[0]]}-column" if dashes else f"{roles[missing[0]]}_column="
         raise DataError(f"{bad.source}: no column {quote(missing[0])} ({which}; choose one with {flag}); "
                         f"{listing}: {', '.join(str(c)[:40] for c in columns[:20]) or '(none)'}"
                         + (f" and {len(columns) - 20} more" if len(columns) > 20 else ""))
@@ -133,16 +139,41 @@ def _frame(records, columns, text_column, label_column, bad, listing, dashes) ->
         if label_column is not None and label is None:
             bad.add(line, f"missing label in column {quote(label_column)} (empty, NaN or None)")
             continue
-        rows.append((text, label, line))
+        if id_column is not None and _id_problem(rec.get(id_column)):
+            bad.add(line, f"{_id_problem(rec.get(id_column))} in column {quote(id_column)}")
+            continue
+        rows.append((text, label, line) + ((rec[id_column],) if id_column is not None else ()))
     if not rows:
         raise DataError(f"{bad.source}: no usable rows" + (f" ({bad.summary()})" if bad.skipped else ""))
-    df = pd.DataFrame(rows, columns=["Text", "Label", "Line"])
+    df = pd.DataFrame(rows, columns=["Text", "Label", "Line"] + (["Id"] if id_column is not None else []))
+    if id_column is not None:
+        _check_unique_ids(df, id_column, bad)
     df["Text"] = df["Text"].astype(object)
     df["Label"] = df["Label"].astype(object)
     df.attrs["skipped"] = list(bad.skipped)
     df.attrs["warning"] = bad.warning()
     df.attrs["source"] = str(bad.source)
     return df
+
+
+def _id_problem(value) -> str:
+    """Why a cell cannot be a row's id ("" when it can): missing, or not a string or a number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "missing id (empty, NaN or None)"
+    if isinstance(value, bool) or not _is_label_value(value):
+        return f"the id is a {type(value).__name__}, not a string or a number"
+    return ""
+
+
+def _check_unique_ids(df: pd.DataFrame, id_column, bad) -> None:
+    """DataError naming the first id that two rows share, and the lines of both."""
+    seen = df["Id"].duplicated(keep=False)
+    if seen.any():
+        twice = df[seen]
+        first = twice[twice["Id"] == twice["Id"].iloc[0]]["Line"].tolist()
+        raise DataError(f"{bad.source}: {bad.row_name(first[0])} and {bad.row_name(first[1])} have the same id "
+                        f"{quote(_index_value(twice['Id'].iloc[0]))} in column {quote(id_column)} "
+                        f"(--id-column must name each row once)")
 
 
 class _BadRows:

@@ -8,8 +8,10 @@ to ids. Every byte is a token, so any text encodes and decodes back exactly.
 Where the two files come from, first match wins:
   1. the `bpe_dir` argument;
   2. the directory in the environment variable NPGPT_BPE_DIR;
-  3. the files that come with downloaded weights: `<weights_dir>/` or `<weights_dir>/<size>/`
-     (`weights_dir` defaults to `weights/` under the current directory);
+  3. the files that come with downloaded weights: `<folder>/` or `<folder>/<size>/` of the
+     `weights_dir` given (the folder of --weights), of `weights/` under the current folder, and
+     of the per-user weights folder, ~/.cache/npgpt/weights (`npgpt.userpaths`), where
+     `python -m npgpt.weights download` puts them;
   4. tiktoken's own `gpt2` encoding (its cache, else a download).
 Both files are checked against the sha256 values OpenAI published (the ones tiktoken hard-codes).
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from .errors import FormatError, NpgptError
 from .fileio import sha256_file
+from .userpaths import user_weights_dir, weights_dirs
 
 PAD_ID = 50256          # <|endoftext|>, also used to right-pad classification batches
 EOT = "<|endoftext|>"
@@ -60,10 +63,11 @@ def find_bpe_dir(bpe_dir=None, weights_dir=None):
     env_dir = os.environ.get("NPGPT_BPE_DIR")
     if env_dir:
         return str(Path(env_dir).resolve())
-    root = Path(weights_dir) if weights_dir is not None else Path.cwd() / "weights"
-    for d in [root] + [root / size for size in WEIGHT_SIZES]:
-        if all((d / name).is_file() for name in BPE_FILES):
-            return str(d.resolve())
+    roots = ([weights_dir] if weights_dir is not None else []) + weights_dirs()
+    for root in map(Path, roots):
+        for d in [root] + [root / size for size in WEIGHT_SIZES]:
+            if all((d / name).is_file() for name in BPE_FILES):
+                return str(d.resolve())
     return None
 
 
@@ -76,6 +80,9 @@ def bpe_file_bytes(bpe_dir=None, weights_dir=None) -> dict:
     d = find_bpe_dir(bpe_dir, weights_dir)
     if d is not None:
         for name in BPE_FILES:
+            if not (Path(d) / name).is_file():
+                raise NpgptError(f"{Path(d) / name}: no such file (the tokenizer needs encoder.json and "
+                                 "vocab.bpe; --bpe-dir names their folder)")
             check_bpe_file(Path(d) / name)
         return {name: (Path(d) / name).read_bytes() for name in BPE_FILES}
     import tiktoken.load
@@ -90,28 +97,39 @@ def bpe_file_bytes(bpe_dir=None, weights_dir=None) -> dict:
 def encoding_from_bytes(files: dict, source: str = "the classifier file"):
     """The GPT-2 encoding from the two files' contents, after checking their sha256."""
     import tempfile
-    for name, expected in BPE_FILES.items():
-        if name not in files:
-            raise FormatError(f"{source}: tokenizer file {name} is missing")
-        digest = hashlib.sha256(files[name]).hexdigest()
-        if digest != expected:
-            raise FormatError(f"{source}: stored {name} has sha256 {digest}, not that of GPT-2's ({expected})")
+    check_bpe_bytes(files, source)
     with tempfile.TemporaryDirectory(prefix="npgpt-bpe-") as d:
         for name, data in files.items():
             Path(d, name).write_bytes(data)
         return _build_encoding(Path(d))
 
 
+def check_bpe_bytes(files: dict, source: str = "the classifier file") -> None:
+    """Raise FormatError unless `files` holds both BPE files with OpenAI's sha256."""
+    for name, expected in BPE_FILES.items():
+        if name not in files:
+            raise FormatError(f"{source}: tokenizer file {name} is missing")
+        digest = hashlib.sha256(files[name]).hexdigest()
+        if digest != expected:
+            raise FormatError(f"{source}: stored {name} has sha256 {digest}, not that of GPT-2's ({expected})")
+
+
 def tokenizer_from_h5(path):
-    """The encoding stored in a classifier file (`tokenizer/` arrays), or None if it has none.
-    Each file is read only when its array has GPT-2's exact size (`BPE_SIZES`), then sha256-checked."""
+    """The encoding stored in a classifier file (`tokenizer/` arrays), or None if it has none."""
+    files = bpe_files_from_h5(path)
+    return None if files is None else encoding_from_bytes(files, str(path))
+
+
+def bpe_files_from_h5(path):
+    """{"encoder.json": bytes, "vocab.bpe": bytes} stored in a classifier file, or None if it has
+    none. Each file is read only when its array has GPT-2's exact size (`BPE_SIZES`);
+    `encoding_from_bytes` checks the sha256."""
     from .h5read import open_h5, read_bytes
     with open_h5(path) as f:
         if "tokenizer" not in f:
             return None
-        files = {name: read_bytes(f, path, f"tokenizer/{name}", size)
-                 for name, size in BPE_SIZES.items() if f"tokenizer/{name}" in f}
-    return encoding_from_bytes(files, str(path))
+        return {name: read_bytes(f, path, f"tokenizer/{name}", size)
+                for name, size in BPE_SIZES.items() if f"tokenizer/{name}" in f}
 
 
 def encode(tok, text: str) -> list[int]:
@@ -170,7 +188,8 @@ def _encoding_from_tiktoken():
     except Exception as e:  # offline, no cache, corrupt cache: tiktoken raises many kinds
         raise NpgptError(
             "cannot load the GPT-2 tokenizer: pass --bpe-dir DIR (the folder with encoder.json and "
-            "vocab.bpe), put them in weights/124M/, or let tiktoken download them "
+            f"vocab.bpe), put them in {user_weights_dir()} (`python -m npgpt.weights download 124M` "
+            "does), or let tiktoken download them "
             f"(tiktoken: {type(e).__name__})") from e
 
 

@@ -129,8 +129,12 @@ def _stem(run: RunConfig) -> str:
 
 
 def _prepare_process(options: RunOptions, log) -> None:
-    """The threads the run asks for; the kernels as every run loads them (`load_compiled_kernels`)."""
+    """The threads the run asks for; the kernels as every run loads them (`load_compiled_kernels`);
+    Dask, when the frozen prefix runs on a cluster (a missing extra said before any data is read)."""
     from .fastops import load_compiled_kernels, set_num_threads
+    if options.scheduler or options.workers:
+        from .distributed import require_dask
+        require_dask()
     if options.threads:
         set_num_threads(options.threads)
     load_compiled_kernels(log)
@@ -194,14 +198,20 @@ def _frozen_prefix(job, options, run_dir, log):
     distinct = []                             # (tokens, sequences) the prefix is computed for
     with bar(enabled=options.progress, unit="tok", leave=False, untimed=1,          # untimed: it compiles kernels
              desc=f"frozen blocks 0..{start - 1}" if start else "embeddings") as shown:
+        say = functools.partial(write_above, shown, log)         # a line above a live bar, else to the log
         store = PrefixCache(options.cache_dir, use_disk=options.cache_disk, memory_limit=options.cache_memory_bytes,
-                            spill_dir=run_dir, log=functools.partial(write_above, shown, log))
+                            spill_dir=run_dir, log=say, max_bytes=options.cache_max_bytes, made_from=_made_from(job))
+        sharded = None
+        if options.scheduler or options.workers:             # shards computed on a Dask cluster
+            from .distributed import cluster_prefix
+            sharded = cluster_prefix(job, options, store, say)
 
         def sized(tokens, sequences):
             distinct.append((tokens, sequences))
             shown.reset(total=tokens)
         feats = dataset_activations(store, job.params, job.config, job.datasets, start, run.pooling,
-                                    causal=run.causal_mask, progress=shown.update, lora=run.lora_spec, sized=sized)
+                                    causal=run.causal_mask, progress=shown.update, lora=run.lora_spec,
+                                    sharded=sharded, sized=sized)
     if feats[0] is None:
         return [None, None, None], 0
     what = f"the frozen prefix (blocks 0..{start - 1})" if start else "the embeddings"
@@ -219,6 +229,18 @@ def _prefix_counts(job, run, tokens, sequences) -> str:
     if sequences == examples:
         return line
     return line + f" (the {examples} texts of the three splits hold {in_all}: a repeated text is computed once)"
+
+
+def _made_from(job) -> dict:
+    """What the run's prefix cache entries are made from, as `python -m npgpt.cache ls` shows it:
+    the data (a file's absolute path) and the model (its size, and its weights file if any)."""
+    from .job import weights_path
+    from .runconfig import MEMORY
+    run = job.run
+    data = ("data in memory (npgpt.fit)" if run.data == MEMORY else os.path.abspath(run.data) if run.data
+            else "the SMS Spam Collection")
+    model = job.model_name if run.tiny or run.random_init else f"{job.model_name} ({os.path.abspath(weights_path(run))})"
+    return {"data": data, "model": model}
 
 
 def _restore_trained(run_dir, params, names):

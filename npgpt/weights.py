@@ -1,13 +1,17 @@
 """Get GPT-2's published weights and convert them to npgpt's HDF5 file, with no TensorFlow.
 
-    python -m npgpt.weights download 124M               # OpenAI's TF checkpoint -> weights/gpt2-124M.h5
+    python -m npgpt.weights download 124M               # OpenAI's TF checkpoint -> ~/.cache/npgpt/weights/gpt2-124M.h5
     python -m npgpt.weights download 355M --source hf   # Hugging Face's model.safetensors instead
     python -m npgpt.weights convert weights/124M        # files already on disk, no network at all
     python -m npgpt.weights convert model.safetensors --size 124M --out gpt2.h5
 
+`<dir>` is `--dir`, else the per-user weights folder (`npgpt.userpaths`: ~/.cache/npgpt/weights,
+or $NPGPT_WEIGHTS_DIR), where every run finds the weights and the tokenizer from any folder.
 `download` puts OpenAI's seven files (or Hugging Face's model.safetensors and config.json) in
 `<dir>/<size>/`, skipping the ones already complete, checks the tokenizer files' sha256, then
-converts to `<dir>/gpt2-<size>.h5`:
+converts to `<dir>/gpt2-<size>.h5`; `convert` of a checkpoint folder holding the tokenizer's
+encoder.json and vocab.bpe copies them beside the .h5, so that they too are found from any folder.
+The .h5 holds
 OpenAI's names without `model/`, float32, conv weights [1,in,out] reshaped to [in,out], the
 config as attributes (see npgpt.params).
 
@@ -27,7 +31,9 @@ import os
 from .config import HF_NAMES, PRESETS
 from .download import check_sha256, download_file
 from .errors import FormatError
+from .fileio import regular_file, sha256_file, write_bytes
 from .params import save_params
+from .userpaths import user_weights_dir
 
 OPENAI_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 HF_BASE = "https://huggingface.co"
@@ -53,11 +59,11 @@ def _check_size(size: str) -> None:
         raise FormatError(f"unknown model size {size!r}; choose one of {', '.join(PRESETS)}")
 
 
-def download_openai(size: str, weights_dir="weights", base_url: str = OPENAI_BASE,
+def download_openai(size: str, weights_dir=None, base_url: str = OPENAI_BASE,
                     mirror: str | None = None, progress: bool = True, **download_kw) -> str:
     """Fetch OpenAI's checkpoint files of one size into `<weights_dir>/<size>/`; return that dir."""
     _check_size(size)
-    directory = os.path.join(os.fspath(weights_dir), size)
+    directory = os.path.join(os.fspath(weights_dir or user_weights_dir()), size)
     hint = (f"if you fetch the files another way, put {', '.join(OPENAI_FILES)} in {directory}/ "
             f"and run `python -m npgpt.weights convert {directory}`")
     for name in OPENAI_FILES:
@@ -68,12 +74,12 @@ def download_openai(size: str, weights_dir="weights", base_url: str = OPENAI_BAS
     return directory
 
 
-def download_hf(size: str, weights_dir="weights", base_url: str = HF_BASE,
+def download_hf(size: str, weights_dir=None, base_url: str = HF_BASE,
                 mirror: str | None = None, progress: bool = True, **download_kw) -> str:
     """Fetch Hugging Face's `openai-community/<name>` model.safetensors and config.json (which
     gives n_head) into `<weights_dir>/<size>/`; return the path of the .safetensors file."""
     _check_size(size)
-    directory = os.path.join(os.fspath(weights_dir), size)
+    directory = os.path.join(os.fspath(weights_dir or user_weights_dir()), size)
     dest = os.path.join(directory, "model.safetensors")
     hint = (f"if you fetch it another way, save it as {dest} and run "
             f"`python -m npgpt.weights convert {dest} --size {size}`")
@@ -120,7 +126,7 @@ def load_pretrained(path, size: str | None = None):
     return params, config, "hf-safetensors"
 
 
-def convert(path, out=None, size: str | None = None, weights_dir="weights") -> str:
+def convert(path, out=None, size: str | None = None, weights_dir=None) -> str:
     """Convert a checkpoint on disk to HDF5. Default output: `<weights_dir>/gpt2-<size>.h5`, where
     size is the given one, else the preset the config matches, else the checkpoint's name."""
     params, config, source = load_pretrained(path, size)
@@ -134,17 +140,33 @@ def convert(path, out=None, size: str | None = None, weights_dir="weights") -> s
         if name is None:
             p = os.path.abspath(os.fspath(path))
             name = os.path.basename(p if os.path.isdir(p) else os.path.splitext(p)[0])
-        out = os.path.join(os.fspath(weights_dir), f"gpt2-{name}.h5")
+        out = os.path.join(os.fspath(weights_dir or user_weights_dir()), f"gpt2-{name}.h5")
     save_params(out, params, config, meta={"source": source, "converted_from": os.path.abspath(os.fspath(path))})
+    _keep_tokenizer(path, os.path.dirname(os.path.abspath(os.fspath(out))))
     return os.fspath(out)
 
 
-def download(size: str, source: str = "openai", weights_dir="weights", out=None, mirror=None,
+def _keep_tokenizer(src, dest) -> None:
+    """Copy GPT-2's encoder.json and vocab.bpe (checked) from a converted checkpoint folder `src`
+    to `dest`, the .h5's folder, where every run looks for them (`npgpt.tokenizer`), unless they
+    are there already (or `src` is `dest/<size>/`, where `download` left them)."""
+    src, dest = os.path.abspath(os.fspath(src)), os.path.abspath(dest)
+    if not os.path.isdir(src) or os.path.dirname(src) == dest or src == dest:
+        return
+    for name, digest in TOKENIZER_SHA256.items():
+        found, target = os.path.join(src, name), os.path.join(dest, name)
+        if regular_file(found) and not os.path.exists(target) and sha256_file(found) == digest:
+            with open(found, "rb") as fh:
+                write_bytes(target, fh.read())
+
+
+def download(size: str, source: str = "openai", weights_dir=None, out=None, mirror=None,
              base_url=None, progress: bool = True, force: bool = False, log=None, **download_kw) -> str:
     """Download one size (skipping complete files) and convert it; return the .h5 path.
     log: a function of one string for what the user should see (an .h5 already there)."""
     _check_size(size)
-    out = out or os.path.join(os.fspath(weights_dir), f"gpt2-{size}.h5")
+    weights_dir = os.fspath(weights_dir or user_weights_dir())
+    out = out or os.path.join(weights_dir, f"gpt2-{size}.h5")
     if source == "openai":
         ckpt = download_openai(size, weights_dir, base_url or OPENAI_BASE, mirror, progress, **download_kw)
     elif source == "hf":

@@ -39,15 +39,18 @@ _skipped = []
 
 
 def pytest_configure(config):
-    """Every test, and every process a test starts, uses a fresh prefix cache folder, never the
-    user's ~/.cache/npgpt/prefix."""
+    """Every test, and every process a test starts, uses fresh per-user folders (prefix cache,
+    weights, SMS data), never the user's ~/.cache/npgpt."""
     import tempfile
     os.environ["NPGPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="npgpt-test-prefix-cache-")
+    os.environ["NPGPT_WEIGHTS_DIR"] = tempfile.mkdtemp(prefix="npgpt-test-weights-")
+    os.environ["NPGPT_DATA_DIR"] = tempfile.mkdtemp(prefix="npgpt-test-data-")
 
 
 def pytest_unconfigure(config):
     import shutil
-    shutil.rmtree(os.environ.get("NPGPT_CACHE_DIR", ""), ignore_errors=True)
+    for name in ("NPGPT_CACHE_DIR", "NPGPT_WEIGHTS_DIR", "NPGPT_DATA_DIR"):
+        shutil.rmtree(os.environ.get(name, ""), ignore_errors=True)
 
 
 def pytest_runtest_logreport(report):

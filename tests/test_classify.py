@@ -18,7 +18,7 @@ import pytest
 
 from npgpt.classify import classify, load_classifier
 from npgpt.cli import shorten
-from npgpt.cli.classify import read_lines
+from npgpt.predictions import read_lines
 from npgpt.data import prepare_splits
 from npgpt.dataset import make_batch, make_datasets
 from npgpt.ops import softmax

@@ -5,11 +5,12 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from npgpt.cli import evaluate, train
 from npgpt.errors import DataError
-from npgpt.evaluate import confusion_matrix, evaluate_classifier, per_class_metrics, roc_auc
+from npgpt.evaluate import confusion_matrix, evaluate_classifier, labelled_frame, per_class_metrics, roc_auc
 
 
 def test_per_class_metrics_by_hand():
@@ -81,6 +82,26 @@ def test_evaluate_classifier_two_classes_threshold_and_errors():
     loose = evaluate_classifier(clf, texts, y, threshold=0.35)
     assert loose["confusion"] == [[1, 1], [0, 3]]
     assert loose["roc_auc"] == r["roc_auc"]             # the ranking does not depend on T
+
+
+def test_predictions_table_follows_the_threshold_and_the_given_probabilities():
+    """evaluate --predictions: "true" beside "label", "label" as the metrics count it (threshold
+    included), and metrics from probabilities already computed equal those computed afresh."""
+    P = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.45, 0.55], [0.2, 0.8]])
+    clf = FixedClassifier(["neg", "pos"], P)
+    y = ["neg", "neg", "pos", "pos", "pos"]
+    frame = pd.DataFrame(P, index=pd.Index([2, 3, 4, 5, 6], name="line"), columns=["p_neg", "p_pos"])
+    frame.insert(0, "label", ["neg", "pos", "neg", "pos", "pos"])
+    strict = labelled_frame(frame, y, clf.labels, threshold=0.75)
+    assert list(strict.columns) == ["true", "label", "p_neg", "p_pos"] and strict.index.equals(frame.index)
+    assert strict["true"].tolist() == y and strict["label"].tolist() == ["neg", "neg", "neg", "neg", "pos"]
+    assert labelled_frame(frame, [0, 0, 1, 1, 1], clf.labels)["label"].tolist() == frame["label"].tolist()
+    r = evaluate_classifier(clf, list("abcde"), y, threshold=0.75)
+    given = evaluate_classifier(FixedClassifier(["neg", "pos"], P * 0), list("abcde"), y, threshold=0.75,
+                                probabilities=P)
+    assert given == r
+    M = pd.crosstab(strict["true"], strict["label"]).reindex(index=clf.labels, columns=clf.labels, fill_value=0)
+    assert M.to_numpy().tolist() == r["confusion"]
 
 
 def test_evaluate_classifier_many_classes():

@@ -18,16 +18,17 @@ from helpers import REPO
 PKG = REPO / "npgpt"
 
 LAYERS = [
-    ("base", {"npgpt.errors", "npgpt.progress"}),
+    ("base", {"npgpt.errors", "npgpt.progress", "npgpt.runtime", "npgpt.userpaths"}),
     ("textbook", {"npgpt.config", "npgpt.ops", "npgpt.model", "npgpt.optim", "npgpt.lora"}),
     ("fast paths", {"npgpt.kernels", "npgpt.fastops", "npgpt.fastmodel", "npgpt.prefix_tree", "npgpt.prefix",
                     "npgpt.infer", "npgpt.generate", "npgpt.flops"}),
     ("files", {"npgpt.fileio", "npgpt.h5read", "npgpt.params", "npgpt.checkpoint", "npgpt.tfcheckpoint", "npgpt.safetensors_io",
-               "npgpt.download", "npgpt.weights", "npgpt.prefix_cache"}),
+               "npgpt.download", "npgpt.weights", "npgpt.prefix_cache", "npgpt.prefix_shards"}),
     ("data", {"npgpt.tokenizer", "npgpt.data", "npgpt.tabular", "npgpt.dataset"}),
     ("training and using", {"npgpt.runconfig", "npgpt.runs", "npgpt.finetune", "npgpt.job", "npgpt.train",
-                            "npgpt.classify", "npgpt.evaluate", "npgpt.api", "npgpt.estimator", "npgpt.plots",
-                            "npgpt"}),
+                            "npgpt.classify", "npgpt.explain", "npgpt.predictions", "npgpt.evaluate", "npgpt.api", "npgpt.estimator", "npgpt.plots",
+                            "npgpt.batcher", "npgpt.http_api", "npgpt.serve",
+                            "npgpt.distributed", "npgpt.corpus", "npgpt"}),
     ("command line", {"npgpt.__main__", "npgpt.cache"}),     # and every npgpt.cli module
 ]
 TEXTBOOK_THIRD_PARTY = {"numpy"}

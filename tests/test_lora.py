@@ -170,9 +170,9 @@ def test_file_round_trip_and_merge_cli(tmp_path, shared_data):
     P.save_params(path, p, TINY, meta)
     q, cfg, meta2 = P.load_params(path)
     assert lora.spec_of(meta2) == spec and set(q) == set(p)
-    assert lora_cli.main(["merge", str(path), "--out", str(tmp_path / "merged.h5"), "--quiet"]) == 0
-    texts = ["WINNER!! Claim your free prize now", "see you at 8?", "ok"]
     bpe = str(shared_data / "gpt2_bpe")
+    assert lora_cli.main(["merge", str(path), "--out", str(tmp_path / "merged.h5"), "--bpe-dir", bpe, "--quiet"]) == 0
+    texts = ["WINNER!! Claim your free prize now", "see you at 8?", "ok"]
     a = load_classifier(path, bpe_dir=bpe).predict_proba(texts)
     b = load_classifier(tmp_path / "merged.h5", bpe_dir=bpe).predict_proba(texts)
     np.testing.assert_allclose(a, b, atol=1e-5)

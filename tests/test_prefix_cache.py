@@ -42,6 +42,8 @@ def test_cached_run_ends_with_the_same_parameters(datasets, tmp_path):
     p0, m0, _ = _fit(datasets, tmp_path / "nodisk", cache_disk=False)             # computed, no disk
     p1, m1, logs1 = _fit(datasets, tmp_path / "first", cache_dir=cdir)             # computed, written
     assert any("saved the frozen prefix" in s for s in logs1)
+    (entry,) = prefix_cache.entries(cdir)                                          # what `cache ls` shows
+    assert entry["made_from"] == {"data": os.path.abspath(datasets["data"]), "model": "tiny"}
     p2, m2, logs2 = _fit(datasets, tmp_path / "second", cache_dir=cdir)            # read from disk
     assert any("read from the cache" in s for s in logs2) and not any("computing" in s for s in logs2)
     for name in p0:
@@ -280,3 +282,97 @@ def test_prefetch_asks_for_any_examples_pages_and_changes_nothing(tmp_path):
     prefix_cache.prefetch(before, [0, 1])                          # arrays in memory: nothing to do
     prefix_cache.prefetch(None, [0])
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, feats))
+
+
+# ----------------------------------------------------------------------------- what is kept: ls, age, size cap, in use
+
+def _entry(store, seed, n=10, depth=1):
+    """Store one entry (its own random sequences) -> (its array as the store returns it, its key)."""
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64)
+    params = P.init_params(cfg, seed=20, num_classes=2)
+    before = {e["key"] for e in prefix_cache.entries(store.dir)}
+    seqs = list(np.random.default_rng(seed).integers(0, 50257, size=(n, 12)))   # every entry the same size
+    arr, _ = store.activations(params, cfg, seqs, depth, "last_token")
+    (key,) = {e["key"] for e in prefix_cache.entries(store.dir)} - before or {None}
+    return arr, key
+
+
+def _age(folder, key, days):
+    old = time.time() - days * 86400
+    os.utime(os.path.join(folder, key + ".json"), (old, old))
+
+
+def test_ls_says_what_each_entry_was_made_from(tmp_path, capsys):
+    store = prefix_cache.PrefixCache(str(tmp_path), made_from={"data": "/home/u/tickets.csv", "model": "124M (/w.h5)"})
+    _entry(store, seed=1)
+    assert cache_cli.main(["ls", "--cache-dir", str(tmp_path)]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    today = time.strftime("%Y-%m-%d")
+    assert "data /home/u/tickets.csv  model 124M (/w.h5)  depth 1" in line and f"last used {today}" in line
+    assert "MiB" in line and "IN USE" not in line
+
+
+def test_a_read_is_a_use_and_clear_older_than_removes_only_unused_entries(tmp_path, capsys):
+    store = prefix_cache.PrefixCache(str(tmp_path))
+    _, old_key = _entry(store, seed=1)
+    _, new_key = _entry(store, seed=2)
+    _age(tmp_path, old_key, 10)
+    _age(tmp_path, new_key, 10)
+    _entry(store, seed=2)                                              # read again: used now
+    assert [e["key"] for e in prefix_cache.entries(str(tmp_path))] == [old_key, new_key]   # oldest use first
+    assert cache_cli.main(["clear", "--older-than", "5", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed 1 entry not used for 5 days" in capsys.readouterr().out
+    assert [e["key"] for e in prefix_cache.entries(str(tmp_path))] == [new_key]
+    with pytest.raises(SystemExit):
+        cache_cli.main(["ls", "--older-than", "5", "--cache-dir", str(tmp_path)])
+
+
+def test_the_size_cap_removes_the_least_recently_used(tmp_path):
+    logs = []
+    store = prefix_cache.PrefixCache(str(tmp_path), log=logs.append)
+    _, a = _entry(store, seed=1)
+    _, b = _entry(store, seed=2)
+    _age(tmp_path, a, 2)
+    _age(tmp_path, b, 1)
+    _entry(store, seed=1)                                              # a read: a is now the most recent
+    size = max(e["files_bytes"] for e in prefix_cache.entries(str(tmp_path)))
+    store.max_bytes = int(2.5 * size)                                  # room for two entries
+    _, c = _entry(store, seed=3)
+    assert {e["key"] for e in prefix_cache.entries(str(tmp_path))} == {a, c}
+    assert any(f"removed prefix cache entry {b[:16]}" in s and "--cache-max" in s for s in logs)
+    store.max_bytes = 0                                                # a new entry is kept, every other goes
+    _, d = _entry(store, seed=4)
+    assert [e["key"] for e in prefix_cache.entries(str(tmp_path))] == [d]
+
+
+def test_an_entry_in_use_and_files_not_the_caches_are_never_removed(tmp_path, capsys):
+    """A memory-mapped entry (a running job streams it from disk) holds a lock on its file while
+    the mapping lives: eviction and clear keep it, ls says so; once it is dropped it goes."""
+    import gc
+    store = prefix_cache.PrefixCache(str(tmp_path), memory_limit=0)
+    mapped, key = _entry(store, seed=1)
+    assert isinstance(mapped, np.memmap)
+    view = mapped[3:5]                                                 # a view keeps the lock too
+    del mapped
+    (tmp_path / "notes.txt").write_text("mine")                        # someone else's file in the folder
+    written = tmp_path / f".{'cd' * 32}.npy.{os.getpid()}.a1b2c3d4.tmp"    # an entry a live job is writing
+    written.write_bytes(b"\0" * 1024)
+    assert prefix_cache.evict(str(tmp_path), 0) == []
+    assert cache_cli.main(["clear", "--cache-dir", str(tmp_path)]) == 0
+    assert "removed 0 entries (0.0 MiB)" in capsys.readouterr().out
+    assert cache_cli.main(["ls", "--cache-dir", str(tmp_path)]) == 0
+    assert "IN USE" in capsys.readouterr().out
+    assert cache_cli.main(["clear", "--cache-dir", str(tmp_path)]) == 0
+    assert "kept 1 entry in use by a running job" in capsys.readouterr().out
+    del view
+    gc.collect()
+    assert [e["key"] for e in prefix_cache.evict(str(tmp_path), 0)] == [key]
+    assert prefix_cache.clear(str(tmp_path))[2] == 0
+    assert sorted(os.listdir(tmp_path)) == [written.name, prefix_cache.MARKER, "notes.txt"]
+
+
+def test_cache_max_is_a_size():
+    from npgpt.runconfig import ConfigError
+    assert RunOptions(cache_max="20G").cache_max_bytes == 20 << 30
+    with pytest.raises(ConfigError, match="cache-max.*must be a size"):
+        RunOptions(cache_max="lots")

@@ -3,14 +3,19 @@ a trained classifier on a labelled file, or on the run's own split (npgpt.evalua
 
     python -m npgpt.evaluate --model runs/<name>/classifier.h5 --data FILE [--errors 5] [--json]
     python -m npgpt.evaluate --model runs/<name>/classifier.h5 [--split test]
+
+--out FILE writes the metrics as JSON; --predictions FILE one row per text (npgpt.predictions).
 """
 from __future__ import annotations
 
 import json
 import sys
 
+import numpy as np
+
 from ..errors import printable
-from ..evaluate import evaluate_classifier
+from ..evaluate import evaluate_classifier, labelled_frame
+from ..predictions import check_out_path, prediction_frame, text_series, write_predictions
 from . import make_parser, shorten
 
 
@@ -59,8 +64,9 @@ def build_parser():
     p.add_argument("--label-column", default=None, help="label column of --data (default: the model's)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"],
                    help="without --data: which of the run's splits to score")
-    p.add_argument("--data-dir", default="data",
-                   help="without --data, for runs that kept no split CSVs: where train/validation/test.csv live")
+    p.add_argument("--data-dir", default=None,
+                   help="without --data, for runs that kept no split CSVs: where train/validation/test.csv live "
+                        "(default: ./data if it holds them, else ~/.cache/npgpt/data or $NPGPT_DATA_DIR)")
     p.add_argument("--parse", default="pandas", choices=["pandas", "strict"],
                    help="how an SMSSpamCollection file is read (as in python -m npgpt.train)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed rows of --data and report them")
@@ -69,11 +75,16 @@ def build_parser():
                    help="two classes: predict the positive (second) class when its probability is >= T")
     p.add_argument("--bpe-dir", default=None,
                    help="folder with GPT-2's encoder.json and vocab.bpe (default: the ones stored in the model "
-                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, weights/, tiktoken)")
+                        "file; older files: $NPGPT_BPE_DIR, the training run's folder, ./weights, ~/.cache/npgpt/weights, tiktoken)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="texts per forward pass (default: the training batch size)")
     p.add_argument("--json", action="store_true", help="print every metric as one JSON object")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the JSON object to FILE")
+    p.add_argument("--predictions", default=None, metavar="FILE",
+                   help="also write one row per scored text to FILE (.csv, .jsonl or .parquet, as classify --out "
+                        "writes): its row id (the line of --data, or of the file the run's split came from; "
+                        ".parquet: the row number), true label, predicted label (--threshold applied), and "
+                        "p_<class> for every class")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -87,10 +98,8 @@ def load_labelled(args, clf):
 
     if args.data is not None:
         if is_table(args.data):
-            text_col = args.text_column or clf.meta.get("text_column") or training_setting(clf.meta, "text_column") or "text"
-            label_col = (args.label_column or clf.meta.get("label_column") or training_setting(clf.meta, "label_column")
-                         or "label")
-            df = read_table(args.data, text_col, label_col, skip_bad_lines=args.skip_bad_lines)
+            df = read_table(args.data, args.text_column or clf.text_column, args.label_column or clf.label_column,
+                            skip_bad_lines=args.skip_bad_lines)
             label_ids(df, list(clf.labels), args.data)    # a label the model does not know: file and line
         else:
             df = read_sms_spam(args.data, skip_bad_lines=args.skip_bad_lines, parse=args.parse)
@@ -104,10 +113,21 @@ def load_labelled(args, clf):
         labels = df["Name"].astype(str).tolist() if "Name" in df.columns else df["Label"].to_numpy()
         lines = df["Line"].to_numpy() if "Line" in df.columns else None
         return df["Text"].tolist(), labels, lines, f"{args.split} split"
-    splits = prepare_splits(None, args.data_dir, progress=not args.quiet, parse=args.parse,
+    from ..userpaths import data_dir
+    splits = prepare_splits(None, args.data_dir or data_dir(), progress=not args.quiet, parse=args.parse,
                             balance=training_setting(clf.meta, "balance") or "undersample")
     df = splits[SPLITS.index(args.split)]
     return df["Text"].tolist(), df["Label"].to_numpy(), df["Line"].to_numpy(), f"{args.split} split"
+
+
+def row_ids(args, clf, lines, n):
+    """(the row id of each scored text, the ids' name): the line of the file it came from (the
+    row number of a .parquet file), or its position when the run's split kept no lines."""
+    from ..classify import training_setting
+    if lines is None:
+        return range(1, n + 1), "position"
+    source = str(args.data or training_setting(clf.meta, "data") or "")
+    return lines, "row" if source.lower().endswith(".parquet") else "line"
 
 
 def main(argv=None):
@@ -119,6 +139,8 @@ def main(argv=None):
         parser.error("--errors must be at least 0")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         parser.error("--threshold must be a probability in 0..1")
+    if args.predictions is not None:
+        check_out_path(args.predictions, "--predictions")
     from ..classify import load_classifier, training_setting
 
     clf = load_classifier(args.model, args.bpe_dir)
@@ -128,8 +150,13 @@ def main(argv=None):
     # padding then sees exactly the batches training evaluated on
     clf.batch_size = args.batch_size or int(training_setting(clf.meta, "batch_size") or clf.batch_size)
     texts, labels, lines, what = load_labelled(args, clf)
-    result = evaluate_classifier(clf, texts, labels, threshold=args.threshold, errors=args.errors,
-                                 progress=not args.quiet, lines=lines)
+    frame = prediction_frame(clf, text_series(texts, *row_ids(args, clf, lines, len(texts))),
+                             progress=not args.quiet)
+    result = evaluate_classifier(clf, texts, labels, threshold=args.threshold, errors=args.errors, lines=lines,
+                                 probabilities=frame[["p_" + name for name in clf.labels]].to_numpy(np.float32))
+    if args.predictions:
+        write_predictions(labelled_frame(frame, labels, clf.labels, args.threshold, lines), args.predictions,
+                          "--predictions")
     result.update(model=clf.path, data=args.data, split=None if args.data else args.split,
                   pooling=clf.pooling, max_length=clf.max_length)
     if args.out:

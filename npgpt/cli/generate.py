@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import NpgptError
 from ..generate import TextStream, generate
+from ..userpaths import weights_file
 from . import make_parser
 
 TINY_SEED = 123       # the --tiny model's weights: the same random model every time
@@ -36,7 +37,8 @@ def build_parser():
                         help="seed of the sampling: the same seed gives the same text (default: a new draw each run)")
     parser.add_argument("--model-size", default="124M", help="124M, 355M, 774M or 1558M")
     parser.add_argument("--weights", default=None,
-                        help="converted HDF5 weights (default: weights/gpt2-<size>.h5)")
+                        help="converted HDF5 weights (default: ./weights/gpt2-<size>.h5 if there, else "
+                             "~/.cache/npgpt/weights/gpt2-<size>.h5 or $NPGPT_WEIGHTS_DIR's)")
     parser.add_argument("--tiny", action="store_true",
                         help="a small random model (2 layers, 64 dims, the one train --tiny starts from): tries the "
                              "command without weights; its text is gibberish")
@@ -71,7 +73,7 @@ def load_model(args):
         from ..config import init_params, preset
         config = preset("tiny")
         return init_params(config, seed=TINY_SEED), config, "."
-    path = args.weights or os.path.join("weights", f"gpt2-{args.model_size}.h5")
+    path = args.weights or weights_file(args.model_size)
     if os.path.isdir(path):
         raise NpgptError(f"--weights {path}: is a folder, expected a converted .h5 file (a downloaded "
                          f"checkpoint folder converts with `python -m npgpt.weights convert {path}`)")

@@ -3,6 +3,7 @@ weight it adapts (npgpt.lora.merge): a classifier file without LoRA arrays that 
 """
 from __future__ import annotations
 
+from ..classify import classifier_bpe_files
 from ..errors import FormatError
 from ..lora import adapted, merge, spec_of
 from ..params import load_params, save_params
@@ -17,6 +18,9 @@ def build_parser():
                                    "classifier file without LoRA arrays that classifies the same.")
     m.add_argument("model", help="classifier file with LoRA arrays (RUN/classifier.h5)")
     m.add_argument("--out", required=True, help="where to write the merged classifier file")
+    m.add_argument("--bpe-dir", default=None,
+                   help="folder with GPT-2's encoder.json and vocab.bpe, for a file that does not carry them "
+                        "(the merged file always does)")
     m.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p
 
@@ -30,7 +34,8 @@ def main(argv=None):
     merged = merge(params, config, spec)
     meta = dict(meta)
     meta["lora_merged"] = meta.pop("lora")
-    save_params(args.out, merged, config, meta)
+    # the merged file carries the tokenizer, as every classifier file does (classify works offline)
+    save_params(args.out, merged, config, meta, files=classifier_bpe_files(args.model, meta, args.bpe_dir))
     if not args.quiet:
         n = len(adapted(config, spec.targets, params["cls/b"].shape[0]))
         print(f"merged {n} LoRA pairs (rank {spec.rank}, alpha {spec.alpha:g}) into {args.out}")

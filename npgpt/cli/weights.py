@@ -1,7 +1,7 @@
 """`python -m npgpt.weights`: download GPT-2's published weights, or convert files on disk, to
 npgpt's HDF5 file (npgpt.weights is the library).
 
-    python -m npgpt.weights download 124M               # OpenAI's TF checkpoint -> weights/gpt2-124M.h5
+    python -m npgpt.weights download 124M               # OpenAI's TF checkpoint -> ~/.cache/npgpt/weights/gpt2-124M.h5
     python -m npgpt.weights download 355M --source hf   # Hugging Face's model.safetensors instead
     python -m npgpt.weights convert weights/124M        # files already on disk, no network at all
     python -m npgpt.weights convert model.safetensors --size 124M --out gpt2.h5
@@ -24,7 +24,9 @@ def main(argv=None) -> int:
 
     def add_common(p):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
-        p.add_argument("--dir", default="weights", help="weights folder (downloads go to DIR/<size>/, output to DIR/gpt2-<size>.h5)")
+        p.add_argument("--dir", default=None, help="weights folder (downloads go to DIR/<size>/, output to "
+                       "DIR/gpt2-<size>.h5; default: $NPGPT_WEIGHTS_DIR, else ~/.cache/npgpt/weights, found "
+                       "from any folder)")
         p.add_argument("--out", default=None, help="output .h5 file (default: DIR/gpt2-<size>.h5)")
 
     d = sub.add_parser("download", help="fetch a published checkpoint and convert it",

@@ -1,0 +1,244 @@
+"""The server under load, on loopback: dynamic batching on and off in the same run.
+
+    python benchmarks/serve.py [--json serve.json] [--phase-requests 300] [--phase-seconds 25]
+                               [--requests 10000] [--seconds 360] [--threads 1] [--rounds 3]
+
+A 124M-shaped classifier with random weights (the work of the real one; its labels mean nothing)
+is served twice by `python -m npgpt.serve` on 127.0.0.1: batching on (the defaults) and off
+(--max-batch-tokens 0). A Python client with threads (one keep-alive connection each) sends
+SMS texts, one per request, at concurrency 1, 8 and 32 to each server in turn; each phase is
+bounded in requests and seconds and split into rounds, the two servers taking turns (and, at
+concurrency 1, `predict_proba` on one text in this process). Reported: texts/s, p50/p95/p99
+latency, the server's peak RSS.
+
+Then the long run, on the batching server at concurrency 32: --requests requests (bounded by
+--seconds), one in ten malformed (bad JSON, wrong types, empty, too many texts, too long): the
+number of 5xx answers (must be 0), every valid answer compared with `predict_proba` on that text
+alone in this process (must be equal), and the server's RSS after the first 1,000 requests and at
+the end.
+
+The targets (ratios in one run): at concurrency 32 batched throughput >= 3x unbatched; at
+concurrency 1 p50 latency within 1.3x of `predict_proba` on one text in-process; RSS at the end
+within 1.1x of RSS after 1,000 requests. The client shares the machine's cores with the server.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from common import REPO, default_data_dir, machine_info, print_info, set_threads, summary, write_json
+
+import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
+
+MALFORMED = [b"{not json", b'{"inputs": 5}', b'{"inputs": []}', b'{"inputs": ""}', b'{"text": "hi"}',
+             json.dumps({"inputs": ["hi"] * 100}).encode(), json.dumps({"inputs": "spam " * 2000}).encode()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--phase-requests", type=int, default=300, help="requests per (mode, concurrency) phase at most")
+    p.add_argument("--phase-seconds", type=float, default=30, help="seconds per phase at most")
+    p.add_argument("--rounds", type=int, default=3, help="turns each phase is split into, the servers alternating")
+    p.add_argument("--requests", type=int, default=10000, help="requests of the long run")
+    p.add_argument("--seconds", type=float, default=360, help="seconds of the long run at most")
+    p.add_argument("--texts", type=int, default=300, help="distinct SMS texts sent")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of each server and of the in-process calls (the client needs a core too)")
+    return p.parse_args(argv)
+
+
+def build_classifier(folder, bpe_dir):
+    """A 124M-shaped classifier, random weights, saved -> (path, Classifier loaded from it)."""
+    from npgpt.classify import Classifier, load_classifier
+    from npgpt.config import preset
+    from npgpt.params import init_params
+    from npgpt.tokenizer import get_tokenizer
+    cfg = preset("124M")
+    clf = Classifier(params=init_params(cfg, seed=123, num_classes=2), config=cfg, labels=["ham", "spam"],
+                     pooling="last_token", max_length=None, tok=get_tokenizer(bpe_dir), meta={"model_size": "124M"})
+    path = clf.save(os.path.join(folder, "classifier.h5"))
+    return path, load_classifier(path, bpe_dir)
+
+
+def start_server(model, bpe_dir, threads, *flags):
+    """`python -m npgpt.serve` on 127.0.0.1, a free port -> (process, URL)."""
+    import httpx
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "npgpt.serve", "--model", model, "--bpe-dir", bpe_dir,
+                             "--port", "0", "--threads", str(threads), *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    url = re.search(r"http://127\.0\.0\.1:\d+", proc.stdout.readline()).group(0)
+    for _ in range(600):
+        try:
+            httpx.get(url + "/health", timeout=60)
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError("the server did not start")
+
+
+def rss_mib(pid) -> tuple:
+    """(current RSS, peak RSS) of a process in MiB, from /proc."""
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+
+
+def load(url, texts, concurrency, n_requests, seconds, malformed_every=0, on_done=None):
+    """Send requests from `concurrency` threads until n_requests are answered or `seconds` pass.
+    -> list of (index, seconds, status, body) in completion order"""
+    import httpx
+    counter, lock, results = itertools.count(), threading.Lock(), []
+    stop = time.perf_counter() + seconds
+
+    def worker():
+        with httpx.Client(timeout=120) as client:
+            while time.perf_counter() < stop:
+                i = next(counter)
+                if i >= n_requests:
+                    return
+                if malformed_every and i % malformed_every == malformed_every - 1:
+                    body = MALFORMED[(i // malformed_every) % len(MALFORMED)]
+                else:
+                    body = json.dumps({"inputs": texts[i % len(texts)], "top_k": None}).encode()
+                t0 = time.perf_counter()
+                r = client.post(url + "/v1/classify", content=body, headers={"Content-Type": "application/json"})
+                dt = time.perf_counter() - t0
+                with lock:
+                    results.append((i, dt, r.status_code, r.content))
+                    if on_done:
+                        on_done(len(results))
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def phase_row(mode, concurrency, results, elapsed, pid) -> dict:
+    ok = [dt for _, dt, status, _ in results if status == 200]
+    ms = np.percentile(np.array(ok) * 1000, [50, 95, 99]) if ok else [float("nan")] * 3
+    return {"mode": mode, "concurrency": concurrency, "requests": len(results), "ok": len(ok),
+            "texts_per_s": len(ok) / elapsed, "p50_ms": ms[0], "p95_ms": ms[1], "p99_ms": ms[2],
+            "peak_rss_mib": rss_mib(pid)[1]}
+
+
+def long_run(url, pid, texts, clf, args) -> dict:
+    """10,000 requests, one in ten malformed: 5xx count, answers against predict_proba, RSS."""
+    marks = {}
+
+    def on_done(n):
+        if n in (1000, args.requests):
+            marks[n] = rss_mib(pid)[0]
+
+    results, elapsed = load(url, texts, 32, args.requests, args.seconds, malformed_every=10, on_done=on_done)
+    marks.setdefault("end", rss_mib(pid)[0])
+    expected = {t: clf.predict_proba([t])[0] for t in texts}                     # alone, in this process
+    wrong = 0
+    for i, _, status, body in results:
+        if status == 200:
+            got = {d["label"]: d["score"] for d in json.loads(body)}
+            want = expected[texts[i % len(texts)]]
+            wrong += any(got[label] != float(p) for label, p in zip(clf.labels, want))
+    statuses = {}
+    for _, _, status, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    return {"requests": len(results), "seconds": elapsed, "statuses": statuses,
+            "server_errors": sum(n for s, n in statuses.items() if s >= 500), "answers_not_equal": wrong,
+            "rss_after_1000_mib": marks.get(1000), "rss_at_end_mib": marks.get(args.requests, marks["end"])}
+
+
+def phases(servers, texts, concurrency, args, inproc, clf) -> list:
+    """One concurrency, each server in turn for --rounds short rounds (A, B, A, B, ...: a neighbour's
+    load slows both alike); inproc: a list to extend with in-process predict_proba seconds, one text
+    per call, a round of its own after each pair. -> a row per server"""
+    got = {mode: [[], 0.0] for mode in servers}
+    for _ in range(args.rounds):
+        for mode, (proc, url) in servers.items():
+            results, elapsed = load(url, texts, concurrency, args.phase_requests // args.rounds,
+                                    args.phase_seconds / args.rounds)
+            got[mode][0] += results
+            got[mode][1] += elapsed
+        if inproc is not None:
+            stop = time.perf_counter() + args.phase_seconds / args.rounds
+            for t in itertools.islice(itertools.cycle(texts), args.phase_requests // args.rounds):
+                t0 = time.perf_counter()
+                clf.predict_proba([t])
+                inproc.append(time.perf_counter() - t0)
+                if t0 > stop:
+                    break
+    rows = [phase_row(mode, concurrency, *got[mode], servers[mode][0].pid) for mode in servers]
+    for r in rows:
+        print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
+              flush=True)
+    return rows
+
+
+def main(argv=None):
+    from npgpt.data import read_sms_spam
+    args = parse_args(argv)
+    set_threads(args.threads)
+    print("python benchmarks/serve.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    info = machine_info()
+    print_info(info)
+    data = default_data_dir()
+    bpe_dir = str(data / "gpt2_bpe")
+    texts = read_sms_spam(data / "sms_spam_collection" / "SMSSpamCollection")["Text"].drop_duplicates()
+    texts = texts.sample(args.texts, random_state=0).tolist()
+    with tempfile.TemporaryDirectory() as folder:
+        model, clf = build_classifier(folder, bpe_dir)
+        lengths = [len(t) for t in clf.encode(texts)[0]]
+        print(f"{len(texts)} SMS texts, mean {np.mean(lengths):.1f} tokens; model 124M shapes, random weights")
+        servers = {"batched": start_server(model, bpe_dir, args.threads),
+                   "unbatched": start_server(model, bpe_dir, args.threads, "--max-batch-tokens", "0")}
+        try:
+            for proc, url in servers.values():
+                load(url, texts, 2, 4, 60)                                     # warm-up
+            rows, inproc = [], []
+            for concurrency in (1, 8, 32):
+                rows += phases(servers, texts, concurrency, args, inproc if concurrency == 1 else None, clf)
+            inproc = summary(inproc)["median"]
+            proc, url = servers["batched"]
+            long = long_run(url, proc.pid, texts, clf, args)
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(60)
+    report(rows, inproc, long)
+    if args.json:
+        write_json(args.json, {"info": info, "phases": rows, "in_process_p50_s": inproc, "long_run": long})
+
+
+def report(rows, inproc, long) -> None:
+    print(f"\n{'mode':>10s} {'conc':>4s} {'requests':>8s} {'texts/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} "
+          f"{'p99 ms':>8s} {'peak RSS MiB':>12s}")
+    for r in rows:
+        print(f"{r['mode']:>10s} {r['concurrency']:4d} {r['requests']:8d} {r['texts_per_s']:8.1f} {r['p50_ms']:8.0f} "
+              f"{r['p95_ms']:8.0f} {r['p99_ms']:8.0f} {r['peak_rss_mib']:12.0f}")
+    by = {(r["mode"], r["concurrency"]): r for r in rows}
+    print(f"\nconcurrency 32: batched / unbatched texts/s = "
+          f"{by['batched', 32]['texts_per_s'] / by['unbatched', 32]['texts_per_s']:.2f}x (target >= 3)")
+    print(f"concurrency 1: batched p50 / in-process predict_proba p50 ({inproc * 1000:.0f} ms) = "
+          f"{by['batched', 1]['p50_ms'] / (inproc * 1000):.2f}x (target <= 1.3)")
+    print(f"long run: {long['requests']} requests in {long['seconds']:.0f} s, statuses {long['statuses']}, "
+          f"5xx {long['server_errors']}, answers not equal to predict_proba {long['answers_not_equal']}")
+    if long["rss_after_1000_mib"]:
+        print(f"RSS at the end / after 1,000 requests = {long['rss_at_end_mib']:.0f} / "
+              f"{long['rss_after_1000_mib']:.0f} MiB = {long['rss_at_end_mib'] / long['rss_after_1000_mib']:.3f}x "
+              "(target <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Dynamic batching: many callers, one worker thread, one packed inference for all of them.
+
+    batcher = Batcher(classifier, max_batch_tokens=2048, max_wait_ms=5)
+    future = batcher.submit(tokens)          # tokens: one request's token id lists (already cut)
+    probs = future.result()                  # [n, num_classes], that request's rows alone
+    batcher.close()                          # refuse new work, answer what is queued, stop
+
+Why: a server answers many small requests (one SMS each). Run one at a time, every request pays
+the fixed cost of a forward pass (the weights streamed through the cache once per matmul) for a
+few dozen tokens. Waiting a few milliseconds lets the requests that arrive meanwhile join one
+packed pass (`npgpt.infer`: no padding, every matmul one GEMM over all their tokens).
+
+The worker takes the oldest request, then more in arrival order while their tokens fit
+`max_batch_tokens` and until `max_wait_ms` after the oldest one arrived (a request that waited
+behind a running batch does not wait again). `max_batch_tokens=0` turns batching off: one
+request per pass. A request larger than the budget runs alone.
+
+A request's answer equals `Classifier.predict_proba` on its texts alone, bit for bit: packed
+inference (last-token pooling, or last-position with a fixed pad length) gives each text the same
+numbers whichever texts share its pack (`npgpt.infer`'s "Bits"). A model that does not run packed
+(`Classifier.packs` false: first-token or mean pooling, per-batch padding, no causal mask) has
+each request run alone, exactly as predict_proba runs it.
+
+`threads`: Numba and BLAS threads of the worker (Numba's count belongs to each thread).
+
+Everything that touches the model runs on the worker thread, so the model is never used by two
+threads at once; `call(fn)` runs other work there too (an explanation), alone.
+Pure Python and NumPy: testable without HTTP (the HTTP layer is `npgpt.http_api`).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import NpgptError
+from .ops import softmax
+
+DEFAULT_MAX_BATCH_TOKENS = 2048     # infer.packed_logits' pack size: one pack per batch
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_MAX_QUEUE = 256
+
+
+class QueueFull(NpgptError):
+    """More requests are waiting than --max-queue allows: try again shortly."""
+
+
+class Closed(NpgptError):
+    """The batcher is shutting down and takes no new work."""
+
+
+@dataclass
+class _Job:
+    """One request waiting: its texts' token ids, or a function to run alone (`call`)."""
+    future: Future
+    arrived: float                           # time.monotonic() when submitted
+    tokens: list = field(default_factory=list)
+    fn: object = None
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+class Batcher:
+    """A queue of requests and the one worker thread that answers them in packed batches."""
+
+    def __init__(self, classifier, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS, max_wait_ms=DEFAULT_MAX_WAIT_MS,
+                 max_queue=DEFAULT_MAX_QUEUE, threads=None):
+        if max_batch_tokens < 0 or max_wait_ms < 0 or max_queue < 1:
+            raise NpgptError("--max-batch-tokens and --max-wait-ms must be >= 0, --max-queue >= 1")
+        self.classifier = classifier
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = int(max_queue)
+        self.threads = threads                 # Numba and BLAS threads of the worker (None: the default)
+        self.batches = 0                       # passes run, for /health and the tests
+        self._jobs: deque[_Job] = deque()
+        self._pending = 0                      # texts submitted and not yet answered
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="npgpt-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def batching(self) -> bool:
+        """Whether requests may share a pass: on, and the model runs packed (`Classifier.packs`)."""
+        return self.max_batch_tokens > 0 and self.classifier.packs
+
+    @property
+    def pending(self) -> int:
+        """Texts submitted and not answered yet (queued or being computed)."""
+        with self._cond:
+            return self._pending
+
+    def submit(self, tokens) -> Future:
+        """Queue one request's token id lists -> a Future of its probabilities [n, num_classes].
+        Raises QueueFull when max_queue requests are already waiting, Closed after close()."""
+        return self._put(_Job(Future(), time.monotonic(), tokens=list(tokens)), len(tokens))
+
+    def call(self, fn) -> Future:
+        """Run fn() on the worker thread, alone, in queue order -> a Future of its result."""
+        return self._put(_Job(Future(), time.monotonic(), fn=fn), 1)
+
+    def _put(self, job: _Job, n_texts: int) -> Future:
+        with self._cond:
+            if self._closing:
+                raise Closed("the server is shutting down")
+            if len(self._jobs) >= self.max_queue:
+                raise QueueFull(f"{len(self._jobs)} requests are queued, the limit (--max-queue) is {self.max_queue}")
+            self._jobs.append(job)
+            self._pending += n_texts
+            self._cond.notify_all()
+        return job.future
+
+    def hurry(self) -> None:
+        """Stop waiting for more requests to join a pass (max_wait 0): the server is stopping,
+        what is queued runs now. New requests are still taken until close(). Safe in a signal
+        handler: the condition's lock is re-entrant (an RLock), so a handler run while the main
+        thread holds it in submit() cannot deadlock."""
+        with self._cond:
+            self.max_wait = 0.0
+            self._cond.notify_all()
+
+    def close(self, timeout=None) -> None:
+        """Take no new work, answer every queued request, stop the worker thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the worker thread
+
+    def _loop(self) -> None:
+        if self.threads:            # Numba's thread count is per thread: set it where the model runs
+            from .fastops import set_num_threads
+            set_num_threads(self.threads)
+        while True:
+            jobs = self._collect()
+            if not jobs:
+                return                          # closing and nothing left
+            self._run(jobs)
+            with self._cond:
+                self._pending -= sum(1 if j.fn else len(j.tokens) for j in jobs)
+
+    def _collect(self) -> list:
+        """The next batch: the oldest job, then later ones while they fit the token budget and
+        the oldest one's wait has not run out (closing: no waiting). [] when closed and empty."""
+        with self._cond:
+            while not self._jobs:
+                if self._closing:
+                    return []
+                self._cond.wait()
+            first = self._jobs.popleft()
+            batch, tokens = [first], first.n_tokens
+            if first.fn is not None or not self.batching:
+                return batch
+            while True:
+                if self._jobs:
+                    nxt = self._jobs[0]
+                    if nxt.fn is not None or tokens + nxt.n_tokens > self.max_batch_tokens:
+                        return batch
+                    batch.append(self._jobs.popleft())
+                    tokens += nxt.n_tokens
+                    continue
+                left = first.arrived + self.max_wait - time.monotonic()        # hurry() sets max_wait 0
+                if left <= 0 or self._closing:
+                    return batch
+                self._cond.wait(left)
+
+    def _run(self, jobs: list) -> None:
+        """One pass for the batch; each job's future gets its own rows (or the error)."""
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            if live[0].fn is not None:
+                live[0].future.set_result(live[0].fn())
+                return
+            tokens = [t for j in live for t in j.tokens]
+            logits = self.classifier.logits_of_tokens(tokens)            # [N,K]
+            self.batches += 1
+        except BaseException as e:              # noqa: BLE001 -- handed to the callers, never lost
+            for j in live:
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        ends = np.cumsum([len(j.tokens) for j in live])                  # [jobs]
+        for j, rows in zip(live, np.split(logits, ends[:-1])):
+            j.future.set_result(softmax(rows))                          # [n,K]
