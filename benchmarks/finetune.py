@@ -46,6 +46,7 @@ ENV_AT_LAUNCH = dict(os.environ)   # before npgpt is imported: both sides start 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -192,13 +193,13 @@ def run_npgpt(args, work_dir, k, extra=(), cache_dir=None):
     out = os.path.join(work_dir, f"npgpt-run{k}")
     cmd = [sys.executable, "-u", "-m", "npgpt.train", "--weights", weights_file(work_dir), "--data", args.data,
            "--bpe-dir", args.bpe_dir, "--data-dir", os.path.join(work_dir, f"data-npgpt{k}"), "--out", out,
-           "--epochs", str(args.epochs), "--threads", str(args.threads), "--quiet", "--no-plots",
+           "--epochs", str(args.epochs), "--threads", str(args.threads), "--no-plots",   # a log: no bars
            "--cache-dir", cache_dir or os.path.join(work_dir, f"prefix-cache-{k}"), *extra]
     res, lines = run_child(cmd, log_prefix=f"npgpt {k}: ")
     if res["exit"] != 0:
         raise SystemExit(f"npgpt run failed with exit code {res['exit']}")
     res["start_s"] = next((t for t, line in lines if line.startswith("model:")), None)
-    res["prefix_s"] = next((float(line.split(" in ")[-1].split()[0]) for _, line in lines
+    res["prefix_s"] = next((float(re.search(r" in ([0-9.]+) s", line).group(1)) for _, line in lines
                             if line.startswith("cached the frozen prefix")), None)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     res["train_steps_s"] = metrics.get("train_time_s")

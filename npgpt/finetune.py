@@ -21,6 +21,7 @@ uninterrupted run.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from .model import Padding, trainable_names
 from .ops import cross_entropy_forward
 from .optim import AdamW, clip_grad_norm, scheduled_lr
 from .prefix_cache import prefetch
-from .progress import bar
+from .progress import bar, write_above
 from .runs import Interrupted, StopFlag
 
 EVAL_BATCH = 64   # messages per forward pass of the final evaluation, when grouping is free
@@ -224,8 +225,9 @@ class Trainer:
     def _epoch(self, epoch, stop):
         run, state = self.run, self.state
         batches = train_batches(len(self.datasets[0]), run.batch_size, run.seed, epoch)
-        shown = bar(enabled=self.progress, total=len(batches), initial=state.batch, unit="batch",
-                    desc=f"epoch {epoch + 1}/{run.epochs}", dynamic_ncols=True)
+        shown = bar(enabled=self.progress, total=len(batches), initial=state.batch, unit="batch", untimed=1,
+                    desc=f"epoch {epoch + 1}/{run.epochs}", dynamic_ncols=True)   # untimed: it compiles kernels
+        say = functools.partial(write_above, shown, self.log)     # a line above a live bar, else to the log
         t_epoch, n_epoch = time.time(), 0
         acc, n_acc, seen = None, 0, 0        # gradients summed over the accumulated batches
         for bi in range(state.batch, len(batches)):
@@ -248,10 +250,10 @@ class Trainer:
                 acc, n_acc = None, 0
             self._apply(grads, seen, bi, t0)
             seen = 0
-            if state.step % run.eval_freq == 0:          # a line above a live bar, else to the log
-                (shown.write if self.progress else self.log)(self._log_losses(epoch))
+            if state.step % run.eval_freq == 0:
+                say(self._log_losses(epoch))
                 if run.validate_every == "eval":
-                    self._validate(epoch, shown.write if self.progress else self.log)
+                    self._validate(epoch, say)
             shown.set_postfix(loss=f"{loss:.3f}", ex_s=f"{n_epoch / max(time.time() - t_epoch, 1e-9):.0f}",
                               refresh=False)
             if stop.signum is not None or state.stopped:

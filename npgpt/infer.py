@@ -109,8 +109,7 @@ def _progress(progress, n_texts, n_tokens):
     if callable(progress):
         return None, progress
     if progress is None:
-        import sys
-        progress = n_texts >= 1000 and sys.stderr.isatty()
+        progress = n_texts >= 1000         # shown on a terminal only (npgpt.progress)
     if not progress:
         return None, lambda n: None
     from .progress import bar

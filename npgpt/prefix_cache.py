@@ -430,19 +430,23 @@ class PrefixCache:
 
 
 def dataset_activations(store, params, config, datasets, start: int, pooling: str, causal=True,
-                        progress=None, digests=None, lora=None, sharded=None):
+                        progress=None, digests=None, lora=None, sharded=None, sized=None):
     """The activations entering block `start` for every example of every dataset, each distinct
     sequence computed once (`prefix.distinct_sequences`): at its true length, or padded to the
     dataset's pad length when the padding is read (last_position pooling, no causal mask).
     store: a PrefixCache (PrefixCache(use_disk=False): in memory, no disk). sharded: None (one
     entry), or a function called as `store.activations` is, giving one [T,C] array per sequence
-    (`npgpt.prefix_shards`: one entry per group of sequences, computed elsewhere).
+    (`npgpt.prefix_shards`: one entry per group of sequences, computed elsewhere). progress: called
+    with a number of tokens done; sized: called first with (tokens, sequences) of the distinct
+    sequences, the total that progress counts to (a text that occurs twice is computed once).
     -> per dataset, a list of [T_i, C] arrays (views of one array, or of one per shard), or None
        for a dataset whose activations depend on the batch (it reads the padding and pads per batch)"""
     padding_of = lambda d: Padding(pooling, causal, d.pad_to)
     seqs, where = prefix.distinct_sequences(datasets, padding_of)
     if not seqs:
         return [None] * len(datasets)
+    if sized:
+        sized(sum(len(s) for s in seqs), len(seqs))
     reads = Padding(pooling, causal).reads_padding
     pad_to = next(d.pad_to for d, w in zip(datasets, where) if w is not None)
     mode = f"{pooling}:{pad_to}" + ("" if causal else ":no-causal-mask") if reads else pooling

@@ -230,7 +230,8 @@ class RunOptions:
     shard_tokens: int = option(200_000, "tokens per shard of the frozen prefix with --scheduler or --workers",
                                "training", metavar="N")
     plots: bool = option(True, "do not write PNG plots", "output", flag="--no-plots", negate=True)
-    progress: bool = option(True, "no progress bars", "output", flag="--quiet", negate=True)
+    progress: bool = option(True, "the final lines only: no progress bars, no per-step, per-epoch or setup lines",
+                            "output", flag="--quiet", negate=True)
 
     def __post_init__(self):
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):

@@ -189,30 +189,46 @@ def _frozen_prefix(job, options, run_dir, log):
     the disk cache). -> (feats per dataset, or Nones when nothing is cached; that block's index)"""
     from .model import first_trainable_block
     from .prefix_cache import PrefixCache, dataset_activations
-    from .progress import bar
+    from .progress import bar, write_above
     run = job.run
     if not run.cache or run.dense or run.trainable == "all":
         return [None, None, None], 0
     start = first_trainable_block(job.config, run.trainable, run.lora_spec)
     t0 = time.time()
-    total = sum(int(d.lengths.sum()) if run.pooling == "last_token" else len(d) * (d.pad_to or 0)
-                for d in job.datasets)
-    store = PrefixCache(options.cache_dir, use_disk=options.cache_disk, memory_limit=options.cache_memory_bytes,
-                        spill_dir=run_dir, log=log, max_bytes=options.cache_max_bytes, made_from=_made_from(job))
-    sharded = None
-    if options.scheduler or options.workers:                 # shards computed on a Dask cluster
-        from .distributed import cluster_prefix
-        sharded = cluster_prefix(job, options, store, log)
-    with bar(enabled=options.progress, unit="tok", leave=False,
+    distinct = []                             # (tokens, sequences) the prefix is computed for
+    with bar(enabled=options.progress, unit="tok", leave=False, untimed=1,          # untimed: it compiles kernels
              desc=f"frozen blocks 0..{start - 1}" if start else "embeddings") as shown:
+        say = functools.partial(write_above, shown, log)         # a line above a live bar, else to the log
+        store = PrefixCache(options.cache_dir, use_disk=options.cache_disk, memory_limit=options.cache_memory_bytes,
+                            spill_dir=run_dir, log=say, max_bytes=options.cache_max_bytes, made_from=_made_from(job))
+        sharded = None
+        if options.scheduler or options.workers:             # shards computed on a Dask cluster
+            from .distributed import cluster_prefix
+            sharded = cluster_prefix(job, options, store, say)
+
+        def sized(tokens, sequences):
+            distinct.append((tokens, sequences))
+            shown.reset(total=tokens)
         feats = dataset_activations(store, job.params, job.config, job.datasets, start, run.pooling,
                                     causal=run.causal_mask, progress=shown.update, lora=run.lora_spec,
-                                    sharded=sharded)
+                                    sharded=sharded, sized=sized)
     if feats[0] is None:
         return [None, None, None], 0
     what = f"the frozen prefix (blocks 0..{start - 1})" if start else "the embeddings"
-    log(f"cached {what} of {total} tokens in {time.time() - t0:.1f} s")
+    log(f"cached {what} in {time.time() - t0:.1f} s: {_prefix_counts(job, run, *distinct[0])}")
     return feats, start
+
+
+def _prefix_counts(job, run, tokens, sequences) -> str:
+    """The frozen prefix's size in words: the tokens computed, and why the examples hold more
+    (a text that occurs several times, in one split or in two, is computed once)."""
+    examples = sum(len(d) for d in job.datasets)
+    in_all = sum(int(d.lengths.sum()) if run.pooling == "last_token" else len(d) * (d.pad_to or 0)
+                 for d in job.datasets)
+    line = f"{tokens} tokens of {sequences} distinct texts"
+    if sequences == examples:
+        return line
+    return line + f" (the {examples} texts of the three splits hold {in_all}: a repeated text is computed once)"
 
 
 def _made_from(job) -> dict:

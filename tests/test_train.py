@@ -104,7 +104,7 @@ def test_interrupt_and_resume_is_bit_exact(data_args, tmp_path):
     def common(name):
         args = list(data_args)
         args[args.index("--data-dir") + 1] = str(tmp_path / f"data-{name}")
-        return ["--tiny", "--epochs", "2", "--quiet", "--no-plots", *args, "--out", str(tmp_path / name)]
+        return ["--tiny", "--epochs", "2", "--no-plots", *args, "--out", str(tmp_path / name)]   # lines read
 
     ref = run_train(common("ref"))
     # interrupted run: SIGTERM once step 150 (in epoch 2) has been evaluated
@@ -123,7 +123,7 @@ def test_interrupt_and_resume_is_bit_exact(data_args, tmp_path):
         state = json.loads(f.attrs["state"])["run_state"]
     assert state["epoch"] == 1 and 0 < state["batch"] < 130, (state, log)   # stopped mid-epoch
     assert not (tmp_path / "run" / "classifier.h5").exists(), log
-    resumed = run_train(["--resume", str(tmp_path / "run"), "--quiet", "--no-plots"])
+    resumed = run_train(["--resume", str(tmp_path / "run"), "--no-plots"])
     out, rerr = resumed.communicate(timeout=300)
     log += f"\nresumed run stdout:\n{out}\nstderr:\n{rerr}"
     assert resumed.returncode == 0, log
@@ -164,7 +164,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data_args, tmp_path, monkeyp
 def test_unwritable_output_fails_before_training(data_args, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    p = run_train(["--tiny", "--out", str(blocker / "run"), "--quiet", *data_args])
+    p = run_train(["--tiny", "--out", str(blocker / "run"), *data_args])      # not --quiet: no line is hidden
     out, err = p.communicate(timeout=120)
     assert p.returncode == 1
     assert err.strip().startswith("error: cannot write to the run folder") and len(err.strip().splitlines()) == 1

@@ -359,7 +359,7 @@ def test_the_estimator_passes_every_option_on(bpe_dir, tmp_path):
 def test_interrupted_and_resumed_with_every_option_is_bit_exact(shared_data, bpe_dir, tmp_path):
     """A tiny SMS run with every option of this file, stopped by SIGTERM in its second epoch and
     resumed, ends with the uninterrupted run's arrays and metrics, bit for bit."""
-    args = ["--tiny", "--data", str(shared_data / SMS), "--bpe-dir", bpe_dir, "--epochs", "3", "--quiet",
+    args = ["--tiny", "--data", str(shared_data / SMS), "--bpe-dir", bpe_dir, "--epochs", "3",
             "--no-plots", "--keep", "best", "--patience", "5", "--class-weight", "balanced", "--balance", "undersample",
             "--lr-schedule", "cosine", "--warmup", "0.2", "--initial-lr", "1e-5", "--min-lr", "1e-6",
             "--clip-grad-norm", "0.5", "--validate-every", "eval", "--eval-freq", "40"]
@@ -374,7 +374,7 @@ def test_interrupted_and_resumed_with_every_option_is_bit_exact(shared_data, bpe
             break
     _, err = p.communicate(timeout=300)
     assert p.returncode == 143, err
-    resumed = popen("--resume", str(tmp_path / "run"), "--quiet", "--no-plots")
+    resumed = popen("--resume", str(tmp_path / "run"), "--no-plots")
     out, rerr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0 and "resuming at epoch 2" in out, rerr
     ref_out, ref_err = ref_p.communicate(timeout=300)

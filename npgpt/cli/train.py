@@ -122,13 +122,19 @@ def say(message) -> None:
     print("\n".join(printable(line) for line in str(message).split("\n")))
 
 
+def _silent(message) -> None:
+    pass
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     run, options, resume, epochs = parse(argv, parser)
-    announce_compilation(print)
+    log = say if options.progress else _silent           # --quiet: the final lines only
+    if options.progress:
+        announce_compilation(print)
     try:
-        result = resume_run(resume, options, epochs, log=say) if resume else train_run(run, options, log=say)
+        result = resume_run(resume, options, epochs, log=log) if resume else train_run(run, options, log=log)
     except ConfigError as e:             # a setting the data or the weights rule out
         parser.error(str(e))
     except Interrupted as e:
