@@ -164,9 +164,11 @@ def test_label_by_name_and_an_unknown_label(tok):
 # ----------------------------------------------------------------------------- the command line
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory, tok):
+def model_file(tmp_path_factory, tok, bpe_dir):
     path = tmp_path_factory.mktemp("explain") / "classifier.h5"
-    classifier(tok).save(path)
+    clf = classifier(tok)
+    clf.bpe_dir = bpe_dir                  # the folder its tokenizer came from: save stores its files
+    clf.save(path)
     return path
 
 

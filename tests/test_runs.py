@@ -304,6 +304,7 @@ def test_model_size_tiny_is_the_tiny_model(env, home):
 # ----------------------------------------------------------------------------- messages
 
 def test_offline_missing_inputs_name_the_flag(env, tmp_path):
+    env = {**env, "NPGPT_DATA_DIR": str(tmp_path / "no-data")}    # not the session's, which other tests fill
     line = one_error_line(call(env, tmp_path, "--tiny", "--quiet"), 1)
     assert "--data" in line
     shutil.copy(pathlib.Path(os.environ.get("NPGPT_SHARED_DATA", REPO.parent / "shared" / "data")) / SMS,
