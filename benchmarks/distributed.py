@@ -11,6 +11,9 @@ benchmarks/classify.py makes them (distinct SMS messages, then pairs joined).
              `classify --file` runs), against `npgpt.corpus.classify_files` on a LocalCluster of
              2 workers x 1 thread: --partitions Parquet files in, one Parquet file out per file,
              each worker loading the classifier once (counted). The cluster's start is timed apart.
+             Also one process on 1 thread over the first quarter of the texts (the rate of one
+             core), and where the cluster's wall time went: each worker's busy seconds (Dask's
+             task stream), its first task (which loads the classifier and its kernels) apart.
   overhead   the same job over --tiny-partitions files of one text each: wall seconds per partition,
              and worker-seconds per partition (wall x workers / partitions), beyond the work itself.
   prefix     the frozen prefix (blocks 0..10 of 12: --trainable-blocks 1) of --prefix-texts texts at
@@ -69,15 +72,40 @@ def write_files(texts, n, folder) -> list:
     return paths
 
 
+def worker_busy(tasks) -> dict:
+    """Dask task-stream records -> {worker: (first task's seconds, the other tasks' seconds, tasks)}:
+    the seconds each worker spent computing (the reads and writes inside its tasks included)."""
+    spans = {}
+    for task in tasks:
+        compute = [(sp["start"], sp["stop"]) for sp in task["startstops"] if sp["action"] == "compute"]
+        spans.setdefault(task["worker"], []).extend(compute)
+    busy = {}
+    for worker, ss in spans.items():
+        ss.sort()
+        seconds = [b - a for a, b in ss]
+        busy[worker] = (seconds[0], sum(seconds[1:]), len(seconds))
+    return busy
+
+
 def classify_rows(args, d, clf_path, texts, rows):
+    from distributed import get_task_stream
     from npgpt import corpus, distributed
     from npgpt.classify import load_classifier
     bpe = str(default_data_dir() / "gpt2_bpe")
     clf = load_classifier(clf_path, bpe)
+    labels = clf.labels
     clf.predict_proba(texts[:16])                                        # warm-up: kernels, BLAS
     s, P_one = timed(lambda: clf.predict_proba(texts))
     rows.append(("classify", f"one process, {args.threads} threads", len(texts), s, len(texts) / s))
     print(f"  classify, one process: {s:.1f} s", flush=True)
+    set_threads(1)
+    quarter = texts[:max(1, len(texts) // 4)]
+    s, _ = timed(lambda: clf.predict_proba(quarter))
+    set_threads(args.threads)
+    rows.append(("classify", "one process, 1 thread (the first quarter of the texts)", len(quarter), s,
+                 len(quarter) / s))
+    print(f"  classify, one process on 1 thread: {s:.1f} s for {len(quarter)} texts", flush=True)
+    del clf
     files = write_files(texts, args.partitions, os.path.join(d, "texts"))
     tiny = write_files(texts[:args.tiny_partitions], args.tiny_partitions, os.path.join(d, "tiny"))
     ref = corpus.model_ref(clf_path, bpe)
@@ -85,13 +113,19 @@ def classify_rows(args, d, clf_path, texts, rows):
     t0 = time.perf_counter()
     with distributed.cluster(workers=2, log=print) as client:
         start = time.perf_counter() - t0
-        s, _ = timed(lambda: corpus.classify_files(client, files, ref, os.path.join(d, "preds"), "text",
-                                                   labels=clf.labels, progress=False, log=quiet))
+        with get_task_stream(client) as stream:
+            s, _ = timed(lambda: corpus.classify_files(client, files, ref, os.path.join(d, "preds"), "text",
+                                                       labels=labels, progress=False, log=quiet))
         rows.append(("classify", f"LocalCluster 2x1, {args.partitions} partitions (start {start:.1f} s apart)",
                      len(texts), s, len(texts) / s))
         print(f"  classify, LocalCluster: {s:.1f} s (start {start:.1f} s)", flush=True)
+        busy = worker_busy(stream.data)
+        for worker, (first, rest, n) in sorted(busy.items()):
+            rows.append(("busy", f"worker {worker}: first task (loads) {first:.1f} s, {n - 1} more tasks",
+                         n, first + rest, (first + rest) / s))
+            print(f"  {worker}: busy {first + rest:.1f} s of {s:.1f} (first task {first:.1f} s)", flush=True)
         s, _ = timed(lambda: corpus.classify_files(client, tiny, ref, os.path.join(d, "tiny-preds"), "text",
-                                                   labels=clf.labels, progress=False, log=quiet))
+                                                   labels=labels, progress=False, log=quiet))
         rows.append(("overhead", f"{args.tiny_partitions} partitions of 1 text: s per partition "
                                  f"(worker-s: {2 * s / args.tiny_partitions:.3f})",
                      args.tiny_partitions, s / args.tiny_partitions, args.tiny_partitions / s))
@@ -153,9 +187,11 @@ def main(argv=None):
         tokens, same = prefix_rows(args, d, weights, texts[:args.prefix_texts], rows)
     print(f"\nclassify: largest |p difference| one process vs cluster {diff:.1e}; prefix: {tokens} tokens, "
           f"cluster's shards {'equal' if same else 'DIFFER FROM'} the one-process prefix bit for bit")
+    print("\n(busy rows: items = tasks, s = seconds computing, per s = the fraction of the job's wall time)")
     print(f"\n{'what':>9s} {'side':70s} {'items':>6s} {'s':>9s} {'per s':>9s}")
     for what, side, n, s, rate in rows:
-        print(f"{what:>9s} {side:70s} {n:6d} {s:9.3f} {rate:9.1f}")
+        print(f"{what:>9s} {side:70s} {n:6d} {s:9.3f} {rate:9.1f}" if rate >= 10 else
+              f"{what:>9s} {side:70s} {n:6d} {s:9.3f} {rate:9.3f}")
     print(f"load average after: {machine_info()['load_avg_1_5_15']}")
     if args.json:
         write_json(args.json, {"command": command, "info": info, "args": vars(args), "max_abs_p_diff": diff,
