@@ -72,7 +72,7 @@ def build_classifier(folder, bpe_dir):
 
 def start_server(model, bpe_dir, threads, *flags):
     """`python -m npgpt.serve` on 127.0.0.1, a free port -> (process, URL)."""
-    import httpx
+    import httpx2 as httpx
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "npgpt.serve", "--model", model, "--bpe-dir", bpe_dir,
                              "--port", "0", "--threads", str(threads), *flags], env=env,
@@ -97,7 +97,7 @@ def rss_mib(pid) -> tuple:
 def load(url, texts, concurrency, n_requests, seconds, malformed_every=0, on_done=None):
     """Send requests from `concurrency` threads until n_requests are answered or `seconds` pass.
     -> list of (index, seconds, status, body) in completion order"""
-    import httpx
+    import httpx2 as httpx
     counter, lock, results = itertools.count(), threading.Lock(), []
     stop = time.perf_counter() + seconds
 

@@ -3,6 +3,7 @@
     batcher = Batcher(classifier, max_batch_tokens=2048, max_wait_ms=5)
     future = batcher.submit(tokens)          # tokens: one request's token id lists (already cut)
     probs = future.result()                  # [n, num_classes], that request's rows alone
+    timing = Timing(); batcher.submit(tokens, timing)   # also when it was taken and computed
     batcher.close()                          # refuse new work, answer what is queued, stop
 
 Why: a server answers many small requests (one SMS each). Run one at a time, every request pays
@@ -54,12 +55,26 @@ class Closed(NpgptError):
 
 
 @dataclass
+class Timing:
+    """When a request went through the batcher (time.monotonic() seconds), filled by the worker:
+    submitted, started (its pass began: the queue's wait is started - submitted), finished (its
+    pass ended: the inference is finished - started, shared by every request of the pass);
+    texts and tokens: the whole pass's."""
+    submitted: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    texts: int = 0
+    tokens: int = 0
+
+
+@dataclass
 class _Job:
     """One request waiting: its texts' token ids, or a function to run alone (`call`)."""
     future: Future
     arrived: float                           # time.monotonic() when submitted
     tokens: list = field(default_factory=list)
     fn: object = None
+    timing: Timing = None
 
     @property
     def n_tokens(self) -> int:
@@ -97,10 +112,14 @@ class Batcher:
         with self._cond:
             return self._pending
 
-    def submit(self, tokens) -> Future:
+    def submit(self, tokens, timing: Timing = None) -> Future:
         """Queue one request's token id lists -> a Future of its probabilities [n, num_classes].
-        Raises QueueFull when max_queue requests are already waiting, Closed after close()."""
-        return self._put(_Job(Future(), time.monotonic(), tokens=list(tokens)), len(tokens))
+        timing: a Timing to fill (read it once the future is done). Raises QueueFull when
+        max_queue requests are already waiting, Closed after close()."""
+        now = time.monotonic()
+        if timing is not None:
+            timing.submitted = now
+        return self._put(_Job(Future(), now, tokens=list(tokens), timing=timing), len(tokens))
 
     def call(self, fn) -> Future:
         """Run fn() on the worker thread, alone, in queue order -> a Future of its result."""
@@ -182,13 +201,19 @@ class Batcher:
                 live[0].future.set_result(live[0].fn())
                 return
             tokens = [t for j in live for t in j.tokens]
+            started = time.monotonic()
             logits = self.classifier.logits_of_tokens(tokens)            # [N,K]
+            finished = time.monotonic()
             self.batches += 1
         except BaseException as e:              # noqa: BLE001 -- handed to the callers, never lost
             for j in live:
                 if not j.future.done():
                     j.future.set_exception(e)
             return
+        n_tokens = sum(len(t) for t in tokens)
         ends = np.cumsum([len(j.tokens) for j in live])                  # [jobs]
         for j, rows in zip(live, np.split(logits, ends[:-1])):
+            if j.timing is not None:
+                j.timing.started, j.timing.finished = started, finished
+                j.timing.texts, j.timing.tokens = len(tokens), n_tokens
             j.future.set_result(softmax(rows))                          # [n,K]

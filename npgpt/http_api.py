@@ -11,6 +11,11 @@ Routes (docs/serving.md has examples):
                        -> [{"label", "score"}, ...] sorted by score (a list of those for a list)
     POST /v1/explain   {"inputs": "text", "label": name | null} -> npgpt.explain's Explanation
 
+Every /v1/classify answer says where its time went, in text-embeddings-inference's headers
+(whole milliseconds: x-total-time, x-tokenization-time, x-queue-time, x-inference-time; and
+x-compute-tokens, the tokens of the pass it shared) and in the W3C `Server-Timing` header
+(fractional milliseconds, shown by a browser's developer tools).
+
 Status codes follow Hugging Face's text-embeddings-inference: 413 too many texts or a body too
 big, 422 input that is not what the route takes (or too long without --truncate), 429 a full
 queue (with Retry-After), 401 a missing or wrong API key. Every error is {"error": "..."} naming
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 
@@ -33,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from .batcher import Batcher, Closed, QueueFull
+from .batcher import Batcher, Closed, QueueFull, Timing
 from .errors import NpgptError, quote
 
 RETRY_AFTER_S = 1
@@ -150,6 +156,7 @@ class _Service:
                 "limits": {k: v for k, v in asdict(self.limits).items() if k != "api_key"}}
 
     async def classify(self, request: Request):
+        arrived = time.monotonic()
         body = await self._json(request, {"inputs", "top_k"})
         inputs = body.get("inputs")
         texts = [inputs] if isinstance(inputs, str) else inputs
@@ -163,15 +170,16 @@ class _Service:
         top_k = body.get("top_k")
         if top_k is not None and (type(top_k) is not int or top_k < 1):
             raise HTTPError(422, f"top_k must be a whole number >= 1 or null (every class), not {quote(top_k)}")
+        encoding = time.monotonic()
         tokens, cut = self._encode(texts)
-        probs = await asyncio.wrap_future(self.batcher.submit(tokens))             # [n,K]
+        timing = Timing()
+        probs = await asyncio.wrap_future(self.batcher.submit(tokens, timing))     # [n,K]
         answers = [_ranked(self.clf.labels, p, top_k) for p in probs]
         answer = answers[0] if isinstance(inputs, str) else answers
-        if not cut:
-            return answer
-        # --truncate cut some texts: the body keeps the pipeline's shape, a header names them
-        return JSONResponse(answer, headers={"X-Truncated-Texts": ",".join(map(str, cut)),
-                                             "X-Token-Limit": str(self.clf.limit)})
+        headers = timing_headers(arrived, encoding, timing)
+        if cut:      # --truncate cut some texts: the body keeps the pipeline's shape, a header names them
+            headers.update({"X-Truncated-Texts": ",".join(map(str, cut)), "X-Token-Limit": str(self.clf.limit)})
+        return JSONResponse(answer, headers=headers)
 
     async def explain(self, request: Request) -> dict:
         from .explain import explain, label_index
@@ -218,6 +226,19 @@ class _Service:
         if "inputs" not in body:
             raise HTTPError(422, "the body has no \"inputs\": send {\"inputs\": \"a text\"}")
         return body
+
+
+def timing_headers(arrived: float, encoding: float, timing: Timing) -> dict:
+    """Where a request's time went (time.monotonic() seconds: the request arrived, its texts
+    began to be tokenized, then the batcher's Timing), as TEI's headers and Server-Timing."""
+    ms = {"total": time.monotonic() - arrived, "tokenization": timing.submitted - encoding,
+          "queue": timing.started - timing.submitted, "inference": timing.finished - timing.started}
+    ms = {k: max(0.0, v) * 1000 for k, v in ms.items()}
+    headers = {f"x-{k}-time": str(int(v)) for k, v in ms.items()}
+    headers["x-compute-tokens"] = str(timing.tokens)
+    headers["Server-Timing"] = ", ".join(f"{k};dur={v:.2f}" for k, v in ms.items() if k != "total") + \
+        f", total;dur={ms['total']:.2f};desc=\"{timing.texts} text{'' if timing.texts == 1 else 's'} in the pass\""
+    return headers
 
 
 def _ranked(labels, probs, top_k) -> list:

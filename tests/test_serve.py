@@ -23,13 +23,13 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
+import httpx2 as httpx
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
 from helpers import REPO
-from npgpt.batcher import Batcher, QueueFull
+from npgpt.batcher import Batcher, QueueFull, Timing
 from npgpt.classify import Classifier
 from npgpt.config import preset
 from npgpt.explain import explain
@@ -125,6 +125,48 @@ def test_a_full_queue_is_refused_and_close_answers_what_is_queued(clf):
     batcher.close(WAIT)
     assert blocked.result(WAIT) is True
     assert all(np.array_equal(f.result(WAIT), clf.predict_proba([t])) for f, t in zip(queued, TEXTS))
+
+
+def test_the_timing_of_requests_that_share_a_pass(clf):
+    """Each request's Timing: submitted, then its pass's start and end (shared by the pass), the
+    pass's texts and tokens; a request held behind other work has waited at least that long."""
+    batcher = Batcher(clf, max_wait_ms=WAIT * 1000)
+    running, gate = threading.Event(), threading.Event()
+    batcher.call(lambda: running.set() or gate.wait(WAIT))             # the worker is busy
+    assert running.wait(WAIT)
+    timings = [Timing(), Timing()]
+    futures = [batcher.submit(clf.encode(texts)[0], t) for texts, t in zip((TEXTS[:2], TEXTS[2:3]), timings)]
+    held = threading.Event()
+    held.wait(0.05)
+    gate.set()
+    batcher.close(WAIT)
+    assert all(f.done() for f in futures) and batcher.batches == 1
+    a, b = timings
+    tokens = sum(map(len, clf.encode(TEXTS[:3])[0]))
+    assert (a.started, a.finished, a.texts, a.tokens) == (b.started, b.finished, 3, tokens)
+    assert a.submitted <= b.submitted and b.submitted + 0.05 <= a.started <= a.finished
+
+
+def test_classify_says_where_its_time_went_in_tei_s_headers_and_server_timing(clf):
+    """x-total/tokenization/queue/inference-time in whole ms, x-compute-tokens, Server-Timing."""
+    batcher = Batcher(clf, max_wait_ms=1)
+    running, gate = threading.Event(), threading.Event()
+    with _client(clf, batcher=batcher) as c:
+        batcher.call(lambda: running.set() or gate.wait(WAIT))         # the request waits behind this
+        assert running.wait(WAIT)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(c.post, "/v1/classify", json={"inputs": TEXTS[5]})
+            threading.Event().wait(0.2)
+            gate.set()
+            r = answer.result(WAIT)
+    assert r.status_code == 200
+    ms = {k: int(r.headers[f"x-{k}-time"]) for k in ("total", "tokenization", "queue", "inference")}
+    assert ms["queue"] >= 200 - 1 and ms["total"] >= ms["queue"] + ms["inference"] + ms["tokenization"] - 2, ms
+    assert int(r.headers["x-compute-tokens"]) == len(clf.encode([TEXTS[5]])[0][0])
+    timing = dict(re.match(r"(\w+);dur=([\d.]+)", part.strip()).groups() for part in r.headers["server-timing"].split(","))
+    assert set(timing) == {"tokenization", "queue", "inference", "total"}
+    assert all(0 <= float(timing[k]) - ms[k] < 1.01 for k in ms), (timing, ms)      # whole ms: cut down
+    assert 'desc="1 text in the pass"' in r.headers["server-timing"]
 
 
 # ----------------------------------------------------------------------------- the API
