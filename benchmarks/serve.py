@@ -17,6 +17,14 @@ number of 5xx answers (must be 0), every valid answer compared with `predict_pro
 alone in this process (must be equal), and the server's RSS after the first 1,000 requests and at
 the end.
 
+Where the time went: each phase's medians of the server's own timing headers (x-queue-time,
+x-inference-time, x-total-time) and of what the client measured beyond x-total-time (HTTP, the
+client). And, in this process, the ceiling batching can reach: `Classifier.logits_of_tokens` on
+passes of 1, 2, 4, ... 128 of the SMS texts (in turns, medians): milliseconds per text and per
+pass. Batched / unbatched throughput cannot exceed (ms per text alone) / (ms per text in a full
+pass); the pass sizes also show which --max-batch-tokens is worth its latency
+(`--packs-only` runs this part alone).
+
 The targets (ratios in one run): at concurrency 32 batched throughput >= 3x unbatched; at
 concurrency 1 p50 latency within 1.3x of `predict_proba` on one text in-process; RSS at the end
 within 1.1x of RSS after 1,000 requests. The client shares the machine's cores with the server.
@@ -38,6 +46,7 @@ from common import REPO, default_data_dir, machine_info, print_info, set_threads
 
 import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
+TIMES = ("total", "queue", "inference")       # the server's timing headers, x-<name>-time in whole ms
 MALFORMED = [b"{not json", b'{"inputs": 5}', b'{"inputs": []}', b'{"inputs": ""}', b'{"text": "hi"}',
              json.dumps({"inputs": ["hi"] * 100}).encode(), json.dumps({"inputs": "spam " * 2000}).encode()]
 
@@ -51,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=10000, help="requests of the long run")
     p.add_argument("--seconds", type=float, default=360, help="seconds of the long run at most")
     p.add_argument("--texts", type=int, default=300, help="distinct SMS texts sent")
+    p.add_argument("--packs-only", action="store_true", help="only the in-process pass sizes (the ceiling)")
+    p.add_argument("--pack-repeats", type=int, default=7, help="turns of the pass-size timing")
     p.add_argument("--threads", type=int, default=1,
                    help="threads of each server and of the in-process calls (the client needs a core too)")
     return p.parse_args(argv)
@@ -114,8 +125,9 @@ def load(url, texts, concurrency, n_requests, seconds, malformed_every=0, on_don
                 t0 = time.perf_counter()
                 r = client.post(url + "/v1/classify", content=body, headers={"Content-Type": "application/json"})
                 dt = time.perf_counter() - t0
+                server = {k: float(r.headers[f"x-{k}-time"]) for k in TIMES if f"x-{k}-time" in r.headers}
                 with lock:
-                    results.append((i, dt, r.status_code, r.content))
+                    results.append((i, dt, r.status_code, r.content, server))
                     if on_done:
                         on_done(len(results))
 
@@ -129,11 +141,33 @@ def load(url, texts, concurrency, n_requests, seconds, malformed_every=0, on_don
 
 
 def phase_row(mode, concurrency, results, elapsed, pid) -> dict:
-    ok = [dt for _, dt, status, _ in results if status == 200]
+    done = [(dt, server) for _, dt, status, _, server in results if status == 200]
+    ok = [dt for dt, _ in done]
     ms = np.percentile(np.array(ok) * 1000, [50, 95, 99]) if ok else [float("nan")] * 3
-    return {"mode": mode, "concurrency": concurrency, "requests": len(results), "ok": len(ok),
-            "texts_per_s": len(ok) / elapsed, "p50_ms": ms[0], "p95_ms": ms[1], "p99_ms": ms[2],
-            "peak_rss_mib": rss_mib(pid)[1]}
+    row = {"mode": mode, "concurrency": concurrency, "requests": len(results), "ok": len(ok),
+           "texts_per_s": len(ok) / elapsed, "p50_ms": ms[0], "p95_ms": ms[1], "p99_ms": ms[2],
+           "peak_rss_mib": rss_mib(pid)[1]}
+    for k in TIMES:                               # medians of the server's own account
+        row[f"server_{k}_ms"] = float(np.median([server[k] for _, server in done])) if done else float("nan")
+    row["beyond_server_ms"] = float(np.median([dt * 1000 - server["total"] for dt, server in done])) \
+        if done else float("nan")
+    return row
+
+
+def pack_rows(clf, texts, args) -> list:
+    """In this process: logits_of_tokens on passes of 1, 2, 4, ... 128 distinct texts, in turns.
+    -> a row per pass size: texts, tokens, median ms per pass and per text"""
+    from common import interleaved
+    tokens = clf.encode(texts)[0]
+    sizes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= len(tokens)]
+    passes = {n: [list(t) for t in tokens[:n]] for n in sizes}
+    times = interleaved({n: (lambda p=p: clf.logits_of_tokens(p)) for n, p in passes.items()}, args.pack_repeats)
+    rows = []
+    for n in sizes:
+        med = float(np.median(times[n]))
+        rows.append({"texts": n, "tokens": sum(map(len, passes[n])), "ms_per_pass": med * 1000,
+                     "ms_per_text": med * 1000 / n})
+    return rows
 
 
 def long_run(url, pid, texts, clf, args) -> dict:
@@ -148,13 +182,13 @@ def long_run(url, pid, texts, clf, args) -> dict:
     marks.setdefault("end", rss_mib(pid)[0])
     expected = {t: clf.predict_proba([t])[0] for t in texts}                     # alone, in this process
     wrong = 0
-    for i, _, status, body in results:
+    for i, _, status, body, _ in results:
         if status == 200:
             got = {d["label"]: d["score"] for d in json.loads(body)}
             want = expected[texts[i % len(texts)]]
             wrong += any(got[label] != float(p) for label, p in zip(clf.labels, want))
     statuses = {}
-    for _, _, status, _ in results:
+    for _, _, status, _, _ in results:
         statuses[status] = statuses.get(status, 0) + 1
     return {"requests": len(results), "seconds": elapsed, "statuses": statuses,
             "server_errors": sum(n for s, n in statuses.items() if s >= 500), "answers_not_equal": wrong,
@@ -202,6 +236,12 @@ def main(argv=None):
         model, clf = build_classifier(folder, bpe_dir)
         lengths = [len(t) for t in clf.encode(texts)[0]]
         print(f"{len(texts)} SMS texts, mean {np.mean(lengths):.1f} tokens; model 124M shapes, random weights")
+        packs = pack_rows(clf, texts, args)
+        report_packs(packs)
+        if args.packs_only:
+            if args.json:
+                write_json(args.json, {"info": info, "packs": packs})
+            return
         servers = {"batched": start_server(model, bpe_dir, args.threads),
                    "unbatched": start_server(model, bpe_dir, args.threads, "--max-batch-tokens", "0")}
         try:
@@ -217,20 +257,33 @@ def main(argv=None):
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(60)
-    report(rows, inproc, long)
+    report(rows, inproc, long, packs)
     if args.json:
-        write_json(args.json, {"info": info, "phases": rows, "in_process_p50_s": inproc, "long_run": long})
+        write_json(args.json, {"info": info, "packs": packs, "phases": rows, "in_process_p50_s": inproc,
+                               "long_run": long})
 
 
-def report(rows, inproc, long) -> None:
+def report_packs(packs) -> None:
+    print(f"\nin this process, one pass of n texts: {'texts':>5s} {'tokens':>6s} {'ms/pass':>8s} {'ms/text':>8s}")
+    for r in packs:
+        print(f"{'':36s} {r['texts']:5d} {r['tokens']:6d} {r['ms_per_pass']:8.1f} {r['ms_per_text']:8.2f}")
+    best = min(packs, key=lambda r: r["ms_per_text"])
+    print(f"ceiling of batching: {packs[0]['ms_per_text']:.1f} / {best['ms_per_text']:.1f} ms per text = "
+          f"{packs[0]['ms_per_text'] / best['ms_per_text']:.2f}x (passes of {best['texts']} texts)", flush=True)
+
+
+def report(rows, inproc, long, packs) -> None:
     print(f"\n{'mode':>10s} {'conc':>4s} {'requests':>8s} {'texts/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} "
-          f"{'p99 ms':>8s} {'peak RSS MiB':>12s}")
+          f"{'p99 ms':>8s} {'peak RSS MiB':>12s}   server's medians, ms: queue inference total; beyond")
     for r in rows:
         print(f"{r['mode']:>10s} {r['concurrency']:4d} {r['requests']:8d} {r['texts_per_s']:8.1f} {r['p50_ms']:8.0f} "
-              f"{r['p95_ms']:8.0f} {r['p99_ms']:8.0f} {r['peak_rss_mib']:12.0f}")
+              f"{r['p95_ms']:8.0f} {r['p99_ms']:8.0f} {r['peak_rss_mib']:12.0f}   {r['server_queue_ms']:5.0f} "
+              f"{r['server_inference_ms']:9.0f} {r['server_total_ms']:5.0f}; {r['beyond_server_ms']:6.1f}")
     by = {(r["mode"], r["concurrency"]): r for r in rows}
+    best = min(packs, key=lambda r: r["ms_per_text"])
     print(f"\nconcurrency 32: batched / unbatched texts/s = "
-          f"{by['batched', 32]['texts_per_s'] / by['unbatched', 32]['texts_per_s']:.2f}x (target >= 3)")
+          f"{by['batched', 32]['texts_per_s'] / by['unbatched', 32]['texts_per_s']:.2f}x (target >= 3; the "
+          f"ceiling in this process {packs[0]['ms_per_text'] / best['ms_per_text']:.2f}x)")
     print(f"concurrency 1: batched p50 / in-process predict_proba p50 ({inproc * 1000:.0f} ms) = "
           f"{by['batched', 1]['p50_ms'] / (inproc * 1000):.2f}x (target <= 1.3)")
     print(f"long run: {long['requests']} requests in {long['seconds']:.0f} s, statuses {long['statuses']}, "

@@ -26,7 +26,7 @@ from helpers import REPO, SMALL_GPT2, SMS
 from npgpt import corpus, distributed
 from npgpt import params as P
 from npgpt.classify import load_classifier
-from npgpt.errors import NpgptError
+from npgpt.errors import DataError, NpgptError
 
 FILES, PER_FILE = 4, 500
 
@@ -101,6 +101,44 @@ def test_corpus_equals_predict_proba_and_a_rerun_skips_finished_files(client, mo
         if name != "part2.parquet":
             assert os.stat(os.path.join(out, name)).st_mtime_ns == mtime
     check_outputs(out, texts, expected(model, texts))
+
+
+def test_files_cut_in_pieces_equal_predict_proba_and_another_job_s_folder_is_refused(client, model, texts, tmp_path):
+    """--partition-rows: each file in pieces of that many rows, row ids kept (a CSV's quoted
+    record over two lines included); the folder reads back as one table; a rerun into it with
+    another piece size or another model is an error naming the flag."""
+    csv = tmp_path / "notes.csv"
+    rows = [f"note {i}" if i != 7 else "two\nlines" for i in range(50)]
+    pd.DataFrame({"text": rows}).to_csv(csv, index=False)
+    files = texts[:2] + [str(csv)]
+    out = str(tmp_path / "preds")
+    done = corpus.classify_files(client, files, model, out, "text", progress=False, log=lambda msg: None,
+                                 partition_rows=300)
+    assert done["written"] == 5 and done["texts"] == 2 * PER_FILE + 50
+    assert sorted(os.listdir(out)) == ["_npgpt_job.json", "notes.parquet", "part0-00000.parquet",
+                                       "part0-00001.parquet", "part1-00000.parquet", "part1-00001.parquet"]
+    for f, want in zip(texts[:2], expected(model, texts[:2])):
+        stem = os.path.join(out, os.path.splitext(os.path.basename(f))[0])
+        first, second = (pd.read_parquet(f"{stem}-{k:05d}.parquet") for k in (0, 1))
+        got = pd.concat([first, second])
+        assert len(first) == 300 and got["row"].tolist() == list(range(1, PER_FILE + 1))
+        np.testing.assert_array_equal(got[["p_ham", "p_spam"]].to_numpy(), want.astype(np.float64))
+    assert len(pd.read_parquet(out)) == 2 * PER_FILE + 50                      # the job's record is skipped
+
+    cut = str(tmp_path / "cut")
+    corpus.classify_files(client, [str(csv)], model, cut, "text", progress=False, log=lambda msg: None,
+                          partition_rows=20)
+    got = pd.concat([pd.read_parquet(os.path.join(cut, f"notes-{k:05d}.parquet")) for k in range(3)])
+    clf = load_classifier(model.path, model.bpe_dir)
+    assert got["line"].tolist() == [2 + i + (i > 7) for i in range(50)]       # the line each row starts on
+    np.testing.assert_array_equal(got[["p_ham", "p_spam"]].to_numpy(), clf.predict_proba(rows).astype(np.float64))
+
+    for ref, rows_, says in ((model, 200, "--partition-rows was 300"),
+                             (corpus.ModelRef(model.path, "0" * 64, model.bpe_dir), 300,
+                              f"--model was a model with sha256 {model.sha256[:12]}")):
+        with pytest.raises(DataError, match=says):
+            corpus.classify_files(client, files, ref, out, "text", progress=False, log=lambda msg: None,
+                                  partition_rows=rows_)
 
 
 def _install_killer(marker):
@@ -209,7 +247,7 @@ def test_the_classify_command_on_a_cluster(client, model, texts, tmp_path, capsy
                      "--out", out, "--scheduler", client.scheduler.address, "--quiet"]) == 0
     err = capsys.readouterr().err
     assert f"wrote predictions for {2 * PER_FILE} texts in 2 files to {out} (0 files already there)" in err
-    assert sorted(os.listdir(out)) == ["part0.parquet", "part1.parquet"]
+    assert sorted(os.listdir(out)) == ["_npgpt_job.json", "part0.parquet", "part1.parquet"]
     check_outputs(out, texts[:2], expected(model, texts[:2]))
     for argv, message in ((["--out", out + ".parquet"], "--out is a folder"), ([], "need --file PATTERN"),
                           (["--out", out, "--json"], "--json and --top print per text")):

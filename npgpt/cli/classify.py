@@ -82,6 +82,9 @@ def build_parser():
                         "are skipped (pip install -e \".[dask]\"; docs/distributed.md)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="as --scheduler, on a Dask cluster of N worker processes started here")
+    p.add_argument("--partition-rows", type=int, default=None, metavar="N",
+                   help="with --scheduler or --workers: cut each file in pieces of N rows (default: one piece "
+                        "per file), each written to --out as <name>-00000.parquet, <name>-00001.parquet, ...")
     return p
 
 
@@ -106,6 +109,8 @@ def check_args(parser, args) -> None:
     if args.scheduler or args.workers is not None:
         check_cluster_args(parser, args)
         return
+    if args.partition_rows is not None:
+        parser.error("--partition-rows cuts files for a cluster: give it with --scheduler or --workers")
     if args.out is not None:
         check_out_path(args.out)
         if args.file not in (None, "-") and os.path.realpath(args.out) == os.path.realpath(args.file):
@@ -124,6 +129,8 @@ def check_cluster_args(parser, args) -> None:
         parser.error(f"--out {args.out}: with --scheduler or --workers, --out is a folder (one .parquet per file)")
     if args.json or args.top != 1:
         parser.error("--json and --top print per text: not with --scheduler or --workers (read --out's files)")
+    if args.partition_rows is not None and args.partition_rows < 1:
+        parser.error("--partition-rows must be at least 1")
 
 
 def classify_on_cluster(args) -> int:
@@ -139,9 +146,10 @@ def classify_on_cluster(args) -> int:
     with cluster(args.scheduler, args.workers, log) as client:
         done = classify_files(client, files, model_ref(args.model, args.bpe_dir, args.batch_size), args.out,
                               args.text_column or clf.text_column, args.id_column, clf.labels,
-                              progress=not args.quiet, log=log)
-    log(f"wrote predictions for {done['texts']} texts in {done['written']} files to {args.out} "
-        f"({done['skipped']} files already there)")
+                              progress=not args.quiet, log=log, partition_rows=args.partition_rows)
+    unit = "files" if args.partition_rows is None else "partitions"
+    log(f"wrote predictions for {done['texts']} texts in {done['written']} {unit} to {args.out} "
+        f"({done['skipped']} {unit} already there)")
     if done["cut"]:
         log(f"note: {done['cut']} texts have more than {clf.limit} tokens; only the first {clf.limit} were used"
             + (f"; {clf.limit_fix}" if clf.limit_fix else ""))
