@@ -20,13 +20,12 @@ batch 8, seed 123, last-token pooling).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 
-from common import default_data_dir, machine_info, print_info, write_json
+from common import arg_parser, default_data_dir, machine_info, print_info, write_json
 
 import pandas as pd  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
@@ -38,9 +37,7 @@ SIZES = {"tiny": dict(model="tiny", trainable_blocks="all", lr=1e-3),
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/class_weights.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--sizes", default="tiny,124M", help="comma-separated: tiny, 124M")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")

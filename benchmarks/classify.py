@@ -24,20 +24,17 @@ first --torch-limit texts (a rate in texts/s; marked so). npgpt's and PyTorch's 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from common import default_data_dir, machine_info, print_info, set_threads, summary, write_json
+from common import arg_parser, default_data_dir, machine_info, print_info, set_threads, summary, write_json
 
 import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/classify.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--large", type=int, default=10000, help="texts in the large set")
     p.add_argument("--torch-limit", type=int, default=1000, help="texts of the large set PyTorch classifies")
     p.add_argument("--batch-size", type=int, default=32, help="texts per PyTorch padded batch")

@@ -7,6 +7,7 @@ process slowing the machine down slows every variant alike.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -27,6 +28,14 @@ npgpt.tune_runtime()
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
             "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
             "NUMBA_THREADING_LAYER", "NPGPT_NUMBA", "NUMBA_CACHE_DIR")
+
+
+def arg_parser(doc: str, script: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: `python benchmarks/<script>` as its name, the docstring's
+    first paragraph as the description and the rest, kept as written, after the options."""
+    first, _, rest = doc.strip().partition("\n\n")
+    return argparse.ArgumentParser(prog=f"python benchmarks/{os.path.basename(script)}", description=first,
+                                   epilog=rest or None, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def default_data_dir() -> Path:

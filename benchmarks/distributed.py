@@ -23,7 +23,6 @@ benchmarks/classify.py makes them (distinct SMS messages, then pairs joined).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from types import SimpleNamespace
 _HERE = os.path.dirname(os.path.abspath(__file__))      # last on the path: `import distributed` is Dask's,
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]    # not this file
 
-from common import default_data_dir, machine_info, print_info, set_threads, write_json  # noqa: E402
+from common import arg_parser, default_data_dir, machine_info, print_info, set_threads, write_json  # noqa: E402
 
 import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 import pandas as pd  # noqa: E402
@@ -42,9 +41,7 @@ from classify import large_texts  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/distributed.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--texts", type=int, default=20000, help="texts classified each way")
     p.add_argument("--partitions", type=int, default=8, help="input files of the classify job")
     p.add_argument("--tiny-partitions", type=int, default=40, help="one-text files of the overhead job")

@@ -16,9 +16,8 @@ Medians with min-max; the ratio explain / predict_proba is from the same run.
 """
 from __future__ import annotations
 
-import argparse
 
-from common import default_data_dir, fmt_ms, interleaved, machine_info, print_info, summary, write_json
+from common import arg_parser, default_data_dir, fmt_ms, interleaved, machine_info, print_info, summary, write_json
 
 import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
@@ -28,9 +27,7 @@ TEXT = ("Congratulations! You have been selected to receive a free two-week crui
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/explain.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--repeats", type=int, default=11, help="timed turns")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)

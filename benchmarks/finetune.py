@@ -53,7 +53,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common import REPO, default_data_dir, gemm_peak, machine_info, print_info, set_threads, write_json  # noqa: E402
+from common import (REPO, arg_parser, default_data_dir, gemm_peak, machine_info, print_info,  # noqa: E402
+                    set_threads, write_json)
 
 C = 768            # 124M: channels
 L = 12             # blocks
@@ -61,9 +62,7 @@ LIN = 24 * C * C   # linear-layer FLOPs of one block per token: 2 x (3C^2 + C^2 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/finetune.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--epochs", type=int, default=5, help="epochs for npgpt (and PyTorch, unless --torch-epochs)")
     p.add_argument("--torch-epochs", type=int, default=None,
                    help="epochs for PyTorch; its time is then scaled to --epochs part by part (and marked so)")

@@ -18,11 +18,10 @@ npgpt runs (124M shapes, float32, medians of interleaved calls, caches flushed b
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
-from common import machine_info, print_info, set_threads, write_json
+from common import arg_parser, machine_info, print_info, set_threads, write_json
 
 import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 from numba import njit, prange  # noqa: E402
@@ -31,9 +30,7 @@ C, B = 768, 8
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/fusions.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--calls", type=int, default=100, help="interleaved calls per row")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--json", default=None)

@@ -30,18 +30,15 @@ Timing follows benchmarks/common.py: variants in turns, medians and min-max of o
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
-from common import default_data_dir, fmt_ms, machine_info, print_info, summary, write_json  # noqa: E402
+from common import arg_parser, default_data_dir, fmt_ms, machine_info, print_info, summary, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/prefix_stream.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("mode", choices=["read", "step", "make-csv"])
     p.add_argument("path", nargs="?", default=None, help="make-csv: the CSV to write")
     p.add_argument("--work-dir", default="/tmp/npgpt-prefix-stream", help="read: where the files are written")

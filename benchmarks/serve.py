@@ -31,7 +31,6 @@ within 1.1x of RSS after 1,000 requests. The client shares the machine's cores w
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -42,7 +41,7 @@ import tempfile
 import threading
 import time
 
-from common import REPO, default_data_dir, machine_info, print_info, set_threads, summary, write_json
+from common import REPO, arg_parser, default_data_dir, machine_info, print_info, set_threads, summary, write_json
 
 import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
@@ -52,7 +51,7 @@ MALFORMED = [b"{not json", b'{"inputs": 5}', b'{"inputs": []}', b'{"inputs": ""}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--phase-requests", type=int, default=300, help="requests per (mode, concurrency) phase at most")
     p.add_argument("--phase-seconds", type=float, default=30, help="seconds per phase at most")

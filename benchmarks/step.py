@@ -46,15 +46,13 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from common import fmt_ms, interleaved, machine_info, print_info, summary, write_json  # noqa: E402
+from common import arg_parser, fmt_ms, interleaved, machine_info, print_info, summary, write_json  # noqa: E402
 
 KERNELS = ("layernorm fwd", "layernorm bwd", "attention fwd", "attention bwd", "gelu fwd", "gelu bwd", "block matmuls")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python benchmarks/step.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = arg_parser(__doc__, __file__)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both sides (default: all cores)")
     p.add_argument("--repeats", type=int, default=7, help="turns per variant (after a warm-up turn)")
     p.add_argument("--inner", type=int, default=3, help="calls per turn; the first is not counted")
