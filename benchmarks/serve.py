@@ -125,6 +125,8 @@ def load(url, texts, concurrency, n_requests, seconds, malformed_every=0, on_don
                 r = client.post(url + "/v1/classify", content=body, headers={"Content-Type": "application/json"})
                 dt = time.perf_counter() - t0
                 server = {k: float(r.headers[f"x-{k}-time"]) for k in TIMES if f"x-{k}-time" in r.headers}
+                if "x-compute-tokens" in r.headers:
+                    server["pass_tokens"] = int(r.headers["x-compute-tokens"])
                 with lock:
                     results.append((i, dt, r.status_code, r.content, server))
                     if on_done:
@@ -148,6 +150,7 @@ def phase_row(mode, concurrency, results, elapsed, pid) -> dict:
            "peak_rss_mib": rss_mib(pid)[1]}
     for k in TIMES:                               # medians of the server's own account
         row[f"server_{k}_ms"] = float(np.median([server[k] for _, server in done])) if done else float("nan")
+    row["pass_tokens_median"] = float(np.median([server["pass_tokens"] for _, server in done])) if done else 0.0
     row["beyond_server_ms"] = float(np.median([dt * 1000 - server["total"] for dt, server in done])) \
         if done else float("nan")
     return row
@@ -277,7 +280,8 @@ def report(rows, inproc, long, packs) -> None:
     for r in rows:
         print(f"{r['mode']:>10s} {r['concurrency']:4d} {r['requests']:8d} {r['texts_per_s']:8.1f} {r['p50_ms']:8.0f} "
               f"{r['p95_ms']:8.0f} {r['p99_ms']:8.0f} {r['peak_rss_mib']:12.0f}   {r['server_queue_ms']:5.0f} "
-              f"{r['server_inference_ms']:9.0f} {r['server_total_ms']:5.0f}; {r['beyond_server_ms']:6.1f}")
+              f"{r['server_inference_ms']:9.0f} {r['server_total_ms']:5.0f}; {r['beyond_server_ms']:6.1f}; "
+              f"{r['pass_tokens_median']:6.0f}")
     by = {(r["mode"], r["concurrency"]): r for r in rows}
     best = min(packs, key=lambda r: r["ms_per_text"])
     print(f"\nconcurrency 32: batched / unbatched texts/s = "

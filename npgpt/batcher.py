@@ -12,9 +12,16 @@ few dozen tokens. Waiting a few milliseconds lets the requests that arrive meanw
 packed pass (`npgpt.infer`: no padding, every matmul one GEMM over all their tokens).
 
 The worker takes the oldest request, then more in arrival order while their tokens fit
-`max_batch_tokens` and until `max_wait_ms` after the oldest one arrived (a request that waited
-behind a running batch does not wait again). `max_batch_tokens=0` turns batching off: one
-request per pass. A request larger than the budget runs alone.
+`max_batch_tokens`, waiting for more until `max_wait_ms` after the oldest one arrived or after
+the last pass ended, whichever is later: clients answered together by one pass send their next
+requests together a moment later, and they should meet in the next pass rather than trail the
+one request that arrived during it. `max_batch_tokens=0` turns batching off: one request per
+pass. A request larger than the budget runs alone.
+
+No wait for a lone client: when the last pass served one request and no other arrived while it
+ran, nobody else is sending, and the next request runs at once (concurrency 1 pays no wait).
+Any sign of company (a pass of two or more, a request arriving during a pass) brings the wait
+back for the next pass.
 
 A request's answer equals `Classifier.predict_proba` on its texts alone, bit for bit: packed
 inference (last-token pooling, or last-position with a fixed pad length) gives each text the same
@@ -94,6 +101,9 @@ class Batcher:
         self.max_queue = int(max_queue)
         self.threads = threads                 # Numba and BLAS threads of the worker (None: the default)
         self.batches = 0                       # passes run, for /health and the tests
+        self._last_end = 0.0                   # time.monotonic() when the last pass ended
+        self._lone = True                      # the last pass served one request, none arrived meanwhile
+        self._arrived_in_pass = 0              # requests submitted while the current pass runs
         self._jobs: deque[_Job] = deque()
         self._pending = 0                      # texts submitted and not yet answered
         self._cond = threading.Condition()
@@ -133,6 +143,7 @@ class Batcher:
                 raise QueueFull(f"{len(self._jobs)} requests are queued, the limit (--max-queue) is {self.max_queue}")
             self._jobs.append(job)
             self._pending += n_texts
+            self._arrived_in_pass += 1
             self._cond.notify_all()
         return job.future
 
@@ -162,13 +173,18 @@ class Batcher:
             jobs = self._collect()
             if not jobs:
                 return                          # closing and nothing left
+            with self._cond:
+                self._arrived_in_pass = 0
             self._run(jobs)
             with self._cond:
                 self._pending -= sum(1 if j.fn else len(j.tokens) for j in jobs)
+                self._lone = len(jobs) == 1 and self._arrived_in_pass == 0
+                self._last_end = time.monotonic()
 
     def _collect(self) -> list:
         """The next batch: the oldest job, then later ones while they fit the token budget and
-        the oldest one's wait has not run out (closing: no waiting). [] when closed and empty."""
+        the wait has not run out: max_wait after the oldest one arrived or the last pass ended,
+        none for a lone client or when closing (module docstring). [] when closed and empty."""
         with self._cond:
             while not self._jobs:
                 if self._closing:
@@ -178,6 +194,7 @@ class Batcher:
             batch, tokens = [first], first.n_tokens
             if first.fn is not None or not self.batching:
                 return batch
+            deadline = max(first.arrived, self._last_end) + self.max_wait
             while True:
                 if self._jobs:
                     nxt = self._jobs[0]
@@ -186,8 +203,9 @@ class Batcher:
                     batch.append(self._jobs.popleft())
                     tokens += nxt.n_tokens
                     continue
-                left = first.arrived + self.max_wait - time.monotonic()        # hurry() sets max_wait 0
-                if left <= 0 or self._closing:
+                left = deadline - time.monotonic()
+                lone = self._lone and len(batch) == 1
+                if left <= 0 or self._closing or lone or self.max_wait == 0:           # hurry() sets 0
                     return batch
                 self._cond.wait(left)
 

@@ -72,6 +72,9 @@ def test_concurrent_requests_share_passes_and_each_gets_its_own_answer_bit_for_b
     (a float32 ulp or so, under 1e-6 in probability; docs/serving.md)."""
     requests = [TEXTS[i:i + 2 + i % 2] for i in range(6)] + [[t] for t in TEXTS[:6]]
     batcher = Batcher(clf, max_wait_ms=WAIT * 1000)          # waits until the budget fills or close()
+    running, gate = threading.Event(), threading.Event()
+    batcher.call(lambda: running.set() or gate.wait(WAIT))   # the worker is busy while they arrive
+    assert running.wait(WAIT)
     start = threading.Barrier(len(requests))
 
     def one(texts):
@@ -80,6 +83,7 @@ def test_concurrent_requests_share_passes_and_each_gets_its_own_answer_bit_for_b
 
     with ThreadPoolExecutor(len(requests)) as pool:
         futures = list(pool.map(one, requests))
+    gate.set()
     batcher.close(WAIT)                                       # no more waiting: run what is queued
     assert batcher.batches == 1                               # all twelve in one packed pass
     for texts, future in zip(requests, futures):
@@ -125,6 +129,34 @@ def test_a_full_queue_is_refused_and_close_answers_what_is_queued(clf):
     batcher.close(WAIT)
     assert blocked.result(WAIT) is True
     assert all(np.array_equal(f.result(WAIT), clf.predict_proba([t])) for f, t in zip(queued, TEXTS))
+
+
+def test_a_lone_client_does_not_wait_and_company_brings_the_wait_back(clf):
+    """The wait is skipped while one client sends alone (10 minutes here: the test would time
+    out); a request that arrives while a pass runs means company: the next pass waits, counted
+    from the end of that pass (2 s here), so a request sent just after it ended joins it."""
+    alone = Batcher(clf, max_wait_ms=10 * WAIT * 1000)
+    for t in TEXTS[:3]:                                       # one at a time: each runs at once
+        assert np.array_equal(alone.submit(clf.encode([t])[0]).result(WAIT), clf.predict_proba([t]))
+    assert alone.batches == 3
+    alone.close(WAIT)
+
+    batcher = Batcher(clf, max_wait_ms=2000)
+    running, gate = threading.Event(), threading.Event()
+    batcher.call(lambda: running.set() or gate.wait(WAIT))   # a pass runs...
+    assert running.wait(WAIT)
+    during = batcher.submit(clf.encode([TEXTS[3]])[0])        # ...and a request arrives meanwhile,
+    threading.Event().wait(2.5)                               # more than the wait before it ends
+    gate.set()
+    while batcher.pending > 1:                                # the call's pass has ended
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.2)
+    assert not during.done()                                  # it waits for company, which comes:
+    after = batcher.submit(clf.encode([TEXTS[4]])[0])
+    batcher.close(WAIT)
+    assert batcher.batches == 1                               # the two shared one pass
+    for future, t in ((during, TEXTS[3]), (after, TEXTS[4])):
+        assert np.array_equal(future.result(WAIT), clf.predict_proba([t]))
 
 
 def test_the_timing_of_requests_that_share_a_pass(clf):
