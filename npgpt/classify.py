@@ -191,7 +191,8 @@ class Classifier:
         meta = dict(self.meta, kind=KIND, labels=list(self.labels), pooling=self.pooling,
                     max_length=self.max_length,
                     id2label={str(i): s for i, s in enumerate(self.labels)})
-        files = self.bpe_files or classifier_bpe_files(self.path, self.meta, self.bpe_dir)
+        from .tokenizer import bpe_files_of
+        files = self.bpe_files or bpe_files_of(self.tok) or classifier_bpe_files(self.path, self.meta, self.bpe_dir)
         save_params(path, self.params, self.config, meta, files=files)
         return path
 

@@ -15,8 +15,9 @@ Where the two files come from, first match wins:
   4. tiktoken's own `gpt2` encoding (its cache, else a download).
 Both files are checked against the sha256 values OpenAI published (the ones tiktoken hard-codes).
 
-A classifier file carries the two files itself (`bpe_file_bytes` when it is saved,
-`tokenizer_from_h5` when it is loaded), so it needs none of these places.
+A classifier file carries the two files itself (those its tokenizer was built from,
+`bpe_files_of`, else `bpe_file_bytes`, when it is saved; `tokenizer_from_h5` when it is loaded),
+so it needs none of these places.
 """
 from __future__ import annotations
 
@@ -174,9 +175,17 @@ def _build_encoding(d: Path):
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(d / "vocab.bpe"), encoder_json_file=str(d / "encoder.json"),
             vocab_bpe_hash=BPE_FILES["vocab.bpe"], encoder_json_hash=BPE_FILES["encoder.json"])
-    return tiktoken.Encoding(name="gpt2", pat_str=tiktoken_ext.openai_public.r50k_pat_str,
-                             mergeable_ranks=ranks, special_tokens={EOT: PAD_ID},
-                             explicit_n_vocab=N_VOCAB)
+    enc = tiktoken.Encoding(name="gpt2", pat_str=tiktoken_ext.openai_public.r50k_pat_str,
+                            mergeable_ranks=ranks, special_tokens={EOT: PAD_ID},
+                            explicit_n_vocab=N_VOCAB)
+    enc.npgpt_bpe_files = {name: (d / name).read_bytes() for name in BPE_FILES}   # for bpe_files_of
+    return enc
+
+
+def bpe_files_of(enc):
+    """The two files' contents (sha256-checked) an encoding was built from, which a classifier
+    file saved with it stores; None for tiktoken's own encoding (`bpe_file_bytes` finds those)."""
+    return getattr(enc, "npgpt_bpe_files", None)
 
 
 @functools.lru_cache(maxsize=None)

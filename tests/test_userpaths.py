@@ -236,6 +236,21 @@ def test_fit_then_save_carries_the_tokenizer(nowhere, tmp_path, bpe_dir, monkeyp
         _classifies_offline(tmp_path / "old.h5", monkeypatch)          # (the check itself can fail)
 
 
+def test_a_classifier_built_by_hand_saves_the_tokenizer_it_was_given(nowhere, tmp_path, bpe_dir, monkeypatch):
+    """Classifier(tok=get_tokenizer(folder)) with no bpe_dir: its file carries that folder's files."""
+    from npgpt.classify import Classifier
+    from npgpt.config import init_params, preset
+    from npgpt.tokenizer import get_tokenizer
+    _copy_bpe(bpe_dir, tmp_path / "bpe")
+    cfg = preset("tiny")
+    clf = Classifier(params=init_params(cfg, seed=1, num_classes=2), config=cfg, labels=["a", "b"],
+                     pooling="last_token", max_length=None, tok=get_tokenizer(tmp_path / "bpe"))
+    want = clf.predict_proba(TEXTS)
+    shutil.rmtree(tmp_path / "bpe")
+    clf.save(tmp_path / "by-hand.h5")
+    np.testing.assert_array_equal(_classifies_offline(tmp_path / "by-hand.h5", monkeypatch), want)
+
+
 def test_lora_merge_carries_the_tokenizer(nowhere, tmp_path, bpe_dir, monkeypatch):
     from npgpt import config as C, lora, params as P
     from npgpt.cli import lora as lora_cli
