@@ -1,6 +1,7 @@
 """Progress bars (tqdm on stderr) that read well in a terminal and leave a redirected log clean.
 
-A bar is shown only when its stream (stderr) is a terminal: a file or a pipe (`train > log 2>&1`,
+A bar is shown only when its stream (stderr) is a terminal or a Jupyter notebook's output (whose
+stream draws a carriage return as a terminal does): a file or a pipe (`train > log 2>&1`,
 `evaluate 2>ev.err`) gets no bar and no carriage return, only the plain lines the command prints
 (one per evaluation, none per batch). NPGPT_PROGRESS=1 forces bars off a terminal too (updated
 every 30 s at most, in plain ASCII), NPGPT_PROGRESS=0 hides them everywhere.
@@ -19,6 +20,10 @@ ENV = "NPGPT_PROGRESS"
 
 
 def _is_terminal(stream) -> bool:
+    """A terminal, or a Jupyter kernel's output stream (ipykernel's OutStream: not a tty, but a
+    notebook redraws a line on a carriage return)."""
+    if type(stream).__module__.startswith("ipykernel."):
+        return True
     try:
         return stream.isatty()
     except (AttributeError, ValueError):        # no isatty, or a closed stream

@@ -35,9 +35,19 @@ class Terminal(io.StringIO):
         return True
 
 
+class NotebookOutput(io.StringIO):
+    """What a Jupyter kernel's stderr looks like to npgpt: ipykernel's OutStream, not a tty."""
+    def isatty(self):
+        return False
+
+
+NotebookOutput.__module__ = "ipykernel.iostream"
+
+
 def test_bars_show_on_a_terminal_only_unless_forced(monkeypatch):
     monkeypatch.delenv("NPGPT_PROGRESS", raising=False)
     assert shows_bars(Terminal()) and not shows_bars(io.StringIO())
+    assert shows_bars(NotebookOutput())                          # a notebook draws them too
     monkeypatch.setenv("NPGPT_PROGRESS", "1")
     assert shows_bars(io.StringIO())
     monkeypatch.setenv("NPGPT_PROGRESS", "0")
