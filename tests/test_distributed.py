@@ -254,3 +254,6 @@ def test_the_classify_command_on_a_cluster(client, model, texts, tmp_path, capsy
         with pytest.raises(SystemExit) as stop:
             cli.main(["--model", model.path, "--workers", "2"] + (["--file", pattern] if argv else []) + argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:                   # pieces are for a cluster
+        cli.main(["--model", model.path, "--file", texts[0], "--partition-rows", "100"])
+    assert stop.value.code == 2 and "--partition-rows cuts files for a cluster" in capsys.readouterr().err
