@@ -14,6 +14,10 @@ benchmarks/classify.py makes them (distinct SMS messages, then pairs joined).
              Also one process on 1 thread over the first quarter of the texts (the rate of one
              core), and where the cluster's wall time went: each worker's busy seconds (Dask's
              task stream), its first task (which loads the classifier and its kernels) apart.
+  work       the token rows each side computes (no timing, the same every run): packed inference
+             computes a repeated text once and the first tokens texts share once, within one call:
+             one process shares across all the texts, the cluster within each partition only.
+             `--counts-only` prints these and stops.
   overhead   the same job over --tiny-partitions files of one text each: wall seconds per partition,
              and worker-seconds per partition (wall x workers / partitions), beyond the work itself.
   prefix     the frozen prefix (blocks 0..10 of 12: --trainable-blocks 1) of --prefix-texts texts at
@@ -48,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--prefix-texts", type=int, default=20000, help="texts whose frozen prefix is computed")
     p.add_argument("--shard-tokens", type=int, default=20000, help="tokens per shard of the sharded prefix")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the one-process side")
+    p.add_argument("--counts-only", action="store_true", help="print the work rows (token counts) and stop")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -67,6 +72,32 @@ def write_files(texts, n, folder) -> list:
         pd.DataFrame({"text": [texts[i] for i in part]}).to_parquet(path, index=False)
         paths.append(path)
     return paths
+
+
+def computed_rows(token_lists) -> tuple:
+    """(tokens, token rows packed inference computes) for one call on these token id lists: each
+    distinct sequence once, the first tokens it shares with its neighbour in sorted order once
+    (`npgpt.infer.packed_logits`'s packs, 2048 tokens each)."""
+    from npgpt import prefix_tree
+    seqs = [np.array(t, np.int64) for t in dict.fromkeys(tuple(int(i) for i in t) for t in token_lists)]
+    return sum(len(t) for t in token_lists), sum(len(lay.ids) for _, lay in prefix_tree.packed_layouts(seqs, 2048))
+
+
+def work_rows(args, clf_path, texts, rows) -> None:
+    """The work rows: tokens and computed token rows of one process (all texts in one call), of
+    its first quarter (the 1-thread row) and of the cluster's partitions."""
+    from npgpt.classify import load_classifier
+    clf = load_classifier(clf_path, str(default_data_dir() / "gpt2_bpe"))
+    tokens = list(clf.encode(texts)[0])
+    sides = {"one process, all texts in one call": [tokens],
+             "one process, 1 thread: the first quarter": [tokens[:max(1, len(tokens) // 4)]],
+             f"LocalCluster, {args.partitions} partitions":
+                 [tokens[p[0]:p[-1] + 1] for p in np.array_split(np.arange(len(tokens)), args.partitions)]}
+    for side, calls in sides.items():
+        counts = [computed_rows(c) for c in calls]
+        total, done = sum(a for a, _ in counts), sum(b for _, b in counts)
+        rows.append(("work", f"{side} ({total} tokens)", sum(map(len, calls)), float(done), done / total))
+        print(f"  work, {side}: {done} of {total} tokens computed ({done / total:.3f})", flush=True)
 
 
 def worker_busy(tasks) -> dict:
@@ -180,15 +211,26 @@ def main(argv=None):
         meta = {"kind": "npgpt-classifier", "labels": ["0", "1"], "pooling": "last_token", "max_length": 120}
         P.save_params(clf_path, init_params(cfg, seed=123, num_classes=2), cfg, meta=meta)
         P.save_params(weights, init_params(cfg, seed=123), cfg)
+        work_rows(args, clf_path, texts[:args.texts], rows)
+        if args.counts_only:
+            return report(rows, args, command, info, None, None, None)
         diff = classify_rows(args, d, clf_path, texts[:args.texts], rows)
         tokens, same = prefix_rows(args, d, weights, texts[:args.prefix_texts], rows)
-    print(f"\nclassify: largest |p difference| one process vs cluster {diff:.1e}; prefix: {tokens} tokens, "
-          f"cluster's shards {'equal' if same else 'DIFFER FROM'} the one-process prefix bit for bit")
-    print("\n(busy rows: items = tasks, s = seconds computing, per s = the fraction of the job's wall time)")
+    return report(rows, args, command, info, diff, tokens, same)
+
+
+def report(rows, args, command, info, diff, tokens, same) -> int:
+    """The table (and the JSON file); diff/tokens/same None when only the work was counted."""
+    if diff is not None:
+        print(f"\nclassify: largest |p difference| one process vs cluster {diff:.1e}; prefix: {tokens} tokens, "
+              f"cluster's shards {'equal' if same else 'DIFFER FROM'} the one-process prefix bit for bit")
+    print("\n(work rows: items = texts, s = token rows computed, per s = their fraction of the tokens; busy rows: "
+          "items = tasks, s = seconds computing, per s = the fraction of the job's wall time)")
     print(f"\n{'what':>9s} {'side':70s} {'items':>6s} {'s':>9s} {'per s':>9s}")
     for what, side, n, s, rate in rows:
-        print(f"{what:>9s} {side:70s} {n:6d} {s:9.3f} {rate:9.1f}" if rate >= 10 else
-              f"{what:>9s} {side:70s} {n:6d} {s:9.3f} {rate:9.3f}")
+        seconds = f"{s:9.0f}" if what == "work" else f"{s:9.3f}"
+        print(f"{what:>9s} {side:70s} {n:6d} {seconds} {rate:9.1f}" if rate >= 10 else
+              f"{what:>9s} {side:70s} {n:6d} {seconds} {rate:9.3f}")
     print(f"load average after: {machine_info()['load_avg_1_5_15']}")
     if args.json:
         write_json(args.json, {"command": command, "info": info, "args": vars(args), "max_abs_p_diff": diff,
