@@ -204,6 +204,31 @@ def test_the_prefix_on_workers_trains_the_same_parameters_bit_for_bit(client, tm
     assert not any(line.startswith("dask:") for line in said)      # no cluster started for nothing
 
 
+def test_the_prefix_on_workers_trains_a_124m_shaped_model_to_the_same_bits(client, tmp_path, bpe_dir):
+    """The real shapes (12 blocks of 768, random weights from the seed on every worker) on 16
+    tickets: the sharded prefix trains the same parameters as one process."""
+    from npgpt.runconfig import RunConfig, RunOptions
+    from npgpt.train import train_run
+    data = str(tmp_path / "tickets.csv")
+    pd.read_csv(REPO / "examples" / "support_tickets.csv").groupby("label").head(4).to_csv(data, index=False)
+    run = RunConfig(model="124M", random_init=True, data=data, bpe_dir=bpe_dir, epochs=1, batch_size=4,
+                    eval_freq=1000, split=(0.5, 0.25))
+    quiet = lambda msg: None
+    base = dict(progress=False, plots=False)
+    single = train_run(run, RunOptions(out=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache-a"), **base),
+                       log=quiet)
+    said = []
+    sharded = train_run(run, RunOptions(out=str(tmp_path / "b"), cache_dir=str(tmp_path / "cache-b"),
+                                        scheduler=client.scheduler.address, shard_tokens=60, **base),
+                        log=said.append)
+    shards = [line for line in said if line.startswith("frozen prefix in")]
+    assert int(shards[0].split()[3]) > 2, shards                      # computed in several shards
+    a, b = P.load_params(single.classifier_path)[0], P.load_params(sharded.classifier_path)[0]
+    assert sorted(a) == sorted(b) and a["h11/attn/c_attn/w"].shape == (768, 2304)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 def test_a_worker_with_another_weights_file_is_named(client, tmp_path):
     from npgpt.config import init_params, preset
     path = tmp_path / "gpt2-tiny.h5"
