@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-tokens", type=int, default=20000, help="tokens per shard of the sharded prefix")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of the one-process side")
     p.add_argument("--counts-only", action="store_true", help="print the work rows (token counts) and stop")
+    p.add_argument("--parts", default="classify,prefix", help="which parts to run: classify, prefix or both")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -187,8 +188,19 @@ def prefix_rows(args, d, weights, texts, rows):
     rows.append(("prefix", f"LocalCluster 2x1, shards of {args.shard_tokens} tokens (start included)",
                  len(seqs), s, tokens / s))
     print(f"  prefix, LocalCluster: {s:.1f} s", flush=True)
-    same = all(np.array_equal(views[u], flat[offsets[u]:offsets[u + 1]]) for u in range(len(seqs)))
-    return tokens, same
+    rows_differ, largest, scale = 0, 0.0, 0.0
+    for u in range(len(seqs)):
+        a, b = views[u], flat[offsets[u]:offsets[u + 1]]                          # [n,C] each
+        if not np.array_equal(a, b):
+            rows_differ += int(np.any(a != b, axis=1).sum())
+            largest = max(largest, float(np.abs(a - b).max()))
+            scale = max(scale, float(np.abs(b).max()))
+    if rows_differ:
+        print(f"  prefix: {rows_differ} of {tokens} token rows differ from the one-process prefix, by at most "
+              f"{largest:.2e} (the largest |activation| there: {scale:.1f})", flush=True)
+    rows.append(("prefix", f"token rows differing, by at most {largest:.2e}", len(seqs), float(rows_differ),
+                 rows_differ / tokens))
+    return tokens, rows_differ == 0
 
 
 def main(argv=None):
@@ -214,16 +226,20 @@ def main(argv=None):
         work_rows(args, clf_path, texts[:args.texts], rows)
         if args.counts_only:
             return report(rows, args, command, info, None, None, None)
-        diff = classify_rows(args, d, clf_path, texts[:args.texts], rows)
-        tokens, same = prefix_rows(args, d, weights, texts[:args.prefix_texts], rows)
+        parts = set(args.parts.split(","))
+        diff = classify_rows(args, d, clf_path, texts[:args.texts], rows) if "classify" in parts else None
+        tokens, same = prefix_rows(args, d, weights, texts[:args.prefix_texts], rows) if "prefix" in parts \
+            else (None, None)
     return report(rows, args, command, info, diff, tokens, same)
 
 
 def report(rows, args, command, info, diff, tokens, same) -> int:
     """The table (and the JSON file); diff/tokens/same None when only the work was counted."""
     if diff is not None:
-        print(f"\nclassify: largest |p difference| one process vs cluster {diff:.1e}; prefix: {tokens} tokens, "
-              f"cluster's shards {'equal' if same else 'DIFFER FROM'} the one-process prefix bit for bit")
+        print(f"\nclassify: largest |p difference| one process vs cluster {diff:.1e}")
+    if tokens is not None:
+        print(f"prefix: {tokens} tokens, the cluster's shards {'equal' if same else 'DIFFER FROM'} the one-process "
+              "prefix bit for bit")
     print("\n(work rows: items = texts, s = token rows computed, per s = their fraction of the tokens; busy rows: "
           "items = tasks, s = seconds computing, per s = the fraction of the job's wall time)")
     print(f"\n{'what':>9s} {'side':70s} {'items':>6s} {'s':>9s} {'per s':>9s}")

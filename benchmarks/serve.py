@@ -160,7 +160,7 @@ def pack_rows(clf, texts, args) -> list:
     """In this process: logits_of_tokens on passes of 1, 2, 4, ... 128 distinct texts, in turns.
     -> a row per pass size: texts, tokens, median ms per pass and per text"""
     from common import interleaved
-    tokens = clf.encode(texts)[0]
+    tokens = list(clf.encode(texts)[0])
     sizes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= len(tokens)]
     passes = {n: [list(t) for t in tokens[:n]] for n in sizes}
     times = interleaved({n: (lambda p=p: clf.logits_of_tokens(p)) for n, p in passes.items()}, args.pack_repeats)
