@@ -188,16 +188,19 @@ def prefix_rows(args, d, weights, texts, rows):
     rows.append(("prefix", f"LocalCluster 2x1, shards of {args.shard_tokens} tokens (start included)",
                  len(seqs), s, tokens / s))
     print(f"  prefix, LocalCluster: {s:.1f} s", flush=True)
-    rows_differ, largest, scale = 0, 0.0, 0.0
+    rows_differ, largest, scale, where = 0, 0.0, 0.0, []
     for u in range(len(seqs)):
         a, b = views[u], flat[offsets[u]:offsets[u + 1]]                          # [n,C] each
         if not np.array_equal(a, b):
-            rows_differ += int(np.any(a != b, axis=1).sum())
+            differ = np.flatnonzero(np.any(a != b, axis=1))
+            rows_differ += len(differ)
             largest = max(largest, float(np.abs(a - b).max()))
             scale = max(scale, float(np.abs(b).max()))
+            where.append(f"sequence {u} ({len(a)} tokens): positions {differ[:4].tolist()}")
     if rows_differ:
-        print(f"  prefix: {rows_differ} of {tokens} token rows differ from the one-process prefix, by at most "
-              f"{largest:.2e} (the largest |activation| there: {scale:.1f})", flush=True)
+        print(f"  prefix: {rows_differ} of {tokens} token rows in {len(where)} sequences differ from the one-process "
+              f"prefix, by at most {largest:.2e} (the largest |activation| there: {scale:.1f}); "
+              f"{'; '.join(where[:5])}", flush=True)
     rows.append(("prefix", f"token rows differing, by at most {largest:.2e}", len(seqs), float(rows_differ),
                  rows_differ / tokens))
     return tokens, rows_differ == 0
