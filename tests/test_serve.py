@@ -188,7 +188,9 @@ def test_classify_says_where_its_time_went_in_tei_s_headers_and_server_timing(cl
         assert running.wait(WAIT)
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(c.post, "/v1/classify", json={"inputs": TEXTS[5]})
-            threading.Event().wait(0.2)
+            while batcher.pending < 2 and not answer.done():           # the request is queued...
+                threading.Event().wait(0.01)
+            threading.Event().wait(0.2)                                 # ...and waits at least 0.2 s
             gate.set()
             r = answer.result(WAIT)
     assert r.status_code == 200
