@@ -134,19 +134,19 @@ def test_a_full_queue_is_refused_and_close_answers_what_is_queued(clf):
 def test_a_lone_client_does_not_wait_and_company_brings_the_wait_back(clf):
     """The wait is skipped while one client sends alone (10 minutes here: the test would time
     out); a request that arrives while a pass runs means company: the next pass waits, counted
-    from the end of that pass (2 s here), so a request sent just after it ended joins it."""
+    from the end of that pass (4 s here), so a request sent just after it ended joins it."""
     alone = Batcher(clf, max_wait_ms=10 * WAIT * 1000)
     for t in TEXTS[:3]:                                       # one at a time: each runs at once
         assert np.array_equal(alone.submit(clf.encode([t])[0]).result(WAIT), clf.predict_proba([t]))
     assert alone.batches == 3
     alone.close(WAIT)
 
-    batcher = Batcher(clf, max_wait_ms=2000)
+    batcher = Batcher(clf, max_wait_ms=4000)
     running, gate = threading.Event(), threading.Event()
     batcher.call(lambda: running.set() or gate.wait(WAIT))   # a pass runs...
     assert running.wait(WAIT)
     during = batcher.submit(clf.encode([TEXTS[3]])[0])        # ...and a request arrives meanwhile,
-    threading.Event().wait(2.5)                               # more than the wait before it ends
+    threading.Event().wait(4.5)                               # more than the wait before it ends
     gate.set()
     while batcher.pending > 1:                                # the call's pass has ended
         threading.Event().wait(0.01)
