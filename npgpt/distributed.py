@@ -14,7 +14,9 @@ module imports it when a cluster is first asked for. What runs on the workers:
 A worker loads the model itself, once per process (`worker_model`; never pickled with each task),
 from the same weights file as this process, and checks it: the npgpt version when the client
 connects, the weights file's sha256 and the frozen blocks' content on the first task; a difference
-is an NpgptError naming it. Each task runs Numba and BLAS on the worker's thread count.
+is an NpgptError naming it. Each task runs Numba and BLAS on the worker's thread count, and the
+kernels as loaded from Numba's disk cache (compiled in a child process when a machine's cache is
+cold), as the trainer runs them: freshly compiled parallel kernels can round differently.
 """
 from __future__ import annotations
 
@@ -160,6 +162,8 @@ def worker_model(recipe: ModelRecipe):
             if sha != recipe.weights_sha256:
                 raise NpgptError(f"{where}: the weights file {run.weights} differs from the trainer's (sha256 "
                                  f"{sha[:12]}, the trainer's {recipe.weights_sha256[:12]}): copy the same file")
+        from .fastops import load_compiled_kernels
+        load_compiled_kernels(log=lambda msg: None)      # loaded from Numba's cache, as the trainer's
         _MODELS.clear()
         _MODELS[recipe] = load_model(run, recipe.num_classes, RunOptions(progress=False), log=lambda msg: None)[:2]
     return _MODELS[recipe]

@@ -229,6 +229,35 @@ def test_the_prefix_on_workers_trains_a_124m_shaped_model_to_the_same_bits(clien
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def _kernel_cache_stats():
+    """On a worker: (cache hits, cache misses) of npgpt's kernels (a miss: compiled in this process)."""
+    from numba.core.registry import CPUDispatcher
+    from npgpt import kernels
+    stats = [k.stats for k in vars(kernels).values() if isinstance(k, CPUDispatcher) and k.overloads]
+    return sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats)
+
+
+def test_workers_run_the_kernels_from_numba_s_cache_even_when_it_is_cold(model, texts, tmp_path):
+    """A worker whose machine has no compiled kernels yet (an empty NUMBA_CACHE_DIR) has them
+    compiled apart and loads them, as every npgpt run does: none compiled in the worker itself."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "NUMBA_CACHE_DIR")}
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), saved["PYTHONPATH"] or ""]).rstrip(os.pathsep)
+    os.environ["NUMBA_CACHE_DIR"] = str(tmp_path / "numba-cache")
+    try:
+        with distributed.cluster(workers=1, log=lambda msg: None) as cold:
+            part = corpus.read_partition(corpus.Piece(texts[0], 0, 50, ""), "text")
+            got = cold.submit(corpus.predict_partition, part, model, "text").result()
+            (hits, misses), = cold.run(_kernel_cache_stats).values()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert len(got) == 50 and hits > 0 and misses == 0, (hits, misses)
+    assert os.listdir(tmp_path / "numba-cache")                    # compiled apart, into that cache
+
+
 def test_a_worker_with_another_weights_file_is_named(client, tmp_path):
     from npgpt.config import init_params, preset
     path = tmp_path / "gpt2-tiny.h5"
