@@ -214,6 +214,8 @@ def main(argv=None):
         if name in os.environ:
             sys.exit(f"unset {name} first: the workers and this process must run the same BLAS kernels")
     set_threads(args.threads)
+    from npgpt.fastops import load_compiled_kernels
+    load_compiled_kernels()                   # from Numba's cache, as the workers and every npgpt run
     command = "python benchmarks/distributed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(command)
     info = machine_info()
