@@ -18,10 +18,11 @@ requests together a moment later, and they should meet in the next pass rather t
 one request that arrived during it. `max_batch_tokens=0` turns batching off: one request per
 pass. A request larger than the budget runs alone.
 
-No wait for a lone client: when the last pass served one request and no other arrived while it
-ran, nobody else is sending, and the next request runs at once (concurrency 1 pays no wait).
-Any sign of company (a pass of two or more, a request arriving during a pass) brings the wait
-back for the next pass.
+No wait for a lone client: when the last pass of requests served one request and no other
+arrived while it ran, nobody else is sending, and the next request runs at once (concurrency 1
+pays no wait). Any sign of company (a pass of two or more, a request arriving during a pass)
+brings the wait back for the next pass. Until a first pass of requests has run, company is
+assumed; `call` jobs (an explanation, the server's warm-up) say nothing about the clients.
 
 A request's answer equals `Classifier.predict_proba` on its texts alone, bit for bit: packed
 inference (last-token pooling, or last-position with a fixed pad length) gives each text the same
@@ -102,7 +103,7 @@ class Batcher:
         self.threads = threads                 # Numba and BLAS threads of the worker (None: the default)
         self.batches = 0                       # passes run, for /health and the tests
         self._last_end = 0.0                   # time.monotonic() when the last pass ended
-        self._lone = True                      # the last pass served one request, none arrived meanwhile
+        self._lone = False                     # the last pass served one request, none arrived meanwhile
         self._arrived_in_pass = 0              # requests submitted while the current pass runs
         self._jobs: deque[_Job] = deque()
         self._pending = 0                      # texts submitted and not yet answered
@@ -178,8 +179,9 @@ class Batcher:
             self._run(jobs)
             with self._cond:
                 self._pending -= sum(1 if j.fn else len(j.tokens) for j in jobs)
-                self._lone = len(jobs) == 1 and self._arrived_in_pass == 0
-                self._last_end = time.monotonic()
+                if jobs[0].fn is None:          # a pass of requests: what it says of the clients
+                    self._lone = len(jobs) == 1 and self._arrived_in_pass == 0
+                    self._last_end = time.monotonic()
 
     def _collect(self) -> list:
         """The next batch: the oldest job, then later ones while they fit the token budget and

@@ -131,30 +131,52 @@ def test_a_full_queue_is_refused_and_close_answers_what_is_queued(clf):
     assert all(np.array_equal(f.result(WAIT), clf.predict_proba([t])) for f, t in zip(queued, TEXTS))
 
 
+class Held:
+    """A classifier whose passes wait while `gate` is closed (open at first)."""
+
+    def __init__(self, clf):
+        self.clf, self.gate, self.running = clf, threading.Event(), threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self.clf, name)
+
+    def logits_of_tokens(self, tokens):
+        self.running.set()
+        assert self.gate.wait(WAIT)
+        return self.clf.logits_of_tokens(tokens)
+
+
 def test_a_lone_client_does_not_wait_and_company_brings_the_wait_back(clf):
-    """The wait is skipped while one client sends alone (10 minutes here: the test would time
-    out); a request that arrives while a pass runs means company: the next pass waits, counted
-    from the end of that pass (4 s here), so a request sent just after it ended joins it."""
-    alone = Batcher(clf, max_wait_ms=10 * WAIT * 1000)
-    for t in TEXTS[:3]:                                       # one at a time: each runs at once
+    """Company is assumed until a pass shows a lone client; then the wait is skipped (10 minutes
+    here: the test would time out); a request that arrives while a pass runs means company: the
+    next pass waits, counted from the end of that pass (4 s here), so a request sent just after
+    it ended joins it."""
+    alone = Batcher(clf, max_wait_ms=50)
+    assert np.array_equal(alone.submit(clf.encode([TEXTS[0]])[0]).result(WAIT), clf.predict_proba([TEXTS[0]]))
+    alone.max_wait = 10 * WAIT                                # from now on a wait would time the test out
+    for t in TEXTS[1:4]:                                      # one at a time: each runs at once
         assert np.array_equal(alone.submit(clf.encode([t])[0]).result(WAIT), clf.predict_proba([t]))
-    assert alone.batches == 3
+    assert alone.batches == 4
     alone.close(WAIT)
 
-    batcher = Batcher(clf, max_wait_ms=4000)
-    running, gate = threading.Event(), threading.Event()
-    batcher.call(lambda: running.set() or gate.wait(WAIT))   # a pass runs...
-    assert running.wait(WAIT)
-    during = batcher.submit(clf.encode([TEXTS[3]])[0])        # ...and a request arrives meanwhile,
-    threading.Event().wait(4.5)                               # more than the wait before it ends
-    gate.set()
-    while batcher.pending > 1:                                # the call's pass has ended
-        threading.Event().wait(0.01)
+    held = Held(clf)
+    batcher = Batcher(held, max_wait_ms=50)
+    batcher.submit(clf.encode([TEXTS[0]])[0]).result(WAIT)    # a lone client so far
+    batcher.max_wait = 4.0
+    held.gate.clear()
+    held.running.clear()
+    first = batcher.submit(clf.encode([TEXTS[1]])[0])         # runs at once, and its pass is held...
+    assert held.running.wait(WAIT)
+    during = batcher.submit(clf.encode([TEXTS[3]])[0])        # ...while a request arrives,
+    threading.Event().wait(4.5)                               # more than the wait before the pass ends
+    held.gate.set()
+    first.result(WAIT)
     threading.Event().wait(0.2)
     assert not during.done()                                  # it waits for company, which comes:
     after = batcher.submit(clf.encode([TEXTS[4]])[0])
     batcher.close(WAIT)
-    assert batcher.batches == 1                               # the two shared one pass
+    assert batcher.batches == 3                               # the two shared one pass
     for future, t in ((during, TEXTS[3]), (after, TEXTS[4])):
         assert np.array_equal(future.result(WAIT), clf.predict_proba([t]))
 
@@ -338,8 +360,9 @@ def test_sigterm_answers_the_queued_requests_and_exits_0(clf, model_file, bpe_di
         with ThreadPoolExecutor(3) as pool:
             answers = [pool.submit(httpx.post, url + "/v1/classify", json={"inputs": t}, timeout=WAIT)
                        for t in TEXTS[:3]]
-            for _ in range(WAIT * 10):
-                if httpx.get(url + "/health", timeout=WAIT).json()["queued"] == 3:
+            for _ in range(WAIT * 10):               # all three wait for company (assumed at first)
+                queued = httpx.get(url + "/health", timeout=WAIT).json()["queued"]
+                if queued == 3:
                     break
                 threading.Event().wait(0.1)
             proc.send_signal(signal.SIGTERM)
@@ -347,7 +370,7 @@ def test_sigterm_answers_the_queued_requests_and_exits_0(clf, model_file, bpe_di
         out, err = proc.communicate(timeout=WAIT)
     finally:
         _stop(proc)
-    assert proc.returncode == 0, err
+    assert queued == 3 and proc.returncode == 0, (queued, err)
     assert "every queued request was answered" in out
     for t, r in zip(TEXTS, got):
         assert r.status_code == 200 and r.json()[0]["score"] == clf.predict_proba([t]).max()
