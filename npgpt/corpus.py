@@ -113,7 +113,7 @@ class Piece:
     out: str
 
 
-_LAST_READ: dict = {}        # in each worker process: (path, size, mtime) -> the file's texts (the last one)
+_LAST_READ: dict = {}        # in each worker process: (path, size, mtime, columns) -> the file's texts (the last one)
 
 
 def read_partition(piece: Piece, text_column: str, id_column=None) -> pd.DataFrame:
@@ -195,11 +195,6 @@ def plan(files, out_dir, partition_rows=None, text_column="text", id_column=None
         twice = os.path.basename(next(n for n in names if names.count(n) > 1))
         raise DataError(f"--file: two input files give the output name {twice} in --out {out_dir}; rename one")
     return pieces
-
-
-def output_paths(files, out_dir) -> list:
-    """out_dir/<input file's name>.parquet for each input file (one piece each)."""
-    return [p.out for p in plan(files, out_dir)]
 
 
 JOB_FILE = "_npgpt_job.json"
