@@ -237,7 +237,12 @@ def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classi
     encoder.json and vocab.bpe), else NPGPT_BPE_DIR, else the folder used in training
     when it still exists, else `npgpt.tokenizer.get_tokenizer`'s other places.
     Raises FormatError (one line, naming the file) when the file is missing, unreadable, or not
-    a classifier."""
+    a classifier.
+
+    The kernels this process will run are loaded from Numba's cache (compiled apart first when it
+    is cold: `fastops.load_compiled_kernels`), so a classifier gives the same bits in every process
+    that loads it: a notebook, the server, a Dask worker."""
+    from .fastops import load_compiled_kernels
     from .params import load_params, num_classes_of
 
     path = os.fspath(path)
@@ -257,6 +262,7 @@ def load_classifier(path, bpe_dir=None, batch_size=DEFAULT_BATCH_SIZE) -> Classi
     _check_kind(path, meta)
     labels, pooling, max_length = _check_meta(path, meta, num_classes_of(params), config)
     tok, files = _tokenizer_of(path, meta, bpe_dir)
+    load_compiled_kernels(log=lambda msg: None)
     return Classifier(params=params, config=config, labels=labels, pooling=pooling, max_length=max_length,
                       tok=tok, meta=meta, path=path, batch_size=batch_size, bpe_dir=bpe_dir, bpe_files=files)
 

@@ -65,8 +65,6 @@ def worker_classifier(ref: ModelRef):
         if sha != ref.sha256:
             raise NpgptError(f"{_where()}: the classifier {ref.path} differs from the one the job started with "
                              f"(sha256 {sha[:12]}, expected {ref.sha256[:12]}): the same file on every worker")
-        from .fastops import load_compiled_kernels
-        load_compiled_kernels(log=lambda msg: None)      # as every process runs them: the same bits
         _CLASSIFIERS.clear()
         _CLASSIFIERS[ref] = load_classifier(ref.path, ref.bpe_dir, ref.batch_size)
     return _CLASSIFIERS[ref]

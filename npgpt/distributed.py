@@ -162,8 +162,6 @@ def worker_model(recipe: ModelRecipe):
             if sha != recipe.weights_sha256:
                 raise NpgptError(f"{where}: the weights file {run.weights} differs from the trainer's (sha256 "
                                  f"{sha[:12]}, the trainer's {recipe.weights_sha256[:12]}): copy the same file")
-        from .fastops import load_compiled_kernels
-        load_compiled_kernels(log=lambda msg: None)      # loaded from Numba's cache, as the trainer's
         _MODELS.clear()
         _MODELS[recipe] = load_model(run, recipe.num_classes, RunOptions(progress=False), log=lambda msg: None)[:2]
     return _MODELS[recipe]

@@ -169,9 +169,13 @@ def _tokenizer(run: RunConfig):
 
 def load_model(run: RunConfig, num_classes: int, options, log):
     """The pretrained (or random) GPT-2 with a fresh head of num_classes (and fresh LoRA pairs).
+    The kernels are loaded from Numba's cache (`fastops.load_compiled_kernels`), as every process
+    that runs the model does: a Dask worker's numbers are the trainer's.
     -> (params, GPT2Config, the model's name)"""
     from .config import PRESETS, add_classifier_head, init_params, preset
+    from .fastops import load_compiled_kernels
     from .params import load_params
+    load_compiled_kernels(log)
     config = preset(run.model)
     if run.tiny or run.random_init:
         if run.random_init:

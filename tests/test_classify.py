@@ -12,6 +12,7 @@
 - The metric formulas on a hand-made confusion matrix.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -368,3 +369,14 @@ def test_metrics_with_no_spam_predicted_are_zero_not_nan():
     m = metrics_from_confusion([[7, 0], [3, 0]], positive=1)
     assert (m["precision"], m["recall"], m["f1"]) == (0.0, 0.0, 0.0)
     assert m["accuracy"] == pytest.approx(0.7)
+
+
+def test_loading_a_classifier_loads_the_kernels_from_numba_s_cache(run_dir, bpe_dir, monkeypatch):
+    """Every process that loads a classifier runs the kernels from Numba's cache (compiled apart
+    when it is cold), as training does, so it gives the same bits as any other process
+    (tests/test_distributed.py runs the cold case on a Dask worker)."""
+    import npgpt.fastops as F
+    calls = []
+    monkeypatch.setattr(F, "load_compiled_kernels", lambda log=print: calls.append(log))
+    load_classifier(os.path.join(run_dir, "classifier.h5"), bpe_dir)
+    assert len(calls) == 1

@@ -87,11 +87,9 @@ def main(argv=None):
 
 
 def _warm_up(batcher, clf) -> None:
-    """One pass before the first request: the kernels loaded from Numba's cache (compiled apart
-    when it is cold, as every run loads them), the worker's threads started, BLAS awake. Without
-    it the first request waited for all of that (464 ms against ~5 ms after, a tiny model)."""
-    from ..fastops import load_compiled_kernels
-    load_compiled_kernels(log=lambda msg: None)
+    """One pass before the first request: the kernels loaded (from Numba's cache, as
+    `load_classifier` arranged), the worker's threads started, BLAS awake. Without it the first
+    request waited for all of that (464 ms against ~5 ms after, a tiny model)."""
     tokens = clf.encode(["warm-up"])[0]
     batcher.call(lambda: clf.logits_of_tokens(tokens)).result()
 
