@@ -1,25 +1,29 @@
 """The server under load, on loopback: dynamic batching on and off in the same run.
 
-    python benchmarks/serve.py [--json serve.json] [--phase-requests 300] [--phase-seconds 25]
-                               [--requests 10000] [--seconds 360] [--threads 1] [--rounds 3]
+    python benchmarks/serve.py [--json serve.json] [--client wrk|python] [--phase-seconds 60]
+                               [--phase-requests 2000] [--requests 10000] [--seconds 360]
+                               [--threads 1] [--rounds 3]
 
 A 124M-shaped classifier with random weights (the work of the real one; its labels mean nothing)
 is served twice by `python -m npgpt.serve` on 127.0.0.1: batching on (the defaults) and off
-(--max-batch-tokens 0). A Python client with threads (one keep-alive connection each) sends
-SMS texts, one per request, at concurrency 1, 8 and 32 to each server in turn; each phase is
-bounded in requests and seconds and split into rounds, the two servers taking turns (and, at
-concurrency 1, `predict_proba` on one text in this process). Reported: texts/s, p50/p95/p99
-latency, the server's peak RSS.
+(--max-batch-tokens 0). A load generator sends SMS texts, one per request, at concurrency 1, 8 and
+32 to each server in turn: `wrk` (Debian's package, `apt-get install wrk`; one thread, with
+serve_wrk.lua for the bodies, so the client hardly takes a core from the server) or, with
+--client python or without wrk, Python threads (one keep-alive connection each). Each phase is
+bounded in seconds and requests and split into rounds, the two servers taking turns (and, at
+concurrency 1, `predict_proba` on one text in this process). Reported: texts/s (answers within
+the phase's time: a pass still running at its end is not counted), p50/p95/p99 latency, the
+server's peak RSS.
 
-Then the long run, on the batching server at concurrency 32: --requests requests (bounded by
---seconds), one in ten malformed (bad JSON, wrong types, empty, too many texts, too long): the
+Then the long run, on the batching server at concurrency 32 (the Python client, which reads
+every answer): --requests requests (bounded by --seconds), one in ten malformed (bad JSON, wrong types, empty, too many texts, too long): the
 number of 5xx answers (must be 0), every valid answer compared with `predict_proba` on that text
 alone in this process (must be equal), and the server's RSS after the first 1,000 requests and at
 the end.
 
 Where the time went: each phase's medians of the server's own timing headers (x-queue-time,
-x-inference-time, x-total-time) and of what the client measured beyond x-total-time (HTTP, the
-client). And, in this process, the ceiling batching can reach: `Classifier.logits_of_tokens` on
+x-inference-time, x-total-time), and the client's p50 beyond the server's median total (HTTP,
+the client). And, in this process, the ceiling batching can reach: `Classifier.logits_of_tokens` on
 passes of 1, 2, 4, ... 128 of the SMS texts (in turns, medians): milliseconds per text and per
 pass. Batched / unbatched throughput cannot exceed (ms per text alone) / (ms per text in a full
 pass); the pass sizes also show which --max-batch-tokens is worth its latency
@@ -27,7 +31,8 @@ pass); the pass sizes also show which --max-batch-tokens is worth its latency
 
 The targets (ratios in one run): at concurrency 32 batched throughput >= 3x unbatched; at
 concurrency 1 p50 latency within 1.3x of `predict_proba` on one text in-process; RSS at the end
-within 1.1x of RSS after 1,000 requests. The client shares the machine's cores with the server.
+within 1.1x of RSS after 1,000 requests. The client shares the machine's cores with the server
+(wrk's one thread far less than Python's).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,14 +59,19 @@ MALFORMED = [b"{not json", b'{"inputs": 5}', b'{"inputs": []}', b'{"inputs": ""}
 def parse_args(argv=None):
     p = arg_parser(__doc__, __file__)
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--phase-requests", type=int, default=300, help="requests per (mode, concurrency) phase at most")
-    p.add_argument("--phase-seconds", type=float, default=30, help="seconds per phase at most")
+    p.add_argument("--phase-requests", type=int, default=2000, help="answers per (mode, concurrency) phase at most (a safety bound: wrk's rate "
+                   "is void when a round reaches it, and the run stops)")
+    p.add_argument("--phase-seconds", type=float, default=60, help="seconds per phase at most")
     p.add_argument("--rounds", type=int, default=3, help="turns each phase is split into, the servers alternating")
-    p.add_argument("--requests", type=int, default=10000, help="requests of the long run")
+    p.add_argument("--concurrency", default="1,8,32", help="the phases' concurrencies, comma-separated")
+    p.add_argument("--requests", type=int, default=10000, help="requests of the long run (0: none)")
     p.add_argument("--seconds", type=float, default=360, help="seconds of the long run at most")
     p.add_argument("--texts", type=int, default=300, help="distinct SMS texts sent")
     p.add_argument("--packs-only", action="store_true", help="only the in-process pass sizes (the ceiling)")
     p.add_argument("--pack-repeats", type=int, default=7, help="turns of the pass-size timing")
+    p.add_argument("--client", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python",
+                   help="load generator of the phases: wrk (Debian's `wrk`, one thread: the server keeps the "
+                        "cores; the default when installed) or Python threads")
     p.add_argument("--threads", type=int, default=1,
                    help="threads of each server and of the in-process calls (the client needs a core too)")
     return p.parse_args(argv)
@@ -141,18 +152,52 @@ def load(url, texts, concurrency, n_requests, seconds, malformed_every=0, on_don
     return results, time.perf_counter() - t0
 
 
-def phase_row(mode, concurrency, results, elapsed, pid) -> dict:
-    done = [(dt, server) for _, dt, status, _, server in results if status == 200]
-    ok = [dt for dt, _ in done]
+def python_phase(url, texts, concurrency, n_requests, seconds) -> dict:
+    """One round of the Python client (`load`) -> latencies (s), statuses, server timings, elapsed."""
+    results, elapsed = load(url, texts, concurrency, n_requests, seconds)
+    return {"latency": [dt for _, dt, status, _, _ in results if status == 200],
+            "status": [status for _, _, status, _, _ in results],
+            "server": [server for _, _, status, _, server in results if status == 200], "elapsed": elapsed}
+
+
+def wrk_phase(url, texts, concurrency, n_requests, seconds) -> dict:
+    """One round of `wrk -t1` (serve_wrk.lua): bounded by `seconds`, and by n_requests answers
+    (its thread then stops, but wrk still counts the whole duration: the cap is a safety bound,
+    set above what the phase can answer). Answers still in flight at the end are not counted."""
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as bodies:
+        for t in texts:
+            bodies.write(json.dumps({"inputs": t, "top_k": None}) + "\n")
+        bodies.flush()
+        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "120s",
+                              "-s", str(REPO / "benchmarks" / "serve_wrk.lua"), url, "--", bodies.name,
+                              str(n_requests)], capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.split("npgpt-json ", 1)[1])
+    answers = [line.split() for line in got["answers"]]
+    if got["socket_errors"]:
+        raise RuntimeError(f"wrk: {got['socket_errors']} socket errors")
+    if len(answers) >= n_requests:
+        raise RuntimeError(f"wrk answered {len(answers)} requests, the cap of a round: raise --phase-requests")
+    ok = [a for a in answers if a[0] == "200"]
+    return {"latency": [v / 1e6 for v, n in got["latency_us"] for _ in range(n)],
+            "status": [int(a[0]) for a in answers],
+            "server": [{"total": float(a[1]), "queue": float(a[2]), "inference": float(a[3]),
+                        "pass_tokens": int(a[4])} for a in ok],
+            "elapsed": got["duration_us"] / 1e6}
+
+
+def phase_row(mode, concurrency, rounds, pid) -> dict:
+    """A row of the table from a phase's rounds (dicts of python_phase / wrk_phase)."""
+    ok = [dt for r in rounds for dt in r["latency"]]
+    server = [s for r in rounds for s in r["server"]]
+    elapsed = sum(r["elapsed"] for r in rounds)
     ms = np.percentile(np.array(ok) * 1000, [50, 95, 99]) if ok else [float("nan")] * 3
-    row = {"mode": mode, "concurrency": concurrency, "requests": len(results), "ok": len(ok),
-           "texts_per_s": len(ok) / elapsed, "p50_ms": ms[0], "p95_ms": ms[1], "p99_ms": ms[2],
-           "peak_rss_mib": rss_mib(pid)[1]}
+    row = {"mode": mode, "concurrency": concurrency, "requests": sum(len(r["status"]) for r in rounds),
+           "ok": len(server), "texts_per_s": len(server) / elapsed, "p50_ms": ms[0], "p95_ms": ms[1],
+           "p99_ms": ms[2], "peak_rss_mib": rss_mib(pid)[1]}
     for k in TIMES:                               # medians of the server's own account
-        row[f"server_{k}_ms"] = float(np.median([server[k] for _, server in done])) if done else float("nan")
-    row["pass_tokens_median"] = float(np.median([server["pass_tokens"] for _, server in done])) if done else 0.0
-    row["beyond_server_ms"] = float(np.median([dt * 1000 - server["total"] for dt, server in done])) \
-        if done else float("nan")
+        row[f"server_{k}_ms"] = float(np.median([s[k] for s in server])) if server else float("nan")
+    row["pass_tokens_median"] = float(np.median([s["pass_tokens"] for s in server])) if server else 0.0
+    row["beyond_server_ms"] = ms[0] - row["server_total_ms"]      # p50 seen by the client - the server's
     return row
 
 
@@ -201,13 +246,12 @@ def phases(servers, texts, concurrency, args, inproc, clf) -> list:
     """One concurrency, each server in turn for --rounds short rounds (A, B, A, B, ...: a neighbour's
     load slows both alike); inproc: a list to extend with in-process predict_proba seconds, one text
     per call, a round of its own after each pair. -> a row per server"""
-    got = {mode: [[], 0.0] for mode in servers}
+    got = {mode: [] for mode in servers}
+    run = wrk_phase if args.client == "wrk" else python_phase
     for _ in range(args.rounds):
         for mode, (proc, url) in servers.items():
-            results, elapsed = load(url, texts, concurrency, args.phase_requests // args.rounds,
-                                    args.phase_seconds / args.rounds)
-            got[mode][0] += results
-            got[mode][1] += elapsed
+            got[mode].append(run(url, texts, concurrency, args.phase_requests // args.rounds,
+                                 args.phase_seconds / args.rounds))
         if inproc is not None:
             stop = time.perf_counter() + args.phase_seconds / args.rounds
             for t in itertools.islice(itertools.cycle(texts), args.phase_requests // args.rounds):
@@ -216,7 +260,7 @@ def phases(servers, texts, concurrency, args, inproc, clf) -> list:
                 inproc.append(time.perf_counter() - t0)
                 if t0 > stop:
                     break
-    rows = [phase_row(mode, concurrency, *got[mode], servers[mode][0].pid) for mode in servers]
+    rows = [phase_row(mode, concurrency, got[mode], servers[mode][0].pid) for mode in servers]
     for r in rows:
         print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
               flush=True)
@@ -250,18 +294,18 @@ def main(argv=None):
             for proc, url in servers.values():
                 load(url, texts, 2, 4, 60)                                     # warm-up
             rows, inproc = [], []
-            for concurrency in (1, 8, 32):
+            for concurrency in map(int, args.concurrency.split(",")):
                 rows += phases(servers, texts, concurrency, args, inproc if concurrency == 1 else None, clf)
-            inproc = summary(inproc)["median"]
+            inproc = summary(inproc)["median"] if inproc else None
             proc, url = servers["batched"]
-            long = long_run(url, proc.pid, texts, clf, args)
+            long = long_run(url, proc.pid, texts, clf, args) if args.requests else None
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(60)
     report(rows, inproc, long, packs)
     if args.json:
-        write_json(args.json, {"info": info, "packs": packs, "phases": rows, "in_process_p50_s": inproc,
+        write_json(args.json, {"info": info, "client": args.client, "packs": packs, "phases": rows, "in_process_p50_s": inproc,
                                "long_run": long})
 
 
@@ -284,11 +328,16 @@ def report(rows, inproc, long, packs) -> None:
               f"{r['pass_tokens_median']:6.0f}")
     by = {(r["mode"], r["concurrency"]): r for r in rows}
     best = min(packs, key=lambda r: r["ms_per_text"])
-    print(f"\nconcurrency 32: batched / unbatched texts/s = "
-          f"{by['batched', 32]['texts_per_s'] / by['unbatched', 32]['texts_per_s']:.2f}x (target >= 3; the "
-          f"ceiling in this process {packs[0]['ms_per_text'] / best['ms_per_text']:.2f}x)")
-    print(f"concurrency 1: batched p50 / in-process predict_proba p50 ({inproc * 1000:.0f} ms) = "
-          f"{by['batched', 1]['p50_ms'] / (inproc * 1000):.2f}x (target <= 1.3)")
+    print()
+    for c in sorted({r["concurrency"] for r in rows} - {1}):
+        print(f"concurrency {c}: batched / unbatched texts/s = "
+              f"{by['batched', c]['texts_per_s'] / by['unbatched', c]['texts_per_s']:.2f}x (target at 32: >= 3; "
+              f"the ceiling in this process {packs[0]['ms_per_text'] / best['ms_per_text']:.2f}x)")
+    if inproc:
+        print(f"concurrency 1: batched p50 / in-process predict_proba p50 ({inproc * 1000:.0f} ms) = "
+              f"{by['batched', 1]['p50_ms'] / (inproc * 1000):.2f}x (target <= 1.3)")
+    if not long:
+        return
     print(f"long run: {long['requests']} requests in {long['seconds']:.0f} s, statuses {long['statuses']}, "
           f"5xx {long['server_errors']}, answers not equal to predict_proba {long['answers_not_equal']}")
     if long["rss_after_1000_mib"]:
