@@ -7,7 +7,8 @@
 
 `<dir>` is `--dir`, else the per-user weights folder (`npgpt.userpaths`: ~/.cache/npgpt/weights,
 or $NPGPT_WEIGHTS_DIR), where every run finds the weights and the tokenizer from any folder.
-`download` puts OpenAI's seven files (or Hugging Face's model.safetensors and config.json) in
+`download` puts OpenAI's seven files (or Hugging Face's model.safetensors, config.json, and the
+tokenizer's vocab.json and merges.txt, converted to OpenAI's encoder.json and vocab.bpe) in
 `<dir>/<size>/`, skipping the ones already complete, checks the tokenizer files' sha256, then
 converts to `<dir>/gpt2-<size>.h5`; `convert` of a checkpoint folder holding the tokenizer's
 encoder.json and vocab.bpe copies them beside the .h5, so that they too are found from any folder.
@@ -26,6 +27,8 @@ if __name__ == "__main__":      # `python -m npgpt.weights`: the command line, n
     from npgpt.cli import hand_over
     hand_over("weights")
 
+import hashlib
+import json
 import os
 
 from .config import HF_NAMES, PRESETS
@@ -76,18 +79,82 @@ def download_openai(size: str, weights_dir=None, base_url: str = OPENAI_BASE,
 
 def download_hf(size: str, weights_dir=None, base_url: str = HF_BASE,
                 mirror: str | None = None, progress: bool = True, **download_kw) -> str:
-    """Fetch Hugging Face's `openai-community/<name>` model.safetensors and config.json (which
-    gives n_head) into `<weights_dir>/<size>/`; return the path of the .safetensors file."""
+    """Fetch Hugging Face's `openai-community/<name>` config.json (which gives n_head), the
+    tokenizer's vocab.json and merges.txt (made into OpenAI's encoder.json and vocab.bpe by
+    `tokenizer_from_hf`, unless those two are there already) and model.safetensors into
+    `<weights_dir>/<size>/`; return the path of the .safetensors file. The tokenizer comes before
+    the big file, so that files which are not GPT-2's tokenizer stop the download early."""
     _check_size(size)
     directory = os.path.join(os.fspath(weights_dir or user_weights_dir()), size)
     dest = os.path.join(directory, "model.safetensors")
     hint = (f"if you fetch it another way, save it as {dest} and run "
             f"`python -m npgpt.weights convert {dest} --size {size}`")
-    for name in ("config.json", "model.safetensors"):
-        path = f"openai-community/{HF_NAMES[size]}/resolve/main/{name}"
-        download_file(_urls(base_url, mirror, path), os.path.join(directory, name), progress=progress,
-                      hint=hint, **download_kw)
+    tokenizer_hint = (f"if you fetch it another way, save it in {directory}/ and run this again, or put "
+                      f"OpenAI's {' and '.join(TOKENIZER_SHA256)} there")
+
+    def fetch(name, what_to_do):
+        url_path = f"openai-community/{HF_NAMES[size]}/resolve/main/{name}"
+        download_file(_urls(base_url, mirror, url_path), os.path.join(directory, name), progress=progress,
+                      hint=what_to_do, **download_kw)
+
+    fetch("config.json", hint)
+    if not all(_published(os.path.join(directory, name)) for name in TOKENIZER_SHA256):
+        for name in HF_TOKENIZER:
+            fetch(name, tokenizer_hint)
+        tokenizer_from_hf(directory)
+    fetch("model.safetensors", hint)
     return dest
+
+
+def encoder_json_from_hf(vocab_json: bytes) -> bytes:
+    """OpenAI's encoder.json from Hugging Face's vocab.json: the same {token: id} object, written
+    the way OpenAI wrote it (json.dumps's default ", " and ": " separators and \\u escapes, where
+    Hugging Face's file is compact UTF-8), the tokens in id order (as OpenAI's are: the order of a
+    JSON object's keys carries no meaning, so another writer may have changed it)."""
+    vocab = json.loads(vocab_json)
+    if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+        raise ValueError("not a JSON object of token ids")
+    return json.dumps(dict(sorted(vocab.items(), key=lambda item: item[1]))).encode()
+
+
+def vocab_bpe_from_hf(merges_txt: bytes) -> bytes:
+    """OpenAI's vocab.bpe from Hugging Face's merges.txt: the same lines ("#version: 0.2", then
+    one merge "a b" per line, best first), each ended by "\\n" whatever the file's line ends
+    were, and no empty line at the end."""
+    return b"".join(line + b"\n" for line in merges_txt.rstrip(b"\r\n").splitlines())
+
+
+# Hugging Face's name of each tokenizer file: (OpenAI's name, the conversion to OpenAI's bytes).
+HF_TOKENIZER = {"vocab.json": ("encoder.json", encoder_json_from_hf),
+                "merges.txt": ("vocab.bpe", vocab_bpe_from_hf)}
+
+
+def tokenizer_from_hf(directory) -> None:
+    """Write OpenAI's encoder.json and vocab.bpe into `directory` from Hugging Face's vocab.json
+    and merges.txt there. The result must be OpenAI's files byte for byte (TOKENIZER_SHA256),
+    which also checks that Hugging Face's files are GPT-2's tokenizer. Both are converted and
+    checked before either is written; on a mismatch the Hugging Face file is removed (a rerun
+    fetches it afresh) and FormatError names it."""
+    converted = {}
+    for hf_name, (name, to_openai) in HF_TOKENIZER.items():
+        source = os.path.join(directory, hf_name)
+        with open(source, "rb") as fh:
+            raw = fh.read()
+        try:
+            data = to_openai(raw)
+        except ValueError as e:
+            problem = f"cannot be read: {e}"
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+            problem = (f"made into {name}, its sha256 is {digest}, not the published {TOKENIZER_SHA256[name]}"
+                       if digest != TOKENIZER_SHA256[name] else "")
+        if problem:
+            os.remove(source)
+            raise FormatError(f"{source}: not GPT-2's tokenizer ({problem}); removed it: run again to "
+                              f"download it afresh, or put OpenAI's {name} in {directory}/")
+        converted[name] = data
+    for name, data in converted.items():
+        write_bytes(os.path.join(directory, name), data)
 
 
 def load_pretrained(path, size: str | None = None):
@@ -146,6 +213,12 @@ def convert(path, out=None, size: str | None = None, weights_dir=None) -> str:
     return os.fspath(out)
 
 
+def _published(path) -> bool:
+    """Whether `path` is a regular file with the sha256 of OpenAI's file of its name
+    (encoder.json or vocab.bpe, TOKENIZER_SHA256)."""
+    return regular_file(path) and sha256_file(path) == TOKENIZER_SHA256[os.path.basename(path)]
+
+
 def _keep_tokenizer(src, dest) -> None:
     """Copy GPT-2's encoder.json and vocab.bpe (checked) from a converted checkpoint folder `src`
     to `dest`, the .h5's folder, where every run looks for them (`npgpt.tokenizer`), unless they
@@ -153,9 +226,9 @@ def _keep_tokenizer(src, dest) -> None:
     src, dest = os.path.abspath(os.fspath(src)), os.path.abspath(dest)
     if not os.path.isdir(src) or os.path.dirname(src) == dest or src == dest:
         return
-    for name, digest in TOKENIZER_SHA256.items():
+    for name in TOKENIZER_SHA256:
         found, target = os.path.join(src, name), os.path.join(dest, name)
-        if regular_file(found) and not os.path.exists(target) and sha256_file(found) == digest:
+        if not os.path.exists(target) and _published(found):
             with open(found, "rb") as fh:
                 write_bytes(target, fh.read())
 

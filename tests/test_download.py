@@ -1,7 +1,9 @@
 """The downloader against a local HTTP server on 127.0.0.1 (started here, in a thread): plain,
 interrupted-and-resumed, 404, truncated, mirror fallback, and the whole `download 124M` flow with
-the tiny TensorFlow checkpoint served in place of OpenAI's files."""
+the tiny TensorFlow checkpoint served in place of OpenAI's files, and `--source hf` with the real
+tokenizer served as Hugging Face's vocab.json and merges.txt."""
 import http.server
+import json
 import os
 import pathlib
 import re
@@ -18,6 +20,7 @@ from npgpt.download import check_sha256, download_file, sha256_file
 from npgpt.errors import FormatError, NpgptError
 from npgpt.params import load_params
 from npgpt.tfcheckpoint import load_gpt2_tf
+from npgpt.tokenizer import find_bpe_dir, get_tokenizer
 from npgpt.weights import OPENAI_FILES, TOKENIZER_SHA256, download
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -246,20 +249,75 @@ def test_download_flow_rejects_a_wrong_tokenizer_file(server, shared_data, tmp_p
     assert not (tmp_path / "gpt2-124M.h5").exists()
 
 
-def test_download_hf_flow(server, tmp_path):
+HF_BASE_PATH = "/openai-community/gpt2-medium/resolve/main"
+SENTENCE = "Hugging Face's merges.txt, made into OpenAI's vocab.bpe: the same ranks \u00e9\u4e2d!"
+
+
+def serve_hf_tokenizer(server, bpe_dir, merges_txt=None):
+    """GPT-2's tokenizer as Hugging Face's vocab.json and merges.txt, written differently from
+    OpenAI's encoder.json and vocab.bpe: the JSON compact, UTF-8, its keys in reverse id order;
+    the merges with CRLF line ends and no newline at the end."""
+    encoder = json.loads((pathlib.Path(bpe_dir) / "encoder.json").read_bytes())
+    vocab = dict(reversed(list(encoder.items())))
+    server.files[HF_BASE_PATH + "/vocab.json"] = json.dumps(vocab, separators=(",", ":"),
+                                                            ensure_ascii=False).encode()
+    merges = (pathlib.Path(bpe_dir) / "vocab.bpe").read_bytes().rstrip(b"\n").replace(b"\n", b"\r\n")
+    server.files[HF_BASE_PATH + "/merges.txt"] = merges if merges_txt is None else merges_txt(merges)
+
+
+def serve_hf_model(server, tmp_path):
+    """A tiny random GPT-2 as Hugging Face's model.safetensors and config.json; its npgpt params."""
     from safetensors.numpy import save_file
-    from test_safetensors import CONFIG, hf_gpt2_arrays
+    from test_safetensors import hf_gpt2_arrays
     hf, ours = hf_gpt2_arrays(prefix="transformer.")
     save_file(hf, str(tmp_path / "src.safetensors"))
-    base = "/openai-community/gpt2-medium/resolve/main"
-    server.files[base + "/model.safetensors"] = (tmp_path / "src.safetensors").read_bytes()
-    server.files[base + "/config.json"] = b'{"n_head": 4, "n_embd": 64}'
+    server.files[HF_BASE_PATH + "/model.safetensors"] = (tmp_path / "src.safetensors").read_bytes()
+    server.files[HF_BASE_PATH + "/config.json"] = b'{"n_head": 4, "n_embd": 64}'
+    return ours
+
+
+def test_download_hf_flow(server, tmp_path, bpe_dir, tok, monkeypatch):
+    from test_safetensors import CONFIG
+    ours = serve_hf_model(server, tmp_path)
+    serve_hf_tokenizer(server, bpe_dir)
+    assert server.files[HF_BASE_PATH + "/merges.txt"] != (pathlib.Path(bpe_dir) / "vocab.bpe").read_bytes()
     out = download("355M", source="hf", weights_dir=tmp_path / "w", base_url=closed_port_url()[:-9],
                    mirror=server.url, **FAST)
     params, config, meta = load_params(out)
     assert out.endswith("gpt2-355M.h5") and config == CONFIG and meta["source"] == "hf-safetensors"
     for name in ours:
         np.testing.assert_array_equal(params[name], ours[name], err_msg=name)
+    # the tokenizer: OpenAI's two files byte for byte, where every run looks for them
+    folder = tmp_path / "w" / "355M"
+    for name in TOKENIZER_SHA256:
+        assert (folder / name).read_bytes() == (pathlib.Path(bpe_dir) / name).read_bytes(), name
+    monkeypatch.delenv("NPGPT_BPE_DIR", raising=False)
+    assert find_bpe_dir(weights_dir=tmp_path / "w") == str(folder)
+    ids = get_tokenizer(folder).encode(SENTENCE)
+    assert ids == tok.encode(SENTENCE) and len(ids) > 10
+    # a rerun with OpenAI's files in place fetches no tokenizer file, even when HF's are gone
+    (folder / "vocab.json").unlink()
+    (folder / "merges.txt").unlink()
+    n = len(server.requests)
+    download("355M", source="hf", weights_dir=tmp_path / "w", base_url=server.url, force=True, **FAST)
+    assert server.requests[n:] == []
+
+
+def test_download_hf_rejects_a_changed_merge(server, tmp_path, bpe_dir):
+    """One merge of merges.txt changed: one line naming the file and what to do; no encoder.json
+    or vocab.bpe written (not even the correct encoder.json), no .h5, the bad file removed."""
+    serve_hf_model(server, tmp_path)
+    serve_hf_tokenizer(server, bpe_dir, merges_txt=lambda m: m.replace("\r\n\u0120t he\r\n".encode(),
+                                                                      "\r\n\u0120th e\r\n".encode(), 1))
+    assert "\u0120th e".encode() in server.files[HF_BASE_PATH + "/merges.txt"]
+    folder = tmp_path / "w" / "355M"
+    with pytest.raises(FormatError) as e:
+        download("355M", source="hf", weights_dir=tmp_path / "w", base_url=server.url, **FAST)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{folder / 'merges.txt'}: not GPT-2's tokenizer")
+    assert TOKENIZER_SHA256["vocab.bpe"] in msg and f"put OpenAI's vocab.bpe in {folder}/" in msg
+    assert sorted(os.listdir(folder)) == ["config.json", "vocab.json"]
+    assert not (tmp_path / "w" / "gpt2-355M.h5").exists()
 
 
 def run_cli(*args, env=None):
