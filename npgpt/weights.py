@@ -1,7 +1,7 @@
 """Get GPT-2's published weights and convert them to npgpt's HDF5 file, with no TensorFlow.
 
     python -m npgpt.weights download 124M               # OpenAI's TF checkpoint -> ~/.cache/npgpt/weights/gpt2-124M.h5
-    python -m npgpt.weights download 355M --source hf   # Hugging Face's model.safetensors instead
+    python -m npgpt.weights download 355M --source hf   # Hugging Face's model.safetensors (and tokenizer) instead
     python -m npgpt.weights convert weights/124M        # files already on disk, no network at all
     python -m npgpt.weights convert model.safetensors --size 124M --out gpt2.h5
 

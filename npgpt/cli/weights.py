@@ -2,7 +2,7 @@
 npgpt's HDF5 file (npgpt.weights is the library).
 
     python -m npgpt.weights download 124M               # OpenAI's TF checkpoint -> ~/.cache/npgpt/weights/gpt2-124M.h5
-    python -m npgpt.weights download 355M --source hf   # Hugging Face's model.safetensors instead
+    python -m npgpt.weights download 355M --source hf   # Hugging Face's model.safetensors (and tokenizer) instead
     python -m npgpt.weights convert weights/124M        # files already on disk, no network at all
     python -m npgpt.weights convert model.safetensors --size 124M --out gpt2.h5
 """
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
                        formatter_class=parser.formatter_class)
     d.add_argument("size", choices=list(PRESETS), help="model size")
     d.add_argument("--source", choices=("openai", "hf"), default="openai",
-                   help="openai: OpenAI's TF checkpoint; hf: Hugging Face's model.safetensors")
+                   help="openai: OpenAI's TF checkpoint; hf: Hugging Face's model.safetensors; either also "
+                        "gives the tokenizer's encoder.json and vocab.bpe")
     d.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
                    help=f"fallback base URL with the same layout (default: ${MIRROR_ENV}, else none)")
     d.add_argument("--base-url", default=None,
