@@ -31,15 +31,13 @@ from pathlib import Path
 from .errors import FormatError, NpgptError
 from .fileio import sha256_file
 from .userpaths import user_weights_dir, weights_dirs
+from .weights import TOKENIZER_SHA256
 
 PAD_ID = 50256          # <|endoftext|>, also used to right-pad classification batches
 EOT = "<|endoftext|>"
 N_VOCAB = 50257
 
-BPE_FILES = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
+BPE_FILES = TOKENIZER_SHA256          # GPT-2's two files and their published sha256
 BPE_SIZES = {"encoder.json": 1042301, "vocab.bpe": 456318}    # bytes: a stored copy is read only at these
 WEIGHT_SIZES = ("124M", "355M", "774M", "1558M")
 

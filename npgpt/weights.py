@@ -221,9 +221,12 @@ def _published(path) -> bool:
 
 def _keep_tokenizer(src, dest) -> None:
     """Copy GPT-2's encoder.json and vocab.bpe (checked) from a converted checkpoint folder `src`
-    to `dest`, the .h5's folder, where every run looks for them (`npgpt.tokenizer`), unless they
-    are there already (or `src` is `dest/<size>/`, where `download` left them)."""
+    (or the folder of a converted .safetensors file) to `dest`, the .h5's folder, where every run
+    looks for them (`npgpt.tokenizer`), unless they are there already (or `src` is
+    `dest/<size>/`, where `download` left them)."""
     src, dest = os.path.abspath(os.fspath(src)), os.path.abspath(dest)
+    if os.path.isfile(src):
+        src = os.path.dirname(src)
     if not os.path.isdir(src) or os.path.dirname(src) == dest or src == dest:
         return
     for name in TOKENIZER_SHA256:

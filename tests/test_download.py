@@ -301,6 +301,11 @@ def test_download_hf_flow(server, tmp_path, bpe_dir, tok, monkeypatch):
     n = len(server.requests)
     download("355M", source="hf", weights_dir=tmp_path / "w", base_url=server.url, force=True, **FAST)
     assert server.requests[n:] == []
+    # converted to an .h5 elsewhere (--out), the tokenizer goes beside it too
+    elsewhere = download("355M", source="hf", weights_dir=tmp_path / "w", out=tmp_path / "other" / "gpt2.h5",
+                         base_url=server.url, **FAST)
+    for name in TOKENIZER_SHA256:
+        assert (pathlib.Path(elsewhere).parent / name).read_bytes() == (pathlib.Path(bpe_dir) / name).read_bytes()
 
 
 def test_download_hf_rejects_a_changed_merge(server, tmp_path, bpe_dir):
