@@ -17,7 +17,9 @@ contiguous or chunked, reached through plain (hard) links, and
 - reads a chunked dataset chunk by chunk, undoing its filters itself (gzip, shuffle, fletcher32;
   any other filter is refused), so that no chunk can expand past its declared size, and requires
   every chunk to be stored (no fill values);
-- reads an attribute only when it is a scalar of the expected kind and under a size cap;
+- reads an attribute only when it is a scalar of the expected kind and under a size cap; a
+  variable-length string attribute (`meta`, a checkpoint's `state`) is read from the file's bytes
+  by `h5vlen`, never by HDF5 (whose walk of the heap holding it can loop forever on a corrupt size);
 - `check_budget`: the arrays a file declares may not exceed what its size can plausibly hold
   (`MAX_EXPANSION` times it: float weights compress by a few percent, not a thousandfold).
 
