@@ -67,7 +67,7 @@ class _Reader:
     def __init__(self, fh, size: int, base: int, addr_width: int, length_width: int, where: str):
         self.fh, self.base, self.where = fh, base, where
         self.sa, self.sl = addr_width, length_width
-        self.end = size - base                                  # the last relative address + 1
+        self.end = size - base                       # relative addresses below this are in the file
 
     def at(self, addr: int, n: int) -> bytes:
         if addr < 0 or n < 0 or addr + n > self.end:
