@@ -17,7 +17,9 @@ contiguous or chunked, reached through plain (hard) links, and
 - reads a chunked dataset chunk by chunk, undoing its filters itself (gzip, shuffle, fletcher32;
   any other filter is refused), so that no chunk can expand past its declared size, and requires
   every chunk to be stored (no fill values);
-- reads an attribute only when it is a scalar of the expected kind and under a size cap;
+- reads an attribute only when it is a scalar of the expected kind and under a size cap; a
+  variable-length string attribute (`meta`, a checkpoint's `state`) is read from the file's bytes
+  by `h5vlen`, never by HDF5 (whose walk of the heap holding it can loop forever on a corrupt size);
 - `check_budget`: the arrays a file declares may not exceed what its size can plausibly hold
   (`MAX_EXPANSION` times it: float weights compress by a few percent, not a thousandfold).
 
@@ -33,6 +35,7 @@ import zlib
 import numpy as np
 
 from .errors import FormatError, NpgptError, quote
+from .h5vlen import read_vlen_string
 
 MAX_EXPANSION = 8            # declared array bytes per byte of file, at most
 BUDGET_SLACK = 1 << 20       # ... plus this much, for tiny files
@@ -219,7 +222,9 @@ def read_bytes(f, path, name, size: int) -> bytes:
 
 def read_attr(f, path, name, default=None, max_bytes: int = 1 << 10):
     """A root attribute as a Python int, float, bool or str (`default` when absent), checked before
-    it is read: a scalar (or one-element) number, or a scalar string of at most max_bytes."""
+    it is read: a scalar (or one-element) number, or a scalar string of at most max_bytes.
+    Numbers and fixed-length strings are stored in the attribute itself and read by HDF5; a
+    variable-length string (h5py's default for a str) is read by `h5vlen`, never by HDF5."""
     import h5py
     try:
         if name not in f.attrs:
@@ -230,15 +235,13 @@ def read_attr(f, path, name, default=None, max_bytes: int = 1 << 10):
         if text is not None:
             if shape != ():
                 raise FormatError(f"{path}: attribute {quote(name)} is an array of shape {shape}, expected one string")
-            if text.length is not None and text.length > max_bytes:
+            if text.length is None:
+                return read_vlen_string(f, path, name, max_bytes)
+            if text.length > max_bytes:
                 raise FormatError(f"{path}: attribute {quote(name)} is {text.length} bytes, more than "
                                   f"the {max_bytes} allowed")
             value = f.attrs[name]
-            value = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            if len(value) > max_bytes:
-                raise FormatError(f"{path}: attribute {quote(name)} is {len(value)} characters, more "
-                                  f"than the {max_bytes} allowed")
-            return value
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
         if dtype.kind not in "iufb" or math.prod(shape) != 1:
             raise FormatError(f"{path}: attribute {quote(name)} is not a number (dtype {dtype}, shape {shape})")
         return np.asarray(f.attrs[name]).reshape(()).item()

@@ -26,6 +26,8 @@ import pathlib
 import random
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 
@@ -405,6 +407,25 @@ def test_hdf5_byte_flips(changes):
         for name, ref in H5_REF.items():
             assert params[name].dtype == np.float32 and params[name].shape == ref.shape, name
             assert np.isfinite(params[name]).all(), name
+
+
+# Found by test_hdf5_byte_flips (changes [(2072, 71)] in the file h5py 3.16 / HDF5 2.0 writes):
+# the size of the first object of the global heap collection that holds `meta`, 2 -> 69. HDF5's
+# own read of the attribute then walks into a free-space object of size 0 and loops forever
+# (H5HG__cache_heap_deserialize); npgpt.h5vlen reads the string itself. Run in a process of its
+# own, so that a loop fails this test instead of hanging the suite.
+def test_hdf5_heap_object_size_flip_ends(tmp_path):
+    size_field = H5_FILE.index(b"GCOL") + 24          # collection header 16, index 2, refcount 2, 4 reserved
+    assert H5_FILE[size_field] == 2                     # the 2 bytes of "{}"
+    path = tmp_path / "m.h5"
+    path.write_bytes(flip(H5_FILE, [(size_field, 71)]))
+    code = ("import sys\nfrom npgpt.errors import FormatError\nfrom npgpt.params import load_params\n"
+            "try:\n    print('meta', load_params(sys.argv[1])[2])\nexcept FormatError as e:\n    print('refused', e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "meta {}\n"                      # the 2 bytes asked for, within the larger object
 
 
 # ----------------------------------------------------------------------------- HDF5 from a hostile writer

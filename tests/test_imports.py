@@ -22,7 +22,7 @@ LAYERS = [
     ("textbook", {"npgpt.config", "npgpt.ops", "npgpt.model", "npgpt.optim", "npgpt.lora"}),
     ("fast paths", {"npgpt.kernels", "npgpt.fastops", "npgpt.fastmodel", "npgpt.prefix_tree", "npgpt.prefix",
                     "npgpt.infer", "npgpt.generate", "npgpt.flops"}),
-    ("files", {"npgpt.fileio", "npgpt.h5read", "npgpt.params", "npgpt.checkpoint", "npgpt.tfcheckpoint", "npgpt.safetensors_io",
+    ("files", {"npgpt.fileio", "npgpt.h5vlen", "npgpt.h5read", "npgpt.params", "npgpt.checkpoint", "npgpt.tfcheckpoint", "npgpt.safetensors_io",
                "npgpt.download", "npgpt.weights", "npgpt.prefix_cache", "npgpt.prefix_shards"}),
     ("data", {"npgpt.tokenizer", "npgpt.data", "npgpt.tabular", "npgpt.dataset"}),
     ("training and using", {"npgpt.runconfig", "npgpt.runs", "npgpt.finetune", "npgpt.job", "npgpt.train",
