@@ -1,7 +1,7 @@
 """The server under load, on loopback: dynamic batching on and off in the same run.
 
     python benchmarks/serve.py [--json serve.json] [--client wrk|python] [--phase-seconds 60]
-                               [--phase-requests 2000] [--requests 10000] [--seconds 360]
+                               [--phase-requests 6000] [--requests 10000] [--seconds 360]
                                [--threads 1] [--rounds 3]
 
 A 124M-shaped classifier with random weights (the work of the real one; its labels mean nothing)
@@ -59,7 +59,7 @@ MALFORMED = [b"{not json", b'{"inputs": 5}', b'{"inputs": []}', b'{"inputs": ""}
 def parse_args(argv=None):
     p = arg_parser(__doc__, __file__)
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--phase-requests", type=int, default=2000, help="answers per (mode, concurrency) phase at most (a safety bound: wrk's rate "
+    p.add_argument("--phase-requests", type=int, default=6000, help="answers per (mode, concurrency) phase at most (a safety bound: wrk's rate "
                    "is void when a round reaches it, and the run stops)")
     p.add_argument("--phase-seconds", type=float, default=60, help="seconds per phase at most")
     p.add_argument("--rounds", type=int, default=3, help="turns each phase is split into, the servers alternating")
