@@ -15,8 +15,12 @@ The worker takes the oldest request, then more in arrival order while their toke
 `max_batch_tokens`, waiting for more until `max_wait_ms` after the oldest one arrived or after
 the last pass ended, whichever is later: clients answered together by one pass send their next
 requests together a moment later, and they should meet in the next pass rather than trail the
-one request that arrived during it. `max_batch_tokens=0` turns batching off: one request per
-pass. A request larger than the budget runs alone.
+one request that arrived during it. While requests keep arriving, each one moves the end of the
+wait to `max_wait_ms` after it, up to `WAIT_STRETCH` times `max_wait_ms` in all: the requests of
+clients answered together reach the queue one by one, as fast as the server's event loop reads
+them (a millisecond or more each), and a pass that started on the first few would leave the rest
+to trail a whole pass behind. `max_batch_tokens=0` turns batching off: one request per pass. A
+request larger than the budget runs alone.
 
 No wait for a lone client: when the last pass of requests served one request and no other
 arrived while it ran, nobody else is sending, and the next request runs at once (concurrency 1
@@ -52,6 +56,7 @@ from .ops import softmax
 DEFAULT_MAX_BATCH_TOKENS = 2048     # infer.packed_logits' pack size: one pack per batch
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_QUEUE = 256
+WAIT_STRETCH = 10                   # arrivals stretch a pass's wait to this many max_wait at most
 
 
 class QueueFull(NpgptError):
@@ -105,6 +110,7 @@ class Batcher:
         self._last_end = 0.0                   # time.monotonic() when the last pass ended
         self._lone = False                     # the last pass served one request, none arrived meanwhile
         self._arrived_in_pass = 0              # requests submitted while the current pass runs
+        self._last_arrival = 0.0               # time.monotonic() when the latest job was queued
         self._jobs: deque[_Job] = deque()
         self._pending = 0                      # texts submitted and not yet answered
         self._cond = threading.Condition()
@@ -143,6 +149,7 @@ class Batcher:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} requests are queued, the limit (--max-queue) is {self.max_queue}")
             self._jobs.append(job)
+            self._last_arrival = job.arrived
             self._pending += n_texts
             self._arrived_in_pass += 1
             self._cond.notify_all()
@@ -186,7 +193,8 @@ class Batcher:
     def _collect(self) -> list:
         """The next batch: the oldest job, then later ones while they fit the token budget and
         the wait has not run out: max_wait after the oldest one arrived or the last pass ended,
-        none for a lone client or when closing (module docstring). [] when closed and empty."""
+        or after the latest arrival while they keep coming (WAIT_STRETCH max_wait at most); none
+        for a lone client or when closing (module docstring). [] when closed and empty."""
         with self._cond:
             while not self._jobs:
                 if self._closing:
@@ -196,7 +204,7 @@ class Batcher:
             batch, tokens = [first], first.n_tokens
             if first.fn is not None or not self.batching:
                 return batch
-            deadline = max(first.arrived, self._last_end) + self.max_wait
+            start = max(first.arrived, self._last_end)
             while True:
                 if self._jobs:
                     nxt = self._jobs[0]
@@ -205,6 +213,8 @@ class Batcher:
                     batch.append(self._jobs.popleft())
                     tokens += nxt.n_tokens
                     continue
+                deadline = min(max(start, self._last_arrival) + self.max_wait,
+                               start + WAIT_STRETCH * self.max_wait)
                 left = deadline - time.monotonic()
                 lone = self._lone and len(batch) == 1
                 if left <= 0 or self._closing or lone or self.max_wait == 0:           # hurry() sets 0

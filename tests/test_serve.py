@@ -181,6 +181,30 @@ def test_a_lone_client_does_not_wait_and_company_brings_the_wait_back(clf):
         assert np.array_equal(future.result(WAIT), clf.predict_proba([t]))
 
 
+def test_arrivals_stretch_the_wait_up_to_its_cap(clf):
+    """Requests that keep arriving, each within max_wait of the one before, join one pass even
+    when the last comes after max_wait (1 s here; they come every 0.3 s); a stream that never
+    pauses is cut at WAIT_STRETCH max_wait (0.1 s: 1 s here, a request every 0.05 s for 2 s)."""
+    from npgpt.batcher import WAIT_STRETCH
+    batcher = Batcher(clf, max_wait_ms=1000)
+    futures = []
+    for t in TEXTS[:5]:
+        futures.append(batcher.submit(clf.encode([t])[0]))
+        threading.Event().wait(0.3)
+    assert all(np.array_equal(f.result(WAIT), clf.predict_proba([t])) for f, t in zip(futures, TEXTS))
+    assert batcher.batches == 1
+    batcher.close(WAIT)
+    assert WAIT_STRETCH * 0.1 < 2
+    stream = Batcher(clf, max_wait_ms=100)
+    futures = []
+    for i in range(40):
+        futures.append(stream.submit(clf.encode([TEXTS[i % len(TEXTS)]])[0]))
+        threading.Event().wait(0.05)
+    assert all(f.result(WAIT) is not None for f in futures)
+    stream.close(WAIT)
+    assert stream.batches >= 2
+
+
 def test_the_timing_of_requests_that_share_a_pass(clf):
     """Each request's Timing: submitted, then its pass's start and end (shared by the pass), the
     pass's texts and tokens; a request held behind other work has waited at least that long."""

@@ -36,7 +36,8 @@ def build_parser():
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="tokens of queued requests run in one packed pass (0: no batching, one request per pass)")
     p.add_argument("--max-wait-ms", type=float, default=DEFAULT_MAX_WAIT_MS,
-                   help="how long the oldest request waits for others to join its pass")
+                   help="how long the oldest request waits for others to join its pass (each arrival "
+                        "stretches the wait to this long after it, to 10x in all)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="requests waiting before new ones get 429 Too Many Requests")
     p.add_argument("--max-texts", type=int, default=Limits.max_texts, help="texts in one request (more: 413)")
