@@ -10,8 +10,9 @@ is served twice by `python -m npgpt.serve` on 127.0.0.1: batching on (the defaul
 32 to each server in turn: `wrk` (Debian's package, `apt-get install wrk`; one thread, with
 serve_wrk.lua for the bodies, so the client hardly takes a core from the server) or, with
 --client python or without wrk, Python threads (one keep-alive connection each). Each phase is
-bounded in seconds and requests and split into rounds, the two servers taking turns (and, at
-concurrency 1, `predict_proba` on one text in this process). Reported: texts/s (answers within
+bounded in seconds and requests and split into rounds, the two servers taking turns, each round
+starting once the other server has answered what it still held (and, at concurrency 1,
+`predict_proba` on one text in this process). Reported: texts/s (answers within
 the phase's time: a pass still running at its end is not counted), p50/p95/p99 latency, the
 server's peak RSS.
 
@@ -185,6 +186,16 @@ def wrk_phase(url, texts, concurrency, n_requests, seconds) -> dict:
             "elapsed": got["duration_us"] / 1e6}
 
 
+def drain(url, seconds=120) -> None:
+    """Wait until the server has answered everything queued (its /health says 0 texts pending):
+    wrk leaves requests in flight when its time is up, and the next round, on the other server,
+    must not share the cores with their passes."""
+    import httpx2 as httpx
+    stop = time.perf_counter() + seconds
+    while httpx.get(url + "/health", timeout=60).json()["queued"] and time.perf_counter() < stop:
+        time.sleep(0.05)
+
+
 def phase_row(mode, concurrency, rounds, pid) -> dict:
     """A row of the table from a phase's rounds (dicts of python_phase / wrk_phase)."""
     ok = [dt for r in rounds for dt in r["latency"]]
@@ -252,6 +263,7 @@ def phases(servers, texts, concurrency, args, inproc, clf) -> list:
         for mode, (proc, url) in servers.items():
             got[mode].append(run(url, texts, concurrency, args.phase_requests // args.rounds,
                                  args.phase_seconds / args.rounds))
+            drain(url)
         if inproc is not None:
             stop = time.perf_counter() + args.phase_seconds / args.rounds
             for t in itertools.islice(itertools.cycle(texts), args.phase_requests // args.rounds):
