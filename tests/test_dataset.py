@@ -112,3 +112,14 @@ def test_spam_dataset_len_and_batch():
     ids, lengths, labels = ds.batch([1, 0])
     assert len(ds) == 2 and ids.tolist() == [[3, PAD_ID, PAD_ID], [1, 2, PAD_ID]]
     assert lengths.tolist() == [1, 2] and labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("n", [3, 40])        # one by one (a server's request), and tiktoken's batch
+def test_tokenize_keeps_special_tokens_as_text_in_both_paths(tok, n):
+    from npgpt.dataset import FEW_TEXTS, tokenize
+    texts = [f"win <|endoftext|> now {i}" for i in range(n)]
+    assert (n < FEW_TEXTS) == (n == 3)
+    rows = tokenize(tok, texts)
+    want = [tok.encode(t, disallowed_special=()) for t in texts]
+    assert [list(rows[i]) for i in range(n)] == want
+    assert PAD_ID not in rows.ids
