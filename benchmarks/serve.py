@@ -28,7 +28,8 @@ the client). And, in this process, the ceiling batching can reach: `Classifier.l
 passes of 1, 2, 4, ... 128 of the SMS texts (in turns, medians): milliseconds per text and per
 pass. Batched / unbatched throughput cannot exceed (ms per text alone) / (ms per text in a full
 pass); the pass sizes also show which --max-batch-tokens is worth its latency
-(`--packs-only` runs this part alone).
+(`--packs-only` runs this part alone, and then NumPy's GEMM speed on the block's shapes at a
+full pass's rows and at 4,096).
 
 The targets (ratios in one run): at concurrency 32 batched throughput >= 3x unbatched; at
 concurrency 1 p50 latency within 1.3x of `predict_proba` on one text in-process; RSS at the end
@@ -48,7 +49,8 @@ import tempfile
 import threading
 import time
 
-from common import REPO, arg_parser, default_data_dir, machine_info, print_info, set_threads, summary, write_json
+from common import (REPO, arg_parser, default_data_dir, gemm_peak, machine_info, print_info, set_threads, summary,
+                    write_json)
 
 import numpy as np  # noqa: E402  (after common: npgpt.tune_runtime() first)
 
@@ -297,8 +299,12 @@ def main(argv=None):
         packs = pack_rows(clf, texts, args)
         report_packs(packs)
         if args.packs_only:
+            gemm = {rows: gemm_peak(rows) for rows in (32 * 24, 4096)}
+            for rows, rates in gemm.items():
+                print(f"NumPy float32 GEMM, the block's shapes at {rows} rows: " +
+                      ", ".join(f"{k.split('x', 1)[1]} {v:.0f}" for k, v in rates.items() if k != "peak") + " GFLOP/s")
             if args.json:
-                write_json(args.json, {"info": info, "packs": packs})
+                write_json(args.json, {"info": info, "packs": packs, "gemm_gflops": gemm})
             return
         servers = {"batched": start_server(model, bpe_dir, args.threads),
                    "unbatched": start_server(model, bpe_dir, args.threads, "--max-batch-tokens", "0")}
