@@ -87,7 +87,7 @@ def download_hf(size: str, weights_dir=None, base_url: str = HF_BASE,
     _check_size(size)
     directory = os.path.join(os.fspath(weights_dir or user_weights_dir()), size)
     dest = os.path.join(directory, "model.safetensors")
-    hint = (f"if you fetch it another way, save it as {dest} and run "
+    hint = (f"if you fetch Hugging Face's model.safetensors another way, save it as {dest} and run "
             f"`python -m npgpt.weights convert {dest} --size {size}`")
     tokenizer_hint = (f"if you fetch it another way, save it in {directory}/ and run this again, or put "
                       f"OpenAI's {' and '.join(TOKENIZER_SHA256)} there")
