@@ -486,3 +486,30 @@ def test_the_worker_runs_the_model_on_the_threads_asked_for(clf):
     seen = batcher.call(numba.get_num_threads).result(WAIT)
     batcher.close(WAIT)
     assert seen == 1
+
+
+def test_the_server_runs_a_pass_on_its_worker_before_it_listens(model_file, bpe_dir, monkeypatch):
+    """`npgpt serve` runs one pass on the batcher's worker thread before it builds the app and
+    listens: the first request does not pay for the worker's start and the kernels' loading."""
+    import npgpt.http_api
+    from npgpt.classify import Classifier
+    from npgpt.cli.serve import main
+    passes, original = [], Classifier.logits_of_tokens
+
+    def recorded(self, tokens):
+        passes.append(threading.current_thread().name)
+        return original(self, tokens)
+
+    class Built(Exception):
+        pass
+
+    def make_app(clf, limits, batcher, cors_origin=None):
+        raise Built(batcher, list(passes))                     # what had run when the app was built
+
+    monkeypatch.setattr(Classifier, "logits_of_tokens", recorded)
+    monkeypatch.setattr(npgpt.http_api, "make_app", make_app)
+    with pytest.raises(Built) as built:
+        main(["--model", str(model_file), "--bpe-dir", bpe_dir, "--port", "0"])
+    batcher, before = built.value.args
+    batcher.close(WAIT)
+    assert before == ["npgpt-batcher"]
